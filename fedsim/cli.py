@@ -1,0 +1,87 @@
+"""Hydra glue for ``scripts/simulate.py``: the schema, and one-line errors.
+
+The library does not need Hydra; this module only turns a composed Hydra config
+into a validated :class:`fedsim.config.SimConfig` and turns any configuration
+mistake (Hydra's, OmegaConf's or ours) into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Callable
+
+from fedsim.config import SimConfig
+from fedsim.errors import FedsimError
+
+EXIT_USAGE = 2
+
+
+def register_configs() -> None:
+    """Register SimConfig as ``base_config`` so every YAML is checked against it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=SimConfig)
+
+
+def to_sim_config(cfg: Any) -> SimConfig:
+    """Convert a composed DictConfig into a validated SimConfig (runs __post_init__)."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, SimConfig):  # pragma: no cover - schema registration bug
+        raise FedsimError("configuration does not follow fedsim.config.SimConfig")
+    return obj
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while err is not None and id(err) not in seen:
+        out.append(err)
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def format_error(err: BaseException) -> str:
+    """One line that names the option and what is allowed."""
+    chain = _chain(err)
+    for e in chain:
+        if isinstance(e, FedsimError):
+            return str(e)
+    text = "\n".join(str(e) for e in chain)
+    m = re.search(r"Could not find '([\w/.]+)/([^']+)'.*?Available options in '[^']+':\n((?:\t.*\n?)+)",
+                  text, re.S)
+    if m:
+        options = ", ".join(o.strip() for o in m.group(3).splitlines() if o.strip())
+        return f"{m.group(1).replace('/', '.')}={m.group(2)}: unknown option; allowed: {options}"
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(
+        r"Key '([^']+)' (?:is not in struct|not in '\w+')", text)
+    if m:
+        return (f"{m.group(1)}: unknown config key (see conf/config.yaml and fedsim/config.py "
+                "for the allowed keys)")
+    m = re.search(r"(Value '.*?' (?:of type '.*?' )?could not be converted to \w+|"
+                  r"Invalid type assigned: .*?)\n\s*full_key: ([\w.\[\]]+)", text, re.S)
+    if m:
+        return f"{m.group(2)}: {m.group(1).splitlines()[0]}"
+    m = re.search(r"Missing mandatory value: ([\w.]+)", text)
+    if m:
+        return f"{m.group(1)}: a value is required"
+    first = next((line for line in text.splitlines() if line.strip()), repr(err))
+    return first.strip()
+
+
+def run_cli(hydra_main: Callable[[], Any]) -> int:
+    """Call a ``@hydra.main`` function; configuration errors exit 2 with one line."""
+    import os
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra raise, so we can report in one line
+    try:
+        hydra_main()
+    except (FedsimError, HydraException, OmegaConfBaseException) as err:
+        print(f"fedsim: error: {format_error(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0

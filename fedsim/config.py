@@ -1,0 +1,266 @@
+"""Typed experiment configuration.
+
+Every option of a simulation is a field of one of the dataclasses below. They
+serve twice: Hydra uses them as structured-config schemas (so a YAML file or a
+command-line override with a wrong type or an unknown key is refused before
+anything runs), and Python users build them directly::
+
+    from fedsim.config import SimConfig, ModelConfig
+    cfg = SimConfig(clients=50, clients_per_round=5, model=ModelConfig(name="logreg"))
+
+Constructing a config validates it (``__post_init__``): a bad value raises
+:class:`fedsim.errors.ConfigError`, whose message names the option and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fedsim.errors import ConfigError
+
+DATASETS = ("digits", "synthetic", "mnist", "emnist")
+MODELS = ("logreg", "mlp", "cnn")
+DP_MECHANISMS = ("none",)
+SECAGG_PROTOCOLS = ("none",)
+SAMPLING = ("uniform", "poisson")
+WEIGHTINGS = ("num_examples", "uniform")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
+CLIENT_OPTIMIZERS = ("sgd",)
+
+
+def _check(ok: bool, option: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(option, allowed, value)
+
+
+def _positive(option: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+           option, "a finite number > 0", value)
+
+
+def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, option, "one of " + ", ".join(allowed), value)
+
+
+@dataclass
+class DataConfig:
+    """Which data, and how it is split over the virtual clients.
+
+    name: ``digits`` (scikit-learn's bundled 8x8 handwritten digits, no download),
+      ``synthetic`` (LEAF's synthetic(alpha, beta), generated per client on demand),
+      ``mnist`` (Keras ``mnist.npz`` at ``path``), ``emnist`` (TFF's federated EMNIST
+      h5 files in the directory ``path``).
+    path: local file or directory for ``mnist``/``emnist``; never downloaded.
+    partition: ``dirichlet`` (label skew, per-class proportions ~ Dir(alpha)) or
+      ``iid`` (uniform random split). Ignored by natively federated data
+      (``synthetic``, ``emnist``).
+    alpha: Dirichlet concentration; smaller is more skewed. > 0.
+    test_fraction: share of a centralized dataset (digits) held out as the global
+      test split, in (0, 1).
+    synthetic_alpha, synthetic_beta: LEAF's model and data heterogeneity.
+    synthetic_dim, synthetic_classes: feature dimension and number of classes.
+    test_clients: synthetic only: how many clients' held-out 20% form the global
+      test split.
+    """
+
+    name: str = "digits"
+    path: Optional[str] = None
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    test_fraction: float = 0.2
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    synthetic_dim: int = 60
+    synthetic_classes: int = 10
+    test_clients: int = 100
+
+    def __post_init__(self) -> None:
+        _one_of("data.name", self.name, DATASETS)
+        _one_of("data.partition", self.partition, ("dirichlet", "iid"))
+        _positive("data.alpha", self.alpha)
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "a number in (0, 1)",
+               self.test_fraction)
+        _check(self.synthetic_alpha >= 0, "data.synthetic_alpha", "a number >= 0",
+               self.synthetic_alpha)
+        _check(self.synthetic_beta >= 0, "data.synthetic_beta", "a number >= 0",
+               self.synthetic_beta)
+        _check(self.synthetic_dim >= 1, "data.synthetic_dim", "an integer >= 1",
+               self.synthetic_dim)
+        _check(self.synthetic_classes >= 2, "data.synthetic_classes", "an integer >= 2",
+               self.synthetic_classes)
+        _check(self.test_clients >= 1, "data.test_clients", "an integer >= 1",
+               self.test_clients)
+        if self.name in ("mnist", "emnist") and not self.path:
+            raise ConfigError("data.path", f"a local path to the {self.name} data "
+                              "(nothing is downloaded)", self.path)
+
+
+@dataclass
+class ModelConfig:
+    """The Keras model every client trains.
+
+    name: ``logreg`` (softmax regression), ``mlp`` (hidden layers of ``hidden``
+      units, ReLU), ``cnn`` (two 3x3 conv layers with ``filters`` channels, then a
+      dense layer; needs image data).
+    """
+
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [200, 200])
+    filters: list[int] = field(default_factory=lambda: [32, 64])
+
+    def __post_init__(self) -> None:
+        _one_of("model.name", self.name, MODELS)
+        _check(all(int(h) >= 1 for h in self.hidden), "model.hidden",
+               "a list of integers >= 1", self.hidden)
+        _check(len(self.filters) >= 1 and all(int(f) >= 1 for f in self.filters),
+               "model.filters", "a non-empty list of integers >= 1", self.filters)
+
+
+@dataclass
+class ClientConfig:
+    """Local training on each client.
+
+    optimizer: ``sgd``. learning_rate: step size of the client optimizer (the seed
+    article uses 0.02). momentum: SGD momentum in [0, 1), reset for every client.
+    """
+
+    optimizer: str = "sgd"
+    learning_rate: float = 0.02
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("client.optimizer", self.optimizer, CLIENT_OPTIMIZERS)
+        _positive("client.learning_rate", self.learning_rate)
+        _check(0 <= self.momentum < 1, "client.momentum", "a number in [0, 1)", self.momentum)
+
+
+@dataclass
+class ServerConfig:
+    """The server optimizer, applied to the aggregated update as a pseudo-gradient.
+
+    The aggregate is the mean of client deltas ``global - local``, so ``sgd`` with
+    learning_rate 1.0 and no momentum is plain FedAvg. ``adam``/``yogi`` give
+    FedAdam/FedYogi (Reddi et al. 2021) with TFF's formulas and defaults
+    (``tff.learning.optimizers.build_adam``/``build_yogi``).
+    weighting: ``num_examples`` (FedAvg) or ``uniform`` (every client counts
+    once; what DP aggregation uses).
+    """
+
+    optimizer: str = "sgd"
+    learning_rate: float = 1.0
+    momentum: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: Optional[float] = None  # None: TFF's default, 1e-7 (adam), 1e-3 (yogi)
+    initial_preconditioner: float = 1e-6  # yogi only
+    weighting: str = "num_examples"
+
+    def __post_init__(self) -> None:
+        _one_of("server.optimizer", self.optimizer, SERVER_OPTIMIZERS)
+        _positive("server.learning_rate", self.learning_rate)
+        _check(0 <= self.momentum < 1, "server.momentum", "a number in [0, 1)", self.momentum)
+        _check(0 <= self.beta_1 < 1, "server.beta_1", "a number in [0, 1)", self.beta_1)
+        _check(0 <= self.beta_2 < 1, "server.beta_2", "a number in [0, 1)", self.beta_2)
+        if self.epsilon is not None:
+            _positive("server.epsilon", self.epsilon)
+        _check(self.initial_preconditioner >= 0, "server.initial_preconditioner",
+               "a number >= 0", self.initial_preconditioner)
+        _one_of("server.weighting", self.weighting, WEIGHTINGS)
+
+
+@dataclass
+class DPConfig:
+    """Central differential privacy of the aggregate. ``none`` only, for now."""
+
+    mechanism: str = "none"
+
+    def __post_init__(self) -> None:
+        _one_of("dp.mechanism", self.mechanism, DP_MECHANISMS)
+
+
+@dataclass
+class SecAggConfig:
+    """Secure aggregation of the client updates. ``none`` only, for now."""
+
+    protocol: str = "none"
+
+    def __post_init__(self) -> None:
+        _one_of("secagg.protocol", self.protocol, SECAGG_PROTOCOLS)
+
+
+@dataclass
+class RayConfig:
+    """Where the simulation runs.
+
+    address: None starts a local Ray instance; ``auto`` or ``ray://host:port``
+      joins an existing cluster.
+    num_cpus: CPUs of the local instance (None: all of the machine's).
+    workers: size of the client worker pool; 0 means as many as the CPUs allow
+      (``floor(cpus / cpus_per_worker)``).
+    cpus_per_worker, gpus_per_worker: Ray resources of each worker actor; TF's
+      thread pools are sized to the CPUs. Fractional GPUs share a card (TF memory
+      growth is turned on).
+    """
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    workers: int = 0
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None:
+            _check(self.num_cpus >= 1, "ray.num_cpus", "an integer >= 1 (or null for all)",
+                   self.num_cpus)
+        _check(self.workers >= 0, "ray.workers", "an integer >= 0 (0: as many as fit)",
+               self.workers)
+        _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "a number > 0",
+               self.cpus_per_worker)
+        _check(self.gpus_per_worker >= 0, "ray.gpus_per_worker", "a number >= 0",
+               self.gpus_per_worker)
+
+
+@dataclass
+class SimConfig:
+    """One federated simulation.
+
+    clients: size of the client population. clients_per_round: how many are
+    sampled each round (the expected number under Poisson sampling).
+    sampling: ``uniform`` (fixed-size, without replacement) or ``poisson`` (each
+    client independently with probability clients_per_round / clients).
+    rounds: federated rounds. local_epochs: passes over each client's data per
+    round. batch_size: client minibatch size. eval_every: evaluate the global
+    model on the test split every k rounds (and after the last round).
+    seed: root of every random stream (data split, sampling, init, shuffling).
+    """
+
+    clients: int = 100
+    clients_per_round: int = 10
+    sampling: str = "uniform"
+    rounds: int = 100
+    local_epochs: int = 1
+    batch_size: int = 20
+    eval_every: int = 1
+    seed: int = 0
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.clients >= 1, "clients", "an integer >= 1", self.clients)
+        _check(1 <= self.clients_per_round <= self.clients, "clients_per_round",
+               f"an integer in [1, clients={self.clients}]", self.clients_per_round)
+        _one_of("sampling", self.sampling, SAMPLING)
+        _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
+        _check(self.local_epochs >= 1, "local_epochs", "an integer >= 1", self.local_epochs)
+        _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
+        _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)

@@ -1,0 +1,141 @@
+"""What a run leaves for people: per-round metrics, a summary, a plot, a progress bar.
+
+In the run directory:
+
+- ``metrics.jsonl``: one JSON object per round, appended and flushed as the
+  round ends (``round``, ``train_loss``, ``eval_loss``, ``eval_accuracy``,
+  ``clients``, ``round_seconds``, ...). ``eval_*`` are null in rounds without
+  evaluation.
+- ``summary.json``: written once, atomically, when the run ends: the resolved
+  config, final metrics, wall time, versions, and ``status``. Its presence marks
+  a finished run.
+- ``metrics.png``: accuracy and loss per round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalars
+        return _jsonable(value.item())
+    return value
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON line per round to ``metrics.jsonl`` (created on first write)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        self._file = None
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        clean = {k: _jsonable(v) for k, v in row.items()}
+        if self._file is None:
+            self._file = open(self.path, "w")
+        self._file.write(json.dumps(clean, sort_keys=True) + "\n")
+        self._file.flush()
+        self.rows.append(clean)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that determine the results."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("fedsim", "tensorflow", "ray", "numpy", "tensorflow-privacy",
+                "dp-accounting", "hydra-core", "scikit-learn"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "") -> None:
+    """Save a PNG with eval accuracy (left) and train/eval loss (right) per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    rounds = [r["round"] for r in rows]
+    ev = [(r["round"], r["eval_accuracy"], r["eval_loss"]) for r in rows
+          if r.get("eval_accuracy") is not None]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    if ev:
+        ax_acc.plot([e[0] for e in ev], [e[1] for e in ev], marker=".", color="tab:blue")
+    ax_acc.set_xlabel("round")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.grid(alpha=0.3)
+    ax_loss.plot(rounds, [r.get("train_loss") for r in rows], label="train (local steps)")
+    if ev:
+        ax_loss.plot([e[0] for e in ev], [e[2] for e in ev], label="test")
+    ax_loss.set_xlabel("round")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class Progress:
+    """A console progress bar over rounds showing the latest accuracy (stderr)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="round", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, row: Mapping[str, Any]) -> None:
+        if self._bar is None:
+            return
+        post = {"loss": f"{row['train_loss']:.3f}" if row.get("train_loss") is not None else "-"}
+        if row.get("eval_accuracy") is not None:
+            post["acc"] = f"{row['eval_accuracy']:.3f}"
+        self._bar.set_postfix(post, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,191 @@
+"""The simulation loop: data -> worker actors -> server actor -> outputs.
+
+:func:`run_simulation` is the library entry point (no Hydra needed)::
+
+    from fedsim.config import SimConfig
+    from fedsim.simulation import run_simulation
+    result = run_simulation(SimConfig(clients=20, rounds=3), "runs/try1")
+
+Each round the driver asks the server actor for the cohort and the global
+weights (one object-store reference, shared by all workers), splits the cohort
+into one contiguous shard per worker actor, and passes the workers' reports
+(partial sums) straight to the server actor's ``apply``: updates move from
+worker to server through the object store, never through the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from fedsim.config import RayConfig, SimConfig
+from fedsim.data import FederatedData, load_federated_data
+from fedsim.errors import ConfigError, FedsimError
+from fedsim.outputs import MetricsLog, Progress, plot_metrics, versions, write_json_atomic
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+# Never shipped to cluster nodes with the working directory: earlier runs' outputs.
+RUNTIME_ENV_EXCLUDES = ["outputs/", "multirun/", "checkpoints/", ".venv/", ".git/",
+                        "**/__pycache__/", ".pytest_cache/"]
+
+
+@dataclass
+class SimulationResult:
+    """What :func:`run_simulation` returns: every metrics row and the summary."""
+
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    output_dir: Optional[Path]
+
+
+def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
+    """Refuse model/data combinations that cannot train, before any actor starts."""
+    if cfg.model.name == "cnn" and len(data.input_shape) != 3:
+        raise ConfigError("model", f"logreg or mlp for data={data.name} (its examples have "
+                          f"shape {data.input_shape}; cnn needs images)", "cnn")
+
+
+def connect_ray(rc: RayConfig) -> bool:
+    """Start or join Ray as configured; returns True if this call started it.
+
+    address None: a local instance with ``num_cpus``. ``auto`` or
+    ``ray://host:port``: an existing cluster, to which this project's directory is
+    shipped as the workers' working_dir (outputs excluded).
+    """
+    if rc.address is None and "ray" not in sys.modules:
+        # A local instance's workers run this very interpreter and environment, so
+        # Ray's `uv run` hook (which would rebuild the venv for them) is not needed.
+        # Ray reads this switch when it is first imported.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
+    with warnings.catch_warnings():
+        # TF 2.14 caps typing-extensions below what pydantic 2 needs, so Ray sees v1.
+        warnings.filterwarnings("ignore", message="Pydantic v1", category=FutureWarning)
+        if rc.address is None:
+            ray.init(num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=True,
+                     logging_level="WARNING", runtime_env=env)
+            return True
+        env.update(working_dir=str(PROJECT_DIR), excludes=RUNTIME_ENV_EXCLUDES)
+        try:
+            ray.init(address=rc.address, logging_level="WARNING", runtime_env=env)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise FedsimError(f"ray.address={rc.address!r}: cannot connect to a Ray cluster "
+                              f"there ({str(err).splitlines()[0]})") from err
+    return True
+
+
+def _prepare_output(output_dir: Optional[Path]) -> Optional[Path]:
+    if output_dir is None:
+        return None
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise FedsimError(f"output directory {out}: cannot write there ({err.strerror})") from err
+    if (out / "summary.json").exists() or (out / "metrics.jsonl").exists():
+        raise FedsimError(f"output directory {out} already holds a run (metrics.jsonl or "
+                          "summary.json); choose an empty one")
+    return out
+
+
+def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None) -> SimulationResult:
+    """Run a whole federated simulation and write its outputs to ``output_dir``.
+
+    Bad configuration and unreadable data raise :class:`FedsimError` before any
+    output file is written. Uses the running Ray instance if there is one,
+    otherwise starts (and afterwards stops) one as ``cfg.ray`` says.
+    """
+    t_start = time.perf_counter()
+    data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
+    check_compatible(cfg, data)
+    out = _prepare_output(Path(output_dir) if output_dir is not None else None)
+
+    started = connect_ray(cfg.ray)
+    import ray
+
+    from fedsim.server import Server
+    from fedsim.worker import make_pool, pool_size
+
+    metrics = MetricsLog(out / "metrics.jsonl") if out else None
+    rows: list[dict[str, Any]] = []
+    progress: Optional[Progress] = None
+    try:
+        data_ref = ray.put(data.train)
+        server = ray.remote(num_cpus=0)(Server).remote(
+            cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
+        n_workers = pool_size(cfg, ray.cluster_resources().get("CPU", 1.0))
+        workers = make_pool(cfg, data_ref, data.input_shape, data.num_classes, n_workers)
+        num_parameters = ray.get(server.num_parameters.remote())
+        ray.get([w.ping.remote() for w in workers])
+        setup_seconds = time.perf_counter() - t_start
+        progress = Progress(cfg.rounds, cfg.progress)
+
+        for rnd in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            cohort = ray.get(server.sample.remote(rnd))
+            weights_ref = server.global_weights.remote()
+            params_ref = server.client_params.remote()
+            shards = [s for s in np.array_split(cohort, len(workers))]
+            reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard)
+                       for w, shard in zip(workers, shards) if len(shard)]
+            row: dict[str, Any] = {"round": rnd}
+            row.update(ray.get(server.apply.remote(rnd, len(cohort), *reports)))
+            row["round_seconds"] = time.perf_counter() - t0
+            if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                t1 = time.perf_counter()
+                row.update(ray.get(server.evaluate.remote()))
+                row["eval_seconds"] = time.perf_counter() - t1
+            else:
+                row.update(eval_loss=None, eval_accuracy=None)
+            rows.append(row)
+            if metrics:
+                metrics.write(row)
+            progress.update(row)
+    finally:
+        if progress:
+            progress.close()
+        if metrics:
+            metrics.close()
+        if started:
+            ray.shutdown()
+
+    evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
+    final = evaluated[-1] if evaluated else {}
+    summary = {
+        "status": "completed",
+        "stop_reason": f"reached rounds={cfg.rounds}",
+        "rounds_completed": len(rows),
+        "final": {k: final.get(k) for k in ("round", "eval_accuracy", "eval_loss")},
+        "final_train_loss": rows[-1]["train_loss"] if rows else None,
+        "best_eval_accuracy": max((r["eval_accuracy"] for r in evaluated), default=None),
+        "wall_seconds": time.perf_counter() - t_start,
+        "setup_seconds": setup_seconds,
+        "mean_round_seconds": float(np.mean([r["round_seconds"] for r in rows])),
+        "workers": n_workers,
+        "num_parameters": num_parameters,
+        "data": {"name": data.name, "num_classes": data.num_classes,
+                 "input_shape": list(data.input_shape), "test_examples": int(len(data.y_test))},
+        "config": asdict(cfg),
+        "versions": versions(),
+    }
+    if out:
+        plot_metrics(rows, out / "metrics.png",
+                     title=f"{cfg.model.name} on {data.name}, {cfg.clients} clients, "
+                           f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
+        write_json_atomic(out / "summary.json", summary)
+    return SimulationResult(rows, summary, out)
