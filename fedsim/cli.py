@@ -7,9 +7,10 @@ mistake (Hydra's, OmegaConf's or ours) into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from fedsim.config import SimConfig
 from fedsim.errors import FedsimError
@@ -50,7 +51,7 @@ def format_error(err: BaseException) -> str:
         if isinstance(e, FedsimError):
             return str(e)
     text = "\n".join(str(e) for e in chain)
-    m = re.search(r"Could not find '([\w/.]+)/([^']+)'.*?Available options in '[^']+':\n((?:\t.*\n?)+)",
+    m = re.search(r"Could not find '([\w/.]+)/([^']+)'.*?Available options in '[^']+':\n((?:\t[^\n]*\n?)+)",
                   text, re.S)
     if m:
         options = ", ".join(o.strip() for o in m.group(3).splitlines() if o.strip())
@@ -69,6 +70,20 @@ def format_error(err: BaseException) -> str:
         return f"{m.group(1)}: a value is required"
     first = next((line for line in text.splitlines() if line.strip()), repr(err))
     return first.strip()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Inside a Hydra task: a FedsimError exits 2 with one line (no traceback).
+
+    Raising SystemExit (not an Exception) keeps Hydra from adding its own
+    "Error executing job" line.
+    """
+    try:
+        yield
+    except FedsimError as err:
+        print(f"fedsim: error: {format_error(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def run_cli(hydra_main: Callable[[], Any]) -> int:

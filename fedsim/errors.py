@@ -18,7 +18,7 @@ class ConfigError(FedsimError, ValueError):
         self.option = option
         self.allowed = allowed
         self.value = value
-        super().__init__(f"{option}={value!r}: allowed is {allowed}")
+        super().__init__(f"{option}={value}: allowed is {allowed}")
 
 
 class DataError(FedsimError):

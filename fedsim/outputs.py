@@ -69,6 +69,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def memory_mib() -> dict[str, float]:
+    """This process's resident memory now and at its peak, in MiB."""
+    import resource
+
+    import psutil
+
+    return {"rss": psutil.Process().memory_info().rss / 2**20,
+            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries that determine the results."""
     from importlib import metadata

@@ -21,6 +21,7 @@ import numpy as np
 from fedsim.aggregation import build_aggregator
 from fedsim.config import SimConfig
 from fedsim.optimizers import ServerOptimizer
+from fedsim.outputs import memory_mib
 from fedsim.sampling import STREAM_NOISE, STREAM_SAMPLING, sample_clients, stream
 from fedsim.worker import WorkerReport, configure_tensorflow
 
@@ -92,6 +93,9 @@ class Server:
                "update_norm": float(np.linalg.norm(update))}
         out.update(measurements)
         return out
+
+    def memory(self) -> dict[str, float]:
+        return memory_mib()
 
     def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
         """Loss (mean per example) and accuracy of the global model on the test split."""

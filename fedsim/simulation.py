@@ -28,7 +28,8 @@ import numpy as np
 from fedsim.config import RayConfig, SimConfig
 from fedsim.data import FederatedData, load_federated_data
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.outputs import MetricsLog, Progress, plot_metrics, versions, write_json_atomic
+from fedsim.outputs import (MetricsLog, Progress, memory_mib, plot_metrics, versions,
+                            write_json_atomic)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Never shipped to cluster nodes with the working directory: earlier runs' outputs.
@@ -156,6 +157,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             if metrics:
                 metrics.write(row)
             progress.update(row)
+        memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
+                  "workers": ray.get([w.memory.remote() for w in workers])}
     finally:
         if progress:
             progress.close()
@@ -177,6 +180,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         "setup_seconds": setup_seconds,
         "mean_round_seconds": float(np.mean([r["round_seconds"] for r in rows])),
         "workers": n_workers,
+        "memory_mib": memory,
         "num_parameters": num_parameters,
         "data": {"name": data.name, "num_classes": data.num_classes,
                  "input_shape": list(data.input_shape), "test_examples": int(len(data.y_test))},

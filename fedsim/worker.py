@@ -20,6 +20,7 @@ import numpy as np
 from fedsim.aggregation import Partial
 from fedsim.config import SimConfig
 from fedsim.data import ClientData
+from fedsim.outputs import memory_mib
 from fedsim.sampling import STREAM_SHUFFLE, stream
 
 
@@ -91,6 +92,9 @@ class ClientWorker:
 
     def ping(self) -> bool:
         return True
+
+    def memory(self) -> dict[str, float]:
+        return memory_mib()
 
 
 def pool_size(cfg: SimConfig, cluster_cpus: float) -> int:

@@ -14,7 +14,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fedsim.cli import register_configs, run_cli, to_sim_config  # noqa: E402
+from fedsim.cli import register_configs, run_cli, to_sim_config, user_errors  # noqa: E402
 from fedsim.simulation import run_simulation  # noqa: E402
 
 register_configs()
@@ -22,9 +22,9 @@ register_configs()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    sim_cfg = to_sim_config(cfg)
     out = HydraConfig.get().runtime.output_dir
-    result = run_simulation(sim_cfg, out)
+    with user_errors():
+        result = run_simulation(to_sim_config(cfg), out)
     final = result.summary["final"]
     print(f"fedsim: {result.summary['rounds_completed']} rounds, test accuracy "
           f"{final.get('eval_accuracy', float('nan')):.4f}, "

@@ -1,0 +1,42 @@
+"""Shared fixtures: one real local Ray instance for the session, and cleanup of
+TFF's C++ worker_binary children (they outlive Python and hold stdout open)."""
+
+from __future__ import annotations
+
+import os
+
+# Before Ray is imported anywhere: the local instance's workers run this venv's
+# interpreter directly (no `uv run` re-packaging), and TF stays quiet.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with 2 CPUs, shared by the tests that need one."""
+    import ray
+
+    from fedsim.config import RayConfig
+    from fedsim.simulation import connect_ray
+
+    started = connect_ray(RayConfig(num_cpus=2))
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_tff_worker_binaries():
+    """Terminate TFF's worker_binary children at the end of the session."""
+    yield
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "worker_binary":
+                child.terminate()
+                child.wait(timeout=10)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            pass

@@ -1,0 +1,94 @@
+"""FedAvg arithmetic of the aggregation protocol, and the server optimizers
+against TFF's own ``tff.learning.optimizers`` formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsim.aggregation import MeanAggregator, Partial
+from fedsim.config import ServerConfig
+from fedsim.optimizers import ServerOptimizer
+
+
+def _random_updates(k: int, d: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    deltas = [rng.normal(size=d).astype(np.float32) for _ in range(k)]
+    counts = [int(c) for c in rng.integers(1, 50, size=k)]
+    return deltas, counts
+
+
+@pytest.mark.parametrize("weighting", ["num_examples", "uniform"])
+def test_mean_equals_hand_computed_mean_over_any_split(weighting):
+    deltas, counts = _random_updates(7, 33)
+    agg = MeanAggregator(weighting)
+    w = np.array(counts, float) if weighting == "num_examples" else np.ones(len(counts))
+    expected = sum(wi * d.astype(np.float64) for wi, d in zip(w, deltas)) / w.sum()
+
+    # Split the clients over three "workers" unevenly, merge on the "server".
+    parts = []
+    for shard in ([0, 1, 2], [3], [4, 5, 6]):
+        p = agg.zero_partial(33)
+        for i in shard:
+            p = agg.accumulate({}, p, deltas[i], counts[i])
+        parts.append(p)
+    merged = agg.zero_partial(33)
+    for p in parts:
+        merged = agg.merge(merged, p)
+    result, state, _ = agg.finalize({}, merged, 7, np.random.default_rng(0))
+    assert merged.count == 7
+    np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-7)
+    assert state == {}
+
+
+def test_accumulate_does_not_mutate_inputs():
+    agg = MeanAggregator()
+    p = agg.zero_partial(4)
+    delta = np.ones(4, np.float32)
+    q = agg.accumulate({}, p, delta, 3)
+    assert np.all(p.total == 0) and p.count == 0
+    assert np.all(delta == 1)
+    assert np.all(q.total == 3)
+
+
+def test_empty_round_gives_zero_update():
+    agg = MeanAggregator()
+    result, _, _ = agg.finalize({}, agg.zero_partial(5), 0, np.random.default_rng(0))
+    assert np.all(result == 0)
+
+
+def test_merge_sums_stats():
+    a = Partial(np.zeros(2), 1.0, 1, {"clipped": 1.0})
+    b = Partial(np.ones(2), 2.0, 2, {"clipped": 2.0, "zeroed": 1.0})
+    m = MeanAggregator().merge(a, b)
+    assert m.stats == {"clipped": 3.0, "zeroed": 1.0} and m.count == 3 and m.weight == 3.0
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("sgd", {"learning_rate": 1.0}),
+    ("sgd", {"learning_rate": 0.5, "momentum": 0.9}),
+    ("adam", {"learning_rate": 0.01}),
+    ("yogi", {"learning_rate": 0.01}),
+])
+def test_server_optimizers_match_tff(name, kwargs):
+    import tensorflow as tf
+    from tensorflow_federated.python.learning.optimizers import adam, sgdm, yogi
+
+    if name == "sgd":
+        tff_opt = sgdm.build_sgdm(kwargs["learning_rate"], momentum=kwargs.get("momentum"))
+    elif name == "adam":
+        tff_opt = adam.build_adam(kwargs["learning_rate"])
+    else:
+        tff_opt = yogi.build_yogi(kwargs["learning_rate"])
+    ours = ServerOptimizer(ServerConfig(optimizer=name, **kwargs))
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=50).astype(np.float32)
+    tff_w = tf.constant(w)
+    tff_state = tff_opt.initialize(tf.TensorSpec(w.shape, tf.float32))
+    state = ours.initial_state(w.size)
+    for _ in range(6):
+        g = rng.normal(size=50).astype(np.float32)
+        tff_state, tff_w = tff_opt.next(tff_state, tff_w, tf.constant(g))
+        state, w = ours.step(state, w, g)
+    np.testing.assert_allclose(w, tff_w.numpy(), rtol=1e-5, atol=1e-6)

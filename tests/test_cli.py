@@ -1,0 +1,69 @@
+"""The command line as users run it: scripts/simulate.py through Hydra."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "simulate.py"
+
+
+def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = simulate("clients=20", "clients_per_round=5", "rounds=2", "model=logreg",
+                    "ray.num_cpus=2", "progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("train_loss", "eval_loss", "eval_accuracy", "clients", "round_seconds"):
+            assert r[key] is not None, key
+        assert 0 <= r["eval_accuracy"] <= 1 and r["clients"] == 5
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["config"]["clients"] == 20 and summary["config"]["model"]["name"] == "logreg"
+    assert summary["final"]["eval_accuracy"] == rows[-1]["eval_accuracy"]
+    assert (run_dir / "metrics.png").exists()
+    assert "test accuracy" in proc.stdout
+
+
+BAD_INPUTS = [
+    (["clients=0"], "clients=0: allowed is an integer >= 1"),
+    (["clients=-5"], "clients=-5"),
+    (["clients_per_round=101"], "clients_per_round=101: allowed is an integer in [1, clients=100]"),
+    (["model=transformer"], "model=transformer: unknown option; allowed: cnn, logreg, mlp"),
+    (["data=imagenet"], "data=imagenet: unknown option; allowed: digits, emnist, mnist, synthetic"),
+    (["client.learning_rate=0"], "client.learning_rate=0.0: allowed is a finite number > 0"),
+    (["server.learning_rate=-1"], "server.learning_rate=-1.0"),
+    (["data=mnist", "data.path=/nonexistent/mnist.npz"], "file not found: /nonexistent/mnist.npz"),
+    (["data=mnist"], "data.path"),
+    (["no_such_key=1"], "no_such_key: unknown config key"),
+    (["model.no_such_key=1"], "model.no_such_key: unknown config key"),
+    (["clients=many"], "clients: Value 'many'"),
+    (["model=cnn", "data=synthetic"], "model=cnn: allowed is logreg or mlp"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line_exit_2_and_no_results(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    proc = simulate(*args, "rounds=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("fedsim: error: "), proc.stderr
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "summary.json").exists()
