@@ -35,16 +35,20 @@ from fedsim.config import SimConfig
 class Partial:
     """A partial sum over some clients of one round.
 
-    total: sum over clients of ``weight * delta`` (float64, the model's size).
+    total: sum over clients of ``weight * delta`` (float64, the model's size);
+      for DP aggregators the sum of the clipped updates.
     weight: sum of the clients' weights.
     count: number of clients summed.
-    stats: extra additive statistics (e.g. clipped counts), summed by ``merge``.
+    stats: additive statistics for metrics (e.g. how many were clipped).
+    extras: further additive parts of the aggregator's sample state (e.g. the
+      adaptive clip's count of unclipped clients), in a fixed order.
     """
 
     total: np.ndarray
     weight: float
     count: int
     stats: Mapping[str, float] = field(default_factory=dict)
+    extras: tuple[np.ndarray, ...] = ()
 
 
 def merge_partials(a: Partial, b: Partial) -> Partial:
@@ -52,7 +56,10 @@ def merge_partials(a: Partial, b: Partial) -> Partial:
     stats = dict(a.stats)
     for k, v in b.stats.items():
         stats[k] = stats.get(k, 0.0) + v
-    return Partial(a.total + b.total, a.weight + b.weight, a.count + b.count, stats)
+    if len(a.extras) != len(b.extras):
+        raise ValueError("cannot merge partials of different aggregators")
+    extras = tuple(x + y for x, y in zip(a.extras, b.extras))
+    return Partial(a.total + b.total, a.weight + b.weight, a.count + b.count, stats, extras)
 
 
 class Aggregator(Protocol):
@@ -116,5 +123,13 @@ class MeanAggregator:
 
 
 def build_aggregator(cfg: SimConfig) -> Aggregator:
-    """The aggregator that ``cfg.dp`` and ``cfg.server.weighting`` ask for."""
-    return MeanAggregator(cfg.server.weighting)
+    """The aggregator that ``cfg.dp`` and ``cfg.server.weighting`` ask for.
+
+    ``dp.mechanism=none``: the (weighted) mean. Otherwise a differentially
+    private aggregator (:mod:`fedsim.privacy`), which imports TensorFlow.
+    """
+    if cfg.dp.mechanism == "none":
+        return MeanAggregator(cfg.server.weighting)
+    from fedsim.privacy import build_dp_aggregator
+
+    return build_dp_aggregator(cfg)

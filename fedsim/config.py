@@ -23,7 +23,8 @@ from fedsim.errors import ConfigError
 
 DATASETS = ("digits", "synthetic", "mnist", "emnist")
 MODELS = ("logreg", "mlp", "cnn")
-DP_MECHANISMS = ("none",)
+DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace")
+ACCOUNTANTS = ("rdp", "pld")
 SECAGG_PROTOCOLS = ("none",)
 SAMPLING = ("uniform", "poisson")
 WEIGHTINGS = ("num_examples", "uniform")
@@ -173,12 +174,79 @@ class ServerConfig:
 
 @dataclass
 class DPConfig:
-    """Central differential privacy of the aggregate. ``none`` only, for now."""
+    """Central (user-level) differential privacy of the aggregate, TFF-style.
+
+    Each client's update is clipped in the worker; the server adds noise once
+    per round to the sum of the clipped updates and divides by
+    ``clients_per_round`` (a fixed denominator, as TFF's
+    ``DifferentiallyPrivateFactory``). DP aggregation weighs clients uniformly.
+
+    mechanism:
+      ``none``: plain mean, no privacy.
+      ``gaussian``: TFF's ``gaussian_fixed``: L2 clip ``l2_norm_clip`` (C), noise std
+        ``noise_multiplier * C`` on the sum (so ``noise_multiplier * C /
+        clients_per_round`` on the average).
+      ``gaussian_adaptive``: TFF's ``gaussian_adaptive``: the clip starts at
+        ``initial_l2_norm_clip`` and moves geometrically (rate
+        ``clip_learning_rate``) towards the ``target_unclipped_quantile`` of the
+        update norms, estimated from a noised count (std ``clipped_count_stddev``,
+        default 0.05 * clients_per_round). ``noise_multiplier`` is the total; the
+        sum gets ``z_sum = (z^-2 - (2 * clipped_count_stddev)^-2)^-1/2``.
+      ``laplace``: each update clipped to L1 norm ``sensitivity``; every coordinate of
+        the sum gets Laplace noise of scale ``sensitivity / epsilon`` (``epsilon``
+        per round, pure DP), then the sum is divided by clients_per_round.
+    zeroing_norm: updates whose L2 norm exceeds this, or that are not finite, are
+      replaced by zeros before clipping (TFF's zeroing factory) and counted.
+    accountant: ``rdp`` (dp-accounting's RdpAccountant) or ``pld``
+      (PLDAccountant, Poisson sampling only).
+    delta: target delta; null means ``clients ** -1.1`` (just below 1/clients).
+    target_epsilon: if set, calibrate ``noise_multiplier`` (Gaussian) or the
+      per-round ``epsilon`` (Laplace) before training so that all ``rounds``
+      rounds spend exactly this epsilon.
+    max_epsilon: if set, stop cleanly before a round that would exceed it.
+    """
 
     mechanism: str = "none"
+    noise_multiplier: float = 0.5
+    l2_norm_clip: float = 2.0
+    initial_l2_norm_clip: float = 0.1
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: Optional[float] = None
+    sensitivity: float = 1.0
+    epsilon: float = 1.0
+    zeroing_norm: Optional[float] = 1000.0
+    accountant: str = "rdp"
+    delta: Optional[float] = None
+    target_epsilon: Optional[float] = None
+    max_epsilon: Optional[float] = None
 
     def __post_init__(self) -> None:
         _one_of("dp.mechanism", self.mechanism, DP_MECHANISMS)
+        _check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
+               "dp.noise_multiplier", "a finite number >= 0", self.noise_multiplier)
+        _positive("dp.l2_norm_clip", self.l2_norm_clip)
+        _positive("dp.initial_l2_norm_clip", self.initial_l2_norm_clip)
+        _check(0 <= self.target_unclipped_quantile <= 1, "dp.target_unclipped_quantile",
+               "a number in [0, 1]", self.target_unclipped_quantile)
+        _check(self.clip_learning_rate >= 0, "dp.clip_learning_rate", "a number >= 0",
+               self.clip_learning_rate)
+        if self.clipped_count_stddev is not None:
+            _check(self.clipped_count_stddev >= 0, "dp.clipped_count_stddev",
+                   "a number >= 0 (or null for 0.05 * clients_per_round)",
+                   self.clipped_count_stddev)
+        _positive("dp.sensitivity", self.sensitivity)
+        _positive("dp.epsilon", self.epsilon)
+        if self.zeroing_norm is not None:
+            _positive("dp.zeroing_norm", self.zeroing_norm)
+        _one_of("dp.accountant", self.accountant, ACCOUNTANTS)
+        if self.delta is not None:
+            _check(0 < self.delta < 1, "dp.delta", "a number in (0, 1) (or null for "
+                   "clients ** -1.1)", self.delta)
+        if self.target_epsilon is not None:
+            _positive("dp.target_epsilon", self.target_epsilon)
+        if self.max_epsilon is not None:
+            _positive("dp.max_epsilon", self.max_epsilon)
 
 
 @dataclass
@@ -264,3 +332,29 @@ class SimConfig:
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         _check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
         _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        self._check_dp()
+
+    def _check_dp(self) -> None:
+        dp = self.dp
+        if dp.mechanism == "none":
+            return
+        _check(self.server.weighting == "uniform", "server.weighting",
+               "uniform when dp.mechanism is not none (DP aggregation weighs every client "
+               "equally, as TFF's DifferentiallyPrivateFactory)", self.server.weighting)
+        if dp.accountant == "pld":
+            _check(self.sampling == "poisson", "dp.accountant",
+                   "rdp with sampling=uniform (dp-accounting's PLD accountant has no "
+                   "sampling without replacement); use sampling=poisson for pld",
+                   dp.accountant)
+        if dp.mechanism == "gaussian_adaptive" and dp.noise_multiplier > 0:
+            count_std = (dp.clipped_count_stddev if dp.clipped_count_stddev is not None
+                         else 0.05 * self.clients_per_round)
+            if dp.noise_multiplier >= 2 * count_std:
+                # TFF's adaptive_clip_noise_params raises the same condition.
+                raise ConfigError(
+                    "dp.noise_multiplier",
+                    f"less than 2 * clipped_count_stddev = {2 * count_std:g}: "
+                    f"clipped_count_stddev = {count_std:g} (defaults to 0.05 * "
+                    "clients_per_round if not specified) is too low to achieve the desired "
+                    "effective noise_multiplier; increase dp.clipped_count_stddev or "
+                    "decrease dp.noise_multiplier", dp.noise_multiplier)

@@ -94,7 +94,7 @@ def versions() -> dict[str, str]:
 
 
 def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "") -> None:
-    """Save a PNG with eval accuracy (left) and train/eval loss (right) per round."""
+    """Save a PNG with eval accuracy, train/eval loss and (with DP) epsilon per round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +104,9 @@ def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "")
     rounds = [r["round"] for r in rows]
     ev = [(r["round"], r["eval_accuracy"], r["eval_loss"]) for r in rows
           if r.get("eval_accuracy") is not None]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    eps = [(r["round"], r.get("epsilon")) for r in rows if "epsilon" in r]
+    fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(16 if eps else 11, 4))
+    ax_acc, ax_loss = axes[0], axes[1]
     if ev:
         ax_acc.plot([e[0] for e in ev], [e[1] for e in ev], marker=".", color="tab:blue")
     ax_acc.set_xlabel("round")
@@ -118,6 +120,18 @@ def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
+    if eps:
+        ax_eps = axes[2]
+        finite = [(r, e) for r, e in eps if e is not None and math.isfinite(e)]
+        if finite:
+            ax_eps.plot([r for r, _ in finite], [e for _, e in finite], color="tab:red")
+        else:
+            ax_eps.text(0.5, 0.5, "epsilon = inf (no noise)", ha="center",
+                        transform=ax_eps.transAxes)
+        delta = next((r.get("delta") for r in rows if r.get("delta") is not None), None)
+        ax_eps.set_xlabel("round")
+        ax_eps.set_ylabel("epsilon spent" + (f" (delta={delta:.2g})" if delta else ""))
+        ax_eps.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -143,6 +157,9 @@ class Progress:
         post = {"loss": f"{row['train_loss']:.3f}" if row.get("train_loss") is not None else "-"}
         if row.get("eval_accuracy") is not None:
             post["acc"] = f"{row['eval_accuracy']:.3f}"
+        if "epsilon" in row:
+            eps = row["epsilon"]
+            post["eps"] = f"{eps:.3g}" if eps is not None and math.isfinite(eps) else "inf"
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(1)
 

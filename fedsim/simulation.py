@@ -15,6 +15,7 @@ worker to server through the object store, never through the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from fedsim.accounting import build_accountant, calibrate, mechanism_event
 from fedsim.config import RayConfig, SimConfig
 from fedsim.data import FederatedData, load_federated_data
 from fedsim.errors import ConfigError, FedsimError
@@ -51,6 +53,21 @@ def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
     if cfg.model.name == "cnn" and len(data.input_shape) != 3:
         raise ConfigError("model", f"logreg or mlp for data={data.name} (its examples have "
                           f"shape {data.input_shape}; cnn needs images)", "cnn")
+
+
+def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """What the run spent, and the assumptions the number rests on."""
+    if accountant is None:
+        return {"mechanism": "none", "epsilon": None}
+    eps = accountant.epsilon()
+    out = {"mechanism": cfg.dp.mechanism, "epsilon": eps if np.isfinite(eps) else "inf",
+           "delta": accountant.delta, "accountant": accountant.kind,
+           "neighboring_relation": accountant.relation.name, "sampling": cfg.sampling,
+           "noise_multiplier": cfg.dp.noise_multiplier,
+           "rounds_accounted": sum(c for _, c in accountant.ledger),
+           "ledger": [{"event": repr(e), "count": c} for e, c in accountant.ledger]}
+    out.update(extra)
+    return out
 
 
 def connect_ray(rc: RayConfig) -> bool:
@@ -114,6 +131,15 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     t_start = time.perf_counter()
     data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
     check_compatible(cfg, data)
+    privacy: dict[str, Any] = {}
+    if cfg.dp.mechanism != "none" and cfg.dp.target_epsilon is not None:
+        calibrated = calibrate(cfg)
+        privacy["calibrated"] = {"noise_multiplier": calibrated.noise_multiplier,
+                                 "epsilon_per_round": calibrated.epsilon}
+        cfg = dataclasses.replace(cfg, dp=calibrated)
+    accountant = build_accountant(cfg) if cfg.dp.mechanism != "none" else None
+    next_event = (accountant.round_event(mechanism_event(cfg.dp, cfg.clients_per_round))
+                  if accountant else None)
     out = _prepare_output(Path(output_dir) if output_dir is not None else None)
 
     started = connect_ray(cfg.ray)
@@ -124,6 +150,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
 
     metrics = MetricsLog(out / "metrics.jsonl") if out else None
     rows: list[dict[str, Any]] = []
+    stop_reason = f"reached rounds={cfg.rounds}"
     progress: Optional[Progress] = None
     try:
         data_ref = ray.put(data.train)
@@ -137,6 +164,12 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         progress = Progress(cfg.rounds, cfg.progress)
 
         for rnd in range(1, cfg.rounds + 1):
+            if accountant and cfg.dp.max_epsilon is not None:
+                eps_next = accountant.epsilon_after(next_event)
+                if eps_next > cfg.dp.max_epsilon:
+                    stop_reason = (f"privacy budget: round {rnd} would raise epsilon to "
+                                   f"{eps_next:.4g} > dp.max_epsilon={cfg.dp.max_epsilon:g}")
+                    break
             t0 = time.perf_counter()
             cohort = ray.get(server.sample.remote(rnd))
             weights_ref = server.global_weights.remote()
@@ -146,6 +179,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                        for w, shard in zip(workers, shards) if len(shard)]
             row: dict[str, Any] = {"round": rnd}
             row.update(ray.get(server.apply.remote(rnd, len(cohort), *reports)))
+            if accountant:
+                accountant.record(accountant.round_event(row.pop("dp_event")))
+                row.update(epsilon=accountant.epsilon(), delta=accountant.delta)
             row["round_seconds"] = time.perf_counter() - t0
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 t1 = time.perf_counter()
@@ -171,7 +207,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     final = evaluated[-1] if evaluated else {}
     summary = {
         "status": "completed",
-        "stop_reason": f"reached rounds={cfg.rounds}",
+        "stop_reason": stop_reason,
         "rounds_completed": len(rows),
         "final": {k: final.get(k) for k in ("round", "eval_accuracy", "eval_loss")},
         "final_train_loss": rows[-1]["train_loss"] if rows else None,
@@ -179,6 +215,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         "wall_seconds": time.perf_counter() - t_start,
         "setup_seconds": setup_seconds,
         "mean_round_seconds": float(np.mean([r["round_seconds"] for r in rows])),
+        "privacy": privacy_summary(cfg, accountant, privacy),
         "workers": n_workers,
         "memory_mib": memory,
         "num_parameters": num_parameters,

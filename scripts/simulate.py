@@ -25,10 +25,14 @@ def main(cfg: DictConfig) -> None:
     out = HydraConfig.get().runtime.output_dir
     with user_errors():
         result = run_simulation(to_sim_config(cfg), out)
-    final = result.summary["final"]
-    print(f"fedsim: {result.summary['rounds_completed']} rounds, test accuracy "
-          f"{final.get('eval_accuracy', float('nan')):.4f}, "
-          f"{result.summary['wall_seconds']:.1f} s; outputs in {out}")
+    summary = result.summary
+    privacy = summary["privacy"]
+    spent = ("" if privacy["mechanism"] == "none" else
+             f", epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:.3g}"
+             if privacy["epsilon"] != "inf" else ", epsilon inf (no noise)")
+    print(f"fedsim: {summary['rounds_completed']} rounds ({summary['stop_reason']}), test "
+          f"accuracy {summary['final'].get('eval_accuracy', float('nan')):.4f}{spent}, "
+          f"{summary['wall_seconds']:.1f} s; outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path):
+@pytest.mark.parametrize("dp", ["none", "gaussian"])
+def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path, dp):
     run_dir = tmp_path / "run"
-    proc = simulate("clients=20", "clients_per_round=5", "rounds=2", "model=logreg",
+    proc = simulate("clients=20", "clients_per_round=5", "rounds=2", "model=logreg", f"dp={dp}",
                     "ray.num_cpus=2", "progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -37,6 +38,13 @@ def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path):
     assert summary["final"]["eval_accuracy"] == rows[-1]["eval_accuracy"]
     assert (run_dir / "metrics.png").exists()
     assert "test accuracy" in proc.stdout
+    if dp == "gaussian":
+        assert all(r["epsilon"] > 0 for r in rows) and rows[1]["epsilon"] > rows[0]["epsilon"]
+        assert summary["privacy"]["epsilon"] == rows[-1]["epsilon"]
+        assert summary["config"]["server"]["weighting"] == "uniform"
+        assert "epsilon" in proc.stdout
+    else:
+        assert "epsilon" not in rows[0]
 
 
 BAD_INPUTS = [
@@ -53,6 +61,12 @@ BAD_INPUTS = [
     (["model.no_such_key=1"], "model.no_such_key: unknown config key"),
     (["clients=many"], "clients: Value 'many'"),
     (["model=cnn", "data=synthetic"], "model=cnn: allowed is logreg or mlp"),
+    (["dp=renyi"], "dp=renyi: unknown option; allowed: gaussian, gaussian_adaptive, laplace, none"),
+    (["dp=gaussian_adaptive", "dp.noise_multiplier=1.0"], "too low to achieve the desired"),
+    (["dp=gaussian", "dp.accountant=pld"], "dp.accountant=pld: allowed is rdp with sampling=uniform"),
+    (["dp=gaussian", "dp.noise_multiplier=-1"], "dp.noise_multiplier=-1.0"),
+    (["dp=laplace", "dp.epsilon=0"], "dp.epsilon=0.0: allowed is a finite number > 0"),
+    (["dp=gaussian", "server.weighting=num_examples"], "server.weighting=num_examples"),
 ]
 
 

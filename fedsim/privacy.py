@@ -1,0 +1,244 @@
+"""Differentially private aggregation: TF Privacy's DPQuery objects, run in fedsim's
+aggregation protocol exactly as TFF's ``DifferentiallyPrivateFactory`` runs them.
+
+The queries are TFF's:
+
+- ``gaussian``: ``NormalizedQuery(GaussianSumQuery(C, z * C), clients_per_round)``
+  (``DifferentiallyPrivateFactory.gaussian_fixed``).
+- ``gaussian_adaptive``: ``NormalizedQuery(QuantileAdaptiveClipSumQuery(...),
+  clients_per_round)`` with TFF's defaults and noise split
+  (``DifferentiallyPrivateFactory.gaussian_adaptive``).
+- ``laplace``: ``NormalizedQuery(LaplaceSumQuery(s, s / epsilon), clients_per_round)``,
+  a DPQuery written here (TF Privacy has no Laplace sum query).
+
+Where each step runs: ``derive_sample_params`` in the server actor;
+``preprocess_record`` (the clipping) and the summing in the worker actors, on
+behalf of each client; ``merge`` and ``get_noised_result`` (noise, added once)
+in the server actor. Before that, non-finite updates and updates with L2 norm
+above ``zeroing_norm`` are replaced by zeros (TFF's zeroing factory).
+
+Noise is reproducible: TF Privacy's queries draw from TensorFlow's op-level
+RNG, so the server seeds it from the run's noise stream ``(seed, noise, round)``
+immediately before each round's single noisy release.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import dp_accounting
+import numpy as np
+import tensorflow as tf
+from tensorflow_privacy.privacy.dp_query import dp_query
+from tensorflow_privacy.privacy.dp_query.gaussian_query import GaussianSumQuery
+from tensorflow_privacy.privacy.dp_query.normalized_query import NormalizedQuery
+from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_sum_query import (
+    QuantileAdaptiveClipSumQuery,
+)
+
+from fedsim.aggregation import Partial, merge_partials
+from fedsim.config import DPConfig, SimConfig
+
+
+def adaptive_clip_noise_params(noise_multiplier: float, clients_per_round: float,
+                               clipped_count_stddev: float | None) -> tuple[float, float]:
+    """TFF's split of the total noise multiplier z between the sum and the count.
+
+    Returns ``(z_sum, clipped_count_stddev)`` with
+    ``z_sum = (z^-2 - (2 * clipped_count_stddev)^-2)^-1/2`` and the count's stddev
+    defaulting to ``0.05 * clients_per_round`` (0 when z is 0). Raises ValueError,
+    as TFF does, when ``z >= 2 * clipped_count_stddev``.
+    """
+    if noise_multiplier <= 0:
+        return 0.0, (0.0 if clipped_count_stddev is None else clipped_count_stddev)
+    if clipped_count_stddev is None:
+        clipped_count_stddev = 0.05 * clients_per_round
+    if noise_multiplier >= 2 * clipped_count_stddev:
+        raise ValueError(
+            f"clipped_count_stddev = {clipped_count_stddev} (defaults to 0.05 * "
+            "`expected_clients_per_round` if not specified) is too low to achieve the "
+            f"desired effective `noise_multiplier` ({noise_multiplier}). You must either "
+            "increase `clipped_count_stddev` or decrease `noise_multiplier`.")
+    z_sum = (noise_multiplier ** -2 - (2 * clipped_count_stddev) ** -2) ** -0.5
+    return z_sum, clipped_count_stddev
+
+
+class LaplaceSumQuery(dp_query.SumAggregationDPQuery):
+    """Sum of records clipped to L1 norm ``l1_norm_clip``, plus Laplace noise.
+
+    Every coordinate of the sum gets independent Laplace noise of scale ``scale``
+    (std ``sqrt(2) * scale``). Adding or removing one record changes the sum by
+    at most ``l1_norm_clip`` in L1, so a release is ``l1_norm_clip / scale``-DP;
+    the DpEvent is ``LaplaceDpEvent(scale / l1_norm_clip)``.
+    """
+
+    def __init__(self, l1_norm_clip: float, scale: float) -> None:
+        self._l1_norm_clip = float(l1_norm_clip)
+        self._scale = float(scale)
+
+    def initial_global_state(self) -> Any:
+        return {"l1_norm_clip": tf.constant(self._l1_norm_clip, tf.float32),
+                "scale": tf.constant(self._scale, tf.float32)}
+
+    def derive_sample_params(self, global_state: Any) -> Any:
+        return global_state["l1_norm_clip"]
+
+    def preprocess_record(self, params: Any, record: Any) -> Any:
+        leaves = tf.nest.flatten(record)
+        l1 = tf.add_n([tf.reduce_sum(tf.abs(tf.cast(v, tf.float32))) for v in leaves])
+        factor = tf.minimum(1.0, params / tf.maximum(l1, 1e-30))
+        return tf.nest.map_structure(lambda v: v * tf.cast(factor, v.dtype), record)
+
+    def get_noised_result(self, sample_state: Any, global_state: Any) -> Any:
+        scale = global_state["scale"]
+
+        def add_noise(v: tf.Tensor) -> tf.Tensor:
+            # Laplace(b) = b * (E1 - E2) with E1, E2 ~ Exp(1), E = -log(1 - U), U in [0, 1).
+            e1 = -tf.math.log1p(-tf.random.uniform(tf.shape(v), dtype=tf.float32))
+            e2 = -tf.math.log1p(-tf.random.uniform(tf.shape(v), dtype=tf.float32))
+            return v + tf.cast(scale * (e1 - e2), v.dtype)
+
+        result = tf.nest.map_structure(add_noise, sample_state)
+        event = dp_accounting.LaplaceDpEvent(global_state["scale"] / global_state["l1_norm_clip"])
+        return result, global_state, event
+
+
+def build_query(dp: DPConfig, clients_per_round: int) -> dp_query.DPQuery:
+    """The DPQuery that TFF's factory builds for ``dp`` (see module docstring)."""
+    cpr = float(clients_per_round)
+    if dp.mechanism == "gaussian":
+        inner: dp_query.DPQuery = GaussianSumQuery(
+            l2_norm_clip=dp.l2_norm_clip, stddev=dp.l2_norm_clip * dp.noise_multiplier)
+    elif dp.mechanism == "gaussian_adaptive":
+        z_sum, count_std = adaptive_clip_noise_params(dp.noise_multiplier, cpr,
+                                                      dp.clipped_count_stddev)
+        inner = QuantileAdaptiveClipSumQuery(
+            initial_l2_norm_clip=dp.initial_l2_norm_clip, noise_multiplier=z_sum,
+            target_unclipped_quantile=dp.target_unclipped_quantile,
+            learning_rate=dp.clip_learning_rate, clipped_count_stddev=count_std,
+            expected_num_records=cpr, geometric_update=True)
+    elif dp.mechanism == "laplace":
+        inner = LaplaceSumQuery(dp.sensitivity, dp.sensitivity / dp.epsilon)
+    else:
+        raise ValueError(f"no DP query for dp.mechanism={dp.mechanism!r}")
+    return NormalizedQuery(inner, denominator=cpr)
+
+
+def python_event(event: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+    """The same DpEvent with TensorFlow scalars turned into Python numbers."""
+    import attr
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, dp_accounting.DpEvent):
+            return python_event(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, (tf.Tensor, np.generic, np.ndarray)):
+            return float(np.asarray(v))
+        return v
+
+    return attr.evolve(event, **{f.name: conv(getattr(event, f.name))
+                                 for f in attr.fields(type(event))})
+
+
+def _to_numpy(nest: Any) -> Any:
+    return tf.nest.map_structure(lambda t: np.asarray(t), nest)
+
+
+class DPQueryAggregator:
+    """fedsim's aggregation protocol over a TF Privacy ``DPQuery``.
+
+    State: ``{"query": the query's global state}``. The aggregate returned by
+    ``finalize`` is the noised, normalized sum: ``(sum of clipped updates +
+    noise) / clients_per_round``, as a float32 vector.
+    """
+
+    def __init__(self, dp: DPConfig, clients_per_round: int) -> None:
+        self.dp = dp
+        self.clients_per_round = int(clients_per_round)
+        self.query = build_query(dp, clients_per_round)
+        self.zeroing_norm = dp.zeroing_norm
+
+    # -- server side -----------------------------------------------------------------
+    def initial_state(self) -> dict[str, Any]:
+        return {"query": self.query.initial_global_state()}
+
+    def client_params(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """The query's sample params (e.g. the current clip), as numpy for shipping."""
+        return {"query": _to_numpy(self.query.derive_sample_params(state["query"])),
+                "clip": self.current_clip(state)}
+
+    def current_clip(self, state: Mapping[str, Any]) -> float:
+        """The clip norm used this round (L2 for Gaussian, L1 for Laplace)."""
+        if self.dp.mechanism == "gaussian_adaptive":
+            metrics = self.query.derive_metrics(state["query"])
+            return float(metrics["clip"])
+        return float(self.dp.sensitivity if self.dp.mechanism == "laplace"
+                     else self.dp.l2_norm_clip)
+
+    # -- worker side -----------------------------------------------------------------
+    def zero_partial(self, size: int) -> Partial:
+        template = tf.zeros([size], tf.float32)
+        flat = [np.asarray(t, np.float64)
+                for t in tf.nest.flatten(self.query.initial_sample_state(template))]
+        return Partial(flat[0], 0.0, 0, {"clipped": 0.0, "zeroed": 0.0}, tuple(flat[1:]))
+
+    def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
+                   num_examples: int) -> Partial:
+        """Zero a non-finite or huge update, clip it with the query, add it."""
+        delta = np.asarray(delta, np.float32)
+        norm = float(np.linalg.norm(delta.astype(np.float64)))
+        zeroed = not math.isfinite(norm) or (
+            self.zeroing_norm is not None and norm > self.zeroing_norm)
+        if zeroed:
+            delta = np.zeros_like(delta)
+            norm = 0.0
+        if self.dp.mechanism == "laplace":
+            size = float(np.abs(delta.astype(np.float64)).sum())
+        else:
+            size = norm
+        clipped = size > params["clip"]
+        record = self.query.preprocess_record(
+            tf.nest.map_structure(tf.constant, params["query"]), tf.constant(delta))
+        flat = [np.asarray(t, np.float64) for t in tf.nest.flatten(record)]
+        one = Partial(flat[0], 1.0, 1, {"clipped": float(clipped), "zeroed": float(zeroed)},
+                      tuple(flat[1:]))
+        return merge_partials(partial, one)
+
+    def merge(self, a: Partial, b: Partial) -> Partial:
+        return merge_partials(a, b)
+
+    # -- server side, once per round -----------------------------------------------
+    def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+        """Add the noise (once) and normalize; returns the DpEvent in measurements."""
+        template = self.query.initial_sample_state(tf.zeros(partial.total.shape, tf.float32))
+        sample_state = tf.nest.pack_sequence_as(
+            template, [tf.constant(p, tf.float32) for p in (partial.total, *partial.extras)])
+        clip = self.current_clip(state)
+        tf.random.set_seed(int(rng.integers(2**31 - 1)))
+        result, new_query_state, event = self.query.get_noised_result(sample_state,
+                                                                      state["query"])
+        measurements = {
+            "clip": clip,
+            "clipped_fraction": partial.stats.get("clipped", 0.0) / max(partial.count, 1),
+            "zeroed": int(partial.stats.get("zeroed", 0.0)),
+            "noise_std": self.noise_std(state),
+            "dp_event": python_event(event),
+        }
+        return np.asarray(result, np.float32), {"query": new_query_state}, measurements
+
+    def noise_std(self, state: Mapping[str, Any]) -> float:
+        """Std of the noise on each coordinate of the averaged update this round."""
+        dp, cpr = self.dp, self.clients_per_round
+        if dp.mechanism == "laplace":
+            return math.sqrt(2.0) * dp.sensitivity / dp.epsilon / cpr
+        if dp.mechanism == "gaussian":
+            return dp.noise_multiplier * dp.l2_norm_clip / cpr
+        z_sum, _ = adaptive_clip_noise_params(dp.noise_multiplier, cpr, dp.clipped_count_stddev)
+        return z_sum * self.current_clip(state) / cpr
+
+
+def build_dp_aggregator(cfg: SimConfig) -> DPQueryAggregator:
+    return DPQueryAggregator(cfg.dp, cfg.clients_per_round)

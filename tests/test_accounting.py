@@ -1,0 +1,144 @@
+"""Privacy accounting: the epsilon fedsim reports is dp-accounting's for the same
+events, the TF Privacy tutorial's number is reproduced, calibration and budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dp_accounting
+import pytest
+from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
+from fedsim.accounting import PrivacyAccountant, calibrate, default_delta, mechanism_event
+from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
+from fedsim.errors import ConfigError
+
+REPLACE = dp_accounting.NeighboringRelation.REPLACE_ONE
+
+
+def test_tf_privacy_tutorial_epsilon():
+    # 60,000 examples, batch 250, noise 1.3, 3 epochs = 720 steps, delta 1e-5: 0.563.
+    acct = PrivacyAccountant("rdp", "poisson", 60_000, 250, 1e-5)
+    for _ in range(720):
+        acct.record(acct.round_event(dp_accounting.GaussianDpEvent(1.3)))
+    assert acct.epsilon() == pytest.approx(0.563, abs=5e-4)
+    assert acct.ledger[0][1] == 720
+
+
+def test_events_match_dp_accounting_directly():
+    z, n, m, r, delta = 0.9, 1000, 50, 25, 1e-4
+    acct = PrivacyAccountant("rdp", "uniform", n, m, delta)
+    for _ in range(r):
+        acct.record(acct.round_event(dp_accounting.GaussianDpEvent(z)))
+    direct = RdpAccountant(neighboring_relation=REPLACE)
+    direct.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+        n, m, dp_accounting.GaussianDpEvent(z / 2)), r)  # replace-one: sensitivity 2C
+    assert acct.epsilon() == pytest.approx(direct.get_epsilon(delta), rel=1e-9)
+
+    pld = PrivacyAccountant("pld", "poisson", n, m, delta)
+    for _ in range(r):
+        pld.record(pld.round_event(dp_accounting.ComposedDpEvent(
+            [dp_accounting.GaussianDpEvent(1.0), dp_accounting.GaussianDpEvent(2.0)])))
+    direct = PLDAccountant()
+    direct.compose(dp_accounting.PoissonSampledDpEvent(
+        m / n, dp_accounting.GaussianDpEvent((1.0 + 0.25) ** -0.5)), r)
+    assert pld.epsilon() == pytest.approx(direct.get_epsilon(delta), rel=1e-6)
+
+
+def test_laplace_events_under_rdp_and_pld():
+    # RDP has no subsampled Laplace: rounds compose unamplified (an upper bound).
+    acct = PrivacyAccountant("rdp", "poisson", 100, 10, 1e-5)
+    for _ in range(3):
+        acct.record(acct.round_event(dp_accounting.LaplaceDpEvent(1 / 0.2)))
+    direct = RdpAccountant()
+    direct.compose(dp_accounting.LaplaceDpEvent(1 / 0.2), 3)
+    assert acct.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    assert acct.epsilon() < 3 * 0.2 * 1.05  # close to basic composition
+    # PLD amplifies by Poisson sampling: far below the unamplified bound.
+    pld = PrivacyAccountant("pld", "poisson", 100, 10, 1e-5)
+    for _ in range(3):
+        pld.record(pld.round_event(dp_accounting.LaplaceDpEvent(1 / 0.2)))
+    assert pld.epsilon() < 0.5 * acct.epsilon()
+
+
+def test_epsilon_grows_and_what_if_does_not_record():
+    acct = PrivacyAccountant("rdp", "uniform", 100, 10, default_delta(100))
+    ev = acct.round_event(dp_accounting.GaussianDpEvent(2.0))
+    assert acct.epsilon() == 0.0
+    first = acct.epsilon_after(ev)
+    assert acct.ledger == []
+    acct.record(ev)
+    assert acct.epsilon() == pytest.approx(first)
+    assert acct.epsilon_after(ev) > first
+
+
+def _sim(**dp):
+    return SimConfig(clients=200, clients_per_round=20, rounds=30,
+                     server=ServerConfig(weighting="uniform"), dp=DPConfig(**dp))
+
+
+@pytest.mark.parametrize("dp", [
+    dict(mechanism="gaussian", target_epsilon=4.0),
+    dict(mechanism="gaussian_adaptive", target_epsilon=8.0, clipped_count_stddev=5.0),
+    dict(mechanism="laplace", target_epsilon=3.0),
+])
+def test_target_epsilon_calibration_spends_exactly_the_target(dp):
+    cfg = _sim(**dp)
+    calibrated = calibrate(cfg)
+    acct = PrivacyAccountant("rdp", "uniform", 200, 20, default_delta(200))
+    for _ in range(cfg.rounds):
+        acct.record(acct.round_event(mechanism_event(calibrated, 20)))
+    assert acct.epsilon() == pytest.approx(dp["target_epsilon"], rel=1e-3)
+
+
+def test_impossible_adaptive_split_is_refused_like_tff():
+    with pytest.raises(ConfigError, match="too low to achieve"):
+        SimConfig(clients=100, clients_per_round=10, server=ServerConfig(weighting="uniform"),
+                  dp=DPConfig(mechanism="gaussian_adaptive", noise_multiplier=1.0))
+
+
+def test_dp_needs_uniform_weighting_and_pld_needs_poisson():
+    with pytest.raises(ConfigError, match="server.weighting"):
+        SimConfig(dp=DPConfig(mechanism="gaussian"))
+    with pytest.raises(ConfigError, match="dp.accountant"):
+        SimConfig(server=ServerConfig(weighting="uniform"),
+                  dp=DPConfig(mechanism="gaussian", accountant="pld"))
+
+
+def _small_dp(**dp) -> SimConfig:
+    return SimConfig(clients=20, clients_per_round=5, rounds=4, local_epochs=1, batch_size=10,
+                     model=ModelConfig(name="logreg"), ray=RayConfig(workers=2), progress=False,
+                     server=ServerConfig(weighting="uniform"), dp=DPConfig(**dp))
+
+
+def test_simulation_records_epsilon_every_round_as_dp_accounting_computes_it(ray_local):
+    from fedsim.simulation import run_simulation
+
+    res = run_simulation(_small_dp(mechanism="gaussian", noise_multiplier=1.1,
+                                   l2_norm_clip=0.5))
+    delta = default_delta(20)
+    for r in res.metrics:
+        direct = RdpAccountant(neighboring_relation=REPLACE)
+        direct.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+            20, 5, dp_accounting.GaussianDpEvent(1.1 / 2)), r["round"])
+        assert r["epsilon"] == pytest.approx(direct.get_epsilon(delta), rel=1e-5)
+        assert r["delta"] == delta and r["clip"] == 0.5
+        assert r["noise_std"] == pytest.approx(1.1 * 0.5 / 5)
+        assert 0 <= r["clipped_fraction"] <= 1
+    assert res.summary["privacy"]["rounds_accounted"] == 4
+
+
+def test_max_epsilon_stops_cleanly_before_exceeding(ray_local, tmp_path):
+    from fedsim.simulation import run_simulation
+
+    # Uniform sampling: replace-one neighbours, so a Laplace round with epsilon=1 for
+    # add/remove is a 2-DP release; two rounds spend about 4, a third about 6 > 5.
+    budget = 5.0
+    cfg = _small_dp(mechanism="laplace", sensitivity=1.0, epsilon=1.0, max_epsilon=budget)
+    res = run_simulation(dataclasses.replace(cfg, rounds=10), tmp_path / "run")
+    assert len(res.metrics) == 2
+    assert all(r["epsilon"] <= budget for r in res.metrics)
+    assert "max_epsilon" in res.summary["stop_reason"]
+    assert res.summary["status"] == "completed"
+    assert (tmp_path / "run" / "summary.json").exists()
