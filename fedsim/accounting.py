@@ -132,7 +132,7 @@ class PrivacyAccountant:
 
     kind: ``rdp`` (dp-accounting's RdpAccountant) or ``pld`` (PLDAccountant).
     The ledger lists ``[event, count]`` of the round events composed so far,
-    consecutive equal events merged. Under RDP each distinct event's RDP curve
+    equal events merged (composition is commutative), in order of first use. Under RDP each distinct event's RDP curve
     is computed once by an RdpAccountant and the curves are summed (RDP
     composes additively), so a round costs microseconds, not the ~0.3 s of a
     fresh subsampled-Gaussian RDP computation.
@@ -176,10 +176,11 @@ class PrivacyAccountant:
     def record(self, event: DpEvent) -> None:
         """Compose one round's event (from :meth:`round_event`)."""
         event = round_down_noise(event)
-        if self.ledger and self.ledger[-1][0] == event:
-            self.ledger[-1][1] += 1
-        else:
-            self.ledger.append([event, 1])
+        for entry in self.ledger:
+            if entry[0] == event:
+                entry[1] += 1
+                return
+        self.ledger.append([event, 1])
 
     def _epsilon(self, entries: list[list]) -> float:
         if not entries:
