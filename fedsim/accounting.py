@@ -84,6 +84,18 @@ def _has_laplace(event: DpEvent) -> bool:
     return False
 
 
+def _noiseless(event: DpEvent) -> bool:
+    """Whether some release in ``event`` adds no noise (then epsilon is infinite)."""
+    if isinstance(event, (dp_accounting.GaussianDpEvent, dp_accounting.LaplaceDpEvent)):
+        return event.noise_multiplier == 0
+    if isinstance(event, dp_accounting.NonPrivateDpEvent):
+        return True
+    inner = getattr(event, "event", None)
+    if inner is not None:
+        return _noiseless(inner)
+    return any(_noiseless(e) for e in getattr(event, "events", ()))
+
+
 def _gaussian_equivalent(event: DpEvent) -> DpEvent:
     """Composed Gaussians as the one Gaussian they equal: z = (sum z_i^-2)^-1/2.
 
@@ -185,6 +197,8 @@ class PrivacyAccountant:
     def _epsilon(self, entries: list[list]) -> float:
         if not entries:
             return 0.0
+        if any(_noiseless(event) for event, _ in entries):
+            return math.inf  # dp-accounting's RDP of a noiseless sampled release divides by 0
         if self.kind == "pld":
             acct = self.fresh()
             for event, count in entries:

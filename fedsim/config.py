@@ -25,7 +25,7 @@ DATASETS = ("digits", "synthetic", "mnist", "emnist")
 MODELS = ("logreg", "mlp", "cnn")
 DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace")
 ACCOUNTANTS = ("rdp", "pld")
-SECAGG_PROTOCOLS = ("none",)
+SECAGG_PROTOCOLS = ("none", "secagg", "secagg_plus")
 SAMPLING = ("uniform", "poisson")
 WEIGHTINGS = ("num_examples", "uniform")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
@@ -251,12 +251,46 @@ class DPConfig:
 
 @dataclass
 class SecAggConfig:
-    """Secure aggregation of the client updates. ``none`` only, for now."""
+    """Secure aggregation of the client updates (the server sees only the sum).
+
+    protocol: ``none``; ``secagg`` (Bonawitz et al. 2017: every pair of clients
+      shares a mask); ``secagg_plus`` (Bell et al. 2020: a random Harary graph of
+      degree ~2*log2(n)).
+    clip: with ``dp=none``, every coordinate of an update is clipped to
+      [-clip, clip] before fixed-point encoding (Flower's SecAgg+ default range is
+      8.0). With DP, the DP clip bounds the coordinates instead.
+    precision_bits: fixed-point resolution: the rounding step is clip / 2^precision_bits.
+    bits: modulus exponent b of Z_(2^b); null picks the smallest b for which the
+      sum of the cohort's vectors cannot wrap (at most 62).
+    threshold: Shamir threshold t; null: floor(m/2) + 1 for neighbourhoods of m.
+    neighbours: SecAgg+ graph degree k (even); null: 2 * ceil(log2(n)).
+    dropout: probability that a sampled client drops out after sending its
+      masked input (simulated; it does not answer the unmasking request).
+    """
 
     protocol: str = "none"
+    clip: float = 8.0
+    precision_bits: int = 16
+    bits: Optional[int] = None
+    threshold: Optional[int] = None
+    neighbours: Optional[int] = None
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _one_of("secagg.protocol", self.protocol, SECAGG_PROTOCOLS)
+        _positive("secagg.clip", self.clip)
+        _check(1 <= self.precision_bits <= 40, "secagg.precision_bits", "an integer in [1, 40]",
+               self.precision_bits)
+        if self.bits is not None:
+            _check(2 <= self.bits <= 62, "secagg.bits", "an integer in [2, 62] (or null)",
+                   self.bits)
+        if self.threshold is not None:
+            _check(self.threshold >= 2, "secagg.threshold", "an integer >= 2 (or null)",
+                   self.threshold)
+        if self.neighbours is not None:
+            _check(self.neighbours >= 2 and self.neighbours % 2 == 0, "secagg.neighbours",
+                   "an even integer >= 2 (or null)", self.neighbours)
+        _check(0 <= self.dropout < 1, "secagg.dropout", "a probability in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -333,6 +367,10 @@ class SimConfig:
         _check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
         _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         self._check_dp()
+        if self.secagg.protocol != "none":
+            _check(self.server.weighting == "uniform", "server.weighting",
+                   "uniform with secure aggregation (the secure sum carries unweighted "
+                   "updates; the secagg configs set it)", self.server.weighting)
 
     def _check_dp(self) -> None:
         dp = self.dp

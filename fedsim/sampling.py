@@ -14,6 +14,9 @@ STREAM_SAMPLING = 1
 STREAM_SHUFFLE = 2
 STREAM_NOISE = 3
 STREAM_INIT = 4
+STREAM_SECAGG = 5
+STREAM_DROPOUT = 6
+STREAM_SECAGG_GRAPH = 7
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:

@@ -391,6 +391,34 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class MaskedSum:
+    """Round 2, relay -> server: the sum mod ``2^bits`` of several clients' masked
+    inputs, with their ids. A worker that acts for many virtual clients sends
+    one of these instead of one :class:`MaskedInput` each; the server learns
+    nothing more (it would add them up itself), and the traffic shrinks by the
+    number of clients per worker."""
+
+    senders: frozenset
+    y: np.ndarray
+
+
+def sum_masked(msgs: Sequence[MaskedInput], bits: int) -> MaskedSum:
+    """Add masked inputs mod ``2^bits`` into one :class:`MaskedSum`."""
+    if not msgs:
+        raise SecAggError("sum_masked: no masked inputs")
+    total = np.zeros_like(np.asarray(msgs[0].y), dtype=np.uint64)
+    senders = set()
+    for m in msgs:
+        if m.sender in senders:
+            raise SecAggError(f"sum_masked: repeated masked input from client {m.sender}")
+        np.add(total, np.asarray(m.y, np.uint64), out=total)
+        senders.add(m.sender)
+    if bits < 64:
+        total &= _mask_of(bits)
+    return MaskedSum(frozenset(senders), total)
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
     """Round 3, server -> client: which of the receiver's neighbours survived and which dropped.
 
@@ -792,8 +820,9 @@ class SecAggServer:
         return {j: SharesDelivery(j, {i: sent[i][j] for i in sorted(self.neighbours[j] & shared)})
                 for j in sorted(shared)}
 
-    def collect_masked(self, msgs: Iterable[MaskedInput]) -> dict[int, UnmaskRequest]:
-        """Round 2: add up the masked inputs; ask each survivor for the shares needed.
+    def collect_masked(self, msgs: Iterable[MaskedInput | MaskedSum]) -> dict[int, UnmaskRequest]:
+        """Round 2: add up the masked inputs (or relays' sums of them); ask each
+        survivor for the shares needed.
 
         Raises :class:`SecAggAbort` when some needed secret has fewer than
         ``t`` surviving holders.
@@ -802,18 +831,20 @@ class SecAggServer:
         survivors: set[int] = set()
         total = np.zeros(self.vector_len, dtype=np.uint64)
         for msg in msgs:
-            if msg.sender not in self.shared or msg.sender in survivors:
+            senders = msg.senders if isinstance(msg, MaskedSum) else frozenset([msg.sender])
+            who = ", ".join(str(c) for c in sorted(senders))
+            if not senders or not senders <= self.shared or senders & survivors:
                 raise SecAggError(f"collect_masked: unexpected or repeated masked input from "
-                                  f"client {msg.sender}")
+                                  f"client(s) {who}")
             y = np.asarray(msg.y)
             if y.shape != (self.vector_len,) or y.dtype != np.uint64:
-                raise SecAggError(f"collect_masked: the masked input of client {msg.sender} is "
+                raise SecAggError(f"collect_masked: the masked input of client(s) {who} is "
                                   f"not a uint64 vector of length {self.vector_len}")
             if self.bits < 64 and np.any(y >> np.uint64(self.bits)):
-                raise SecAggError(f"collect_masked: the masked input of client {msg.sender} has "
+                raise SecAggError(f"collect_masked: the masked input of client(s) {who} has "
                                   f"values >= 2^{self.bits}")
             np.add(total, y, out=total)
-            survivors.add(msg.sender)
+            survivors |= senders
         if not survivors:
             raise _abort(2, "no client sent a masked input")
         u3 = frozenset(survivors)

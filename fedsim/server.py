@@ -13,16 +13,19 @@ a Ray actor. Per round it:
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fedsim.aggregation import build_aggregator
+from fedsim.aggregation import Partial, build_aggregator, merge_partials
 from fedsim.config import SimConfig
 from fedsim.optimizers import ServerOptimizer
 from fedsim.outputs import memory_mib
-from fedsim.sampling import STREAM_NOISE, STREAM_SAMPLING, sample_clients, stream
+from fedsim.sampling import (STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING,
+                             STREAM_SECAGG_GRAPH,                              sample_clients, stream)
+from fedsim.secure_aggregation import SecureLayout, make_layout
 from fedsim.worker import WorkerReport, configure_tensorflow
 
 
@@ -71,7 +74,7 @@ class Server:
     def client_params(self) -> dict[str, Any]:
         return self.aggregator.client_params(self.agg_state)
 
-    def apply(self, round_num: int, num_sampled: int, *reports: WorkerReport) -> dict[str, float]:
+    def apply(self, round_num: int, num_sampled: int, *reports: WorkerReport) -> dict[str, Any]:
         """Merge the workers' partial sums and take one server optimizer step.
 
         Returns the round's training measurements: ``train_loss`` (mean per
@@ -79,19 +82,95 @@ class Server:
         ``clients`` (that reported) and the aggregator's own measurements.
         """
         partial = self.aggregator.zero_partial(self.weights.size)
-        loss_sum, examples, clients = 0.0, 0, 0
         for r in reports:
             partial = self.aggregator.merge(partial, r.partial)
-            loss_sum += r.loss_sum
-            examples += r.num_examples
-            clients += r.num_clients
+        return self._step(round_num, num_sampled, partial, reports)
+
+    def _step(self, round_num: int, num_sampled: int, partial: Partial,
+              reports: Sequence[WorkerReport]) -> dict[str, Any]:
+        loss_sum = sum(r.loss_sum for r in reports)
+        examples = sum(r.num_examples for r in reports)
         update, self.agg_state, measurements = self.aggregator.finalize(
             self.agg_state, partial, num_sampled, stream(self.cfg.seed, STREAM_NOISE, round_num))
         self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, update)
         out = {"train_loss": loss_sum / examples if examples else float("nan"),
-               "num_examples": examples, "clients": clients,
+               "num_examples": examples, "clients": sum(r.num_clients for r in reports),
                "update_norm": float(np.linalg.norm(update))}
         out.update(measurements)
+        return out
+
+    # -- secure aggregation: the server's side of each protocol round ------------------
+    def secagg_begin(self, round_num: int, shards: Sequence[Sequence[int]]) -> SecureLayout:
+        """Start a round's protocol; returns the fixed-point layout the clients use."""
+        from fedsim.secagg import SecAggServer
+
+        sa = self.cfg.secagg
+        zero = self.aggregator.zero_partial(self.weights.size)
+        sizes = [zero.total.size] + [e.size for e in zero.extras]
+        clip = (self.aggregator.current_clip(self.agg_state) if self.cfg.dp.mechanism != "none"
+                else sa.clip)
+        self._sa_layout = make_layout(sa, clip, sizes, sum(len(s) for s in shards))
+        graph_seed = int(stream(self.cfg.seed, STREAM_SECAGG_GRAPH, round_num).integers(2**62))
+        self._sa = SecAggServer(self._sa_layout.bits, self._sa_layout.vector_len, sa.protocol,
+                                threshold=sa.threshold, graph_seed=graph_seed,
+                                neighbours=sa.neighbours)
+        self._sa_owner = {int(c): i for i, shard in enumerate(shards) for c in shard}
+        self._sa_workers = len(shards)
+        return self._sa_layout
+
+    def _route(self, by_client: Mapping[int, Any]) -> list[dict[int, Any]]:
+        """Split messages addressed to clients into one dict per worker."""
+        out: list[dict[int, Any]] = [{} for _ in range(self._sa_workers)]
+        for cid, msg in by_client.items():
+            out[self._sa_owner[cid]][cid] = msg
+        return out
+
+    def secagg_keys(self, *adverts: list) -> list[dict[int, Any]]:
+        """Round 0: collect the public keys, send each client its neighbours' keys."""
+        return self._route(self._sa.receive_keys(itertools.chain(*adverts)))
+
+    def secagg_route(self, *shares: list) -> list[dict[int, Any]]:
+        """Round 1: route the encrypted shares to their receivers."""
+        return self._route(self._sa.route_shares(itertools.chain(*shares)))
+
+    def secagg_collect(self, round_num: int, *reports: WorkerReport) -> list[dict[int, Any]]:
+        """Round 2: collect the masked inputs; ask the clients still online to unmask.
+
+        Simulated dropouts: each client goes silent after masking with
+        probability ``secagg.dropout`` (stream ``(seed, DROPOUT, round)``).
+        """
+        self._sa_reports = reports
+        requests = self._sa.collect_masked(itertools.chain(*(r.masked for r in reports)))
+        rng = stream(self.cfg.seed, STREAM_DROPOUT, round_num)
+        self._sa_dropped = {c for c in sorted(requests) if rng.random() < self.cfg.secagg.dropout}
+        return self._route({c: r for c, r in requests.items() if c not in self._sa_dropped})
+
+    def secagg_finish(self, round_num: int, num_sampled: int, *responses: list) -> dict[str, Any]:
+        """Round 3: unmask the sum, decode it, then aggregate and step as ``apply`` does.
+
+        If too few shares arrive the protocol aborts: the round's update is
+        discarded, the model, optimizer and aggregator states stay as they were,
+        no privacy is spent, and the measurements say why.
+        """
+        from fedsim.secagg import SecAggAbort
+
+        reports = self._sa_reports
+        base = {"secagg_dropped": len(self._sa_dropped), "secagg_bits": self._sa_layout.bits}
+        try:
+            total = self._sa.unmask(itertools.chain(*responses))
+        except SecAggAbort as err:
+            examples = sum(r.num_examples for r in reports)
+            return {**base, "secagg": "aborted", "secagg_error": str(err),
+                    "train_loss": sum(r.loss_sum for r in reports) / max(examples, 1),
+                    "num_examples": examples, "clients": sum(r.num_clients for r in reports),
+                    "update_norm": 0.0}
+        clear = Partial(np.zeros(0), 0.0, 0)
+        for r in reports:
+            clear = merge_partials(clear, r.partial)
+        parts = self._sa_layout.decode_sum(total, clear.count)
+        partial = Partial(parts[0], clear.weight, clear.count, clear.stats, tuple(parts[1:]))
+        out = self._step(round_num, num_sampled, partial, reports)
+        out.update(base, secagg="ok")
         return out
 
     def memory(self) -> dict[str, float]:

@@ -46,6 +46,7 @@ class SimulationResult:
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
     output_dir: Optional[Path]
+    weights: Optional[np.ndarray] = None  # the final global model, flat float32
 
 
 def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
@@ -102,6 +103,28 @@ def connect_ray(rc: RayConfig) -> bool:
             raise FedsimError(f"ray.address={rc.address!r}: cannot connect to a Ray cluster "
                               f"there ({str(err).splitlines()[0]})") from err
     return True
+
+
+def _secure_round(ray: Any, server: Any, active: list, rnd: int, num_sampled: int,
+                  weights_ref: Any, params_ref: Any) -> dict[str, Any]:
+    """One round under secure aggregation: the protocol's four message rounds
+    between the worker actors (on behalf of their clients) and the server actor.
+    The driver only carries the messages the server addresses to each worker."""
+    t0 = time.perf_counter()
+    layout = ray.get(server.secagg_begin.remote(rnd, [s.tolist() for _, s in active]))
+    adverts = [w.secagg_advertise.remote(rnd, s) for w, s in active]
+    setups = ray.get(server.secagg_keys.remote(*adverts))
+    shares = [w.secagg_share_keys.remote(setups[i]) for i, (w, _) in enumerate(active)]
+    deliveries = ray.get(server.secagg_route.remote(*shares))
+    t1 = time.perf_counter()
+    reports = [w.train_round.remote(rnd, weights_ref, params_ref, s, (layout, deliveries[i]))
+               for i, (w, s) in enumerate(active)]
+    requests = ray.get(server.secagg_collect.remote(rnd, *reports))
+    t2 = time.perf_counter()
+    responses = [w.secagg_unmask.remote(requests[i]) for i, (w, _) in enumerate(active)]
+    out = ray.get(server.secagg_finish.remote(rnd, num_sampled, *responses))
+    out["secagg_seconds"] = (t1 - t0) + (time.perf_counter() - t2)  # key and unmask rounds
+    return out
 
 
 def _prepare_output(output_dir: Optional[Path]) -> Optional[Path]:
@@ -174,13 +197,19 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             cohort = ray.get(server.sample.remote(rnd))
             weights_ref = server.global_weights.remote()
             params_ref = server.client_params.remote()
-            shards = [s for s in np.array_split(cohort, len(workers))]
-            reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard)
-                       for w, shard in zip(workers, shards) if len(shard)]
+            shards = np.array_split(cohort, len(workers))
+            active = [(w, shard) for w, shard in zip(workers, shards) if len(shard)]
             row: dict[str, Any] = {"round": rnd}
-            row.update(ray.get(server.apply.remote(rnd, len(cohort), *reports)))
-            if accountant:
+            if cfg.secagg.protocol == "none" or not active:
+                reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard)
+                           for w, shard in active]
+                row.update(ray.get(server.apply.remote(rnd, len(cohort), *reports)))
+            else:
+                row.update(_secure_round(ray, server, active, rnd, len(cohort), weights_ref,
+                                         params_ref))
+            if accountant and "dp_event" in row:
                 accountant.record(accountant.round_event(row.pop("dp_event")))
+            if accountant:
                 row.update(epsilon=accountant.epsilon(), delta=accountant.delta)
             row["round_seconds"] = time.perf_counter() - t0
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
@@ -193,6 +222,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             if metrics:
                 metrics.write(row)
             progress.update(row)
+        final_weights = ray.get(server.global_weights.remote())
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
     finally:
@@ -229,4 +259,4 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                      title=f"{cfg.model.name} on {data.name}, {cfg.clients} clients, "
                            f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
         write_json_atomic(out / "summary.json", summary)
-    return SimulationResult(rows, summary, out)
+    return SimulationResult(rows, summary, out, final_weights)

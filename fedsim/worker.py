@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fedsim.aggregation import Partial
+from fedsim.aggregation import Partial, merge_partials
 from fedsim.config import SimConfig
 from fedsim.data import ClientData
 from fedsim.outputs import memory_mib
-from fedsim.sampling import STREAM_SHUFFLE, stream
+from fedsim.sampling import STREAM_SECAGG, STREAM_SHUFFLE, stream
 
 
 @dataclass(frozen=True)
@@ -32,12 +32,16 @@ class WorkerReport:
     loss_sum: sum over clients of (mean training loss * num_examples).
     num_examples: examples trained on (each counted once, not per epoch).
     num_clients: clients trained.
+    masked: with secure aggregation, one ``fedsim.secagg.MaskedSum`` of this
+      worker's clients' masked inputs; ``partial`` then carries only the
+      plaintext counts and statistics (its ``total`` is empty).
     """
 
     partial: Partial
     loss_sum: float
     num_examples: int
     num_clients: int
+    masked: tuple = ()
 
 
 def configure_tensorflow(num_cpus: float) -> None:
@@ -70,25 +74,73 @@ class ClientWorker:
         self.aggregator = build_aggregator(cfg)
         self.trainer = LocalTrainer(cfg.model, cfg.client, input_shape, num_classes,
                                     cfg.batch_size, cfg.local_epochs, seed=cfg.seed)
+        self._secagg_states: dict[int, Any] = {}
 
     def train_round(self, round_num: int, weights: np.ndarray, params: Mapping[str, Any],
-                    client_ids: Sequence[int]) -> WorkerReport:
+                    client_ids: Sequence[int], secure: Any = None) -> WorkerReport:
         """Train ``client_ids`` from ``weights`` and return their partial sum.
 
         Client ``c`` shuffles with the stream ``(seed, SHUFFLE, round, c)``, so its
-        update does not depend on which worker trains it.
+        update does not depend on which worker trains it. With ``secure`` =
+        ``(layout, share deliveries)`` each client's record is fixed-point encoded
+        and masked instead of summed in the clear.
         """
-        partial = self.aggregator.zero_partial(self.trainer.num_parameters)
+        size = self.trainer.num_parameters
+        # Secure aggregation: only counts and statistics are summed in the clear.
+        partial = (self.aggregator.zero_partial(size) if secure is None
+                   else Partial(np.zeros(0), 0.0, 0))
         loss_sum, examples = 0.0, 0
+        encoded: dict[int, np.ndarray] = {}
         for cid in client_ids:
-            x, y = self.data.client(int(cid))
+            cid = int(cid)
+            x, y = self.data.client(cid)
             result = self.trainer.train(weights, x, y, stream(self.cfg.seed, STREAM_SHUFFLE,
-                                                              round_num, int(cid)))
-            partial = self.aggregator.accumulate(params, partial, result.delta,
-                                                 result.num_examples)
+                                                              round_num, cid))
             loss_sum += result.loss * result.num_examples
             examples += result.num_examples
-        return WorkerReport(partial, loss_sum, examples, len(client_ids))
+            if secure is None:
+                partial = self.aggregator.accumulate(params, partial, result.delta,
+                                                     result.num_examples)
+                continue
+            one = self.aggregator.accumulate(params, self.aggregator.zero_partial(size),
+                                             result.delta, result.num_examples)
+            encoded[cid] = secure[0].encode([one.total, *one.extras],
+                                            stream(self.cfg.seed, STREAM_SECAGG, round_num, cid))
+            partial = merge_partials(partial, Partial(np.zeros(0), one.weight, one.count,
+                                                      one.stats))
+        if secure is None:
+            return WorkerReport(partial, loss_sum, examples, len(client_ids))
+        from fedsim.secagg import clients_mask, sum_masked
+
+        masked = sum_masked(clients_mask(self._secagg_states, secure[1], encoded), secure[0].bits)
+        return WorkerReport(partial, loss_sum, examples, len(client_ids), (masked,))
+
+    # -- secure aggregation, on behalf of this worker's clients of the round -------
+    def secagg_advertise(self, round_num: int, client_ids: Sequence[int]) -> list:
+        """Round 0: the clients' key pairs; returns their AdvertiseKeys messages.
+
+        Keys are drawn from the run's seed (stream ``(seed, SECAGG, round)``) so
+        simulations are reproducible; a deployment would use the OS's RNG.
+        """
+        from fedsim.secagg import clients_advertise
+
+        key_seed = int(stream(self.cfg.seed, STREAM_SECAGG, round_num).integers(2**62))
+        self._secagg_states, msgs = clients_advertise([int(c) for c in client_ids], key_seed)
+        return msgs
+
+    def secagg_share_keys(self, setups: Mapping[int, Any]) -> list:
+        """Round 1: encrypted Shamir shares of each client's secrets for its neighbours."""
+        from fedsim.secagg import clients_share_keys
+
+        return clients_share_keys(self._secagg_states, setups)
+
+    def secagg_unmask(self, requests: Mapping[int, Any]) -> list:
+        """Round 3: the shares the server asks for (the clients' states are then dropped)."""
+        from fedsim.secagg import clients_unmask
+
+        responses = clients_unmask(self._secagg_states, requests)
+        self._secagg_states = {}
+        return responses
 
     def ping(self) -> bool:
         return True

@@ -62,6 +62,14 @@ def test_laplace_events_under_rdp_and_pld():
     assert pld.epsilon() < 0.5 * acct.epsilon()
 
 
+@pytest.mark.parametrize("sampling,kind", [("uniform", "rdp"), ("poisson", "rdp"),
+                                           ("poisson", "pld")])
+def test_noiseless_release_is_infinite_epsilon(sampling, kind):
+    acct = PrivacyAccountant(kind, sampling, 100, 10, 1e-5)
+    acct.record(acct.round_event(dp_accounting.GaussianDpEvent(0.0)))
+    assert acct.epsilon() == float("inf")
+
+
 def test_epsilon_grows_and_what_if_does_not_record():
     acct = PrivacyAccountant("rdp", "uniform", 100, 10, default_delta(100))
     ev = acct.round_event(dp_accounting.GaussianDpEvent(2.0))

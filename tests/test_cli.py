@@ -20,11 +20,12 @@ def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("dp", ["none", "gaussian"])
-def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path, dp):
+@pytest.mark.parametrize("dp,secagg", [("none", "none"), ("gaussian", "secagg_plus")])
+def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path, dp, secagg):
     run_dir = tmp_path / "run"
     proc = simulate("clients=20", "clients_per_round=5", "rounds=2", "model=logreg", f"dp={dp}",
-                    "ray.num_cpus=2", "progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                    f"secagg={secagg}", "ray.num_cpus=2", "progress=false",
+                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -43,6 +44,7 @@ def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path, dp):
         assert summary["privacy"]["epsilon"] == rows[-1]["epsilon"]
         assert summary["config"]["server"]["weighting"] == "uniform"
         assert "epsilon" in proc.stdout
+        assert all(r["secagg"] == "ok" and r["secagg_bits"] > 0 for r in rows)
     else:
         assert "epsilon" not in rows[0]
 
@@ -67,6 +69,9 @@ BAD_INPUTS = [
     (["dp=gaussian", "dp.noise_multiplier=-1"], "dp.noise_multiplier=-1.0"),
     (["dp=laplace", "dp.epsilon=0"], "dp.epsilon=0.0: allowed is a finite number > 0"),
     (["dp=gaussian", "server.weighting=num_examples"], "server.weighting=num_examples"),
+    (["secagg=homomorphic"], "secagg=homomorphic: unknown option; allowed: none, secagg, secagg_plus"),
+    (["secagg=secagg", "secagg.dropout=1.5"], "secagg.dropout=1.5: allowed is a probability"),
+    (["secagg=secagg_plus", "secagg.neighbours=3"], "secagg.neighbours=3: allowed is an even"),
 ]
 
 

@@ -350,3 +350,28 @@ def test_server_steps_out_of_order_are_refused() -> None:
     server.receive_keys(clients_advertise(range(3), 0)[1])
     with pytest.raises(SecAggError, match="out of order"):
         server.receive_keys([])
+
+
+def test_relayed_sums_of_masked_inputs_unmask_to_the_same_sum():
+    """A worker may add its clients' masked inputs before sending (MaskedSum)."""
+    from fedsim.secagg import (SecAggError, SecAggServer, clients_advertise, clients_mask,
+                               clients_share_keys, clients_unmask, sum_masked)
+
+    rng = np.random.default_rng(5)
+    bits, d, ids = 20, 64, list(range(9))
+    inputs = {i: rng.integers(0, 2**bits, size=d, dtype=np.uint64) for i in ids}
+    server = SecAggServer(bits, d, "secagg_plus", graph_seed=1)
+    states, adverts = clients_advertise(ids, 3)
+    deliveries = server.route_shares(clients_share_keys(states, server.receive_keys(adverts)))
+    masked = clients_mask(states, deliveries, inputs)
+    relayed = [sum_masked(masked[:4], bits), sum_masked(masked[4:], bits)]
+    requests = server.collect_masked(relayed)
+    dropped = {7}
+    total = server.unmask(clients_unmask(states, {i: r for i, r in requests.items()
+                                                  if i not in dropped}))
+    expected = np.zeros(d, np.uint64)
+    for v in inputs.values():
+        expected = (expected + v) % np.uint64(2**bits)
+    np.testing.assert_array_equal(total, expected)
+    with pytest.raises(SecAggError, match="repeated"):  # the same client twice
+        sum_masked([masked[0], masked[0]], bits)

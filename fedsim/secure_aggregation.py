@@ -1,0 +1,78 @@
+"""Secure aggregation inside a simulated round: what is encoded, and how.
+
+Each virtual client's contribution (its clipped record, as the aggregator's
+``accumulate`` produces it: the update plus any extra parts such as the
+adaptive clip's unclipped count) is encoded in fixed point
+(:mod:`fedsim.fixedpoint`) as one vector in Z_(2^b), masked by the worker on
+the client's behalf (:mod:`fedsim.secagg`), and only the unmasked SUM is ever
+decoded by the server. Per segment:
+
+- the update: coordinates bounded by the DP clip (an L2 or L1 clip bounds
+  every coordinate), or by ``secagg.clip`` without DP (coordinates are
+  clipped to [-clip, clip], as Flower's SecAgg+ does);
+- each extra part: the adaptive clip's records are +-0.5, bound 0.5.
+
+All segments share one modulus 2^b (the largest any segment needs, so that no
+segment's sum can wrap) and each has its own scale. Decoding a sum of n
+vectors errs by less than ``n / scale`` per coordinate
+(:meth:`SecureLayout.error_bounds`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from fedsim.config import SecAggConfig
+from fedsim.fixedpoint import FixedPointCodec
+
+EXTRA_BOUND = 0.5  # the quantile estimator's records are below-estimate indicators - 0.5
+
+
+@dataclass(frozen=True)
+class SecureLayout:
+    """How one client's record is laid out in Z_(2^bits): segments end to end."""
+
+    codecs: tuple[FixedPointCodec, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def bits(self) -> int:
+        return self.codecs[0].bits
+
+    @property
+    def vector_len(self) -> int:
+        return int(sum(self.sizes))
+
+    def encode(self, parts: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """One client's parts -> one uint64 vector (stochastic rounding from ``rng``)."""
+        return np.concatenate([c.encode(np.ravel(np.asarray(p, np.float64)), rng)
+                               for c, p in zip(self.codecs, parts)])
+
+    def decode_sum(self, total: np.ndarray, count: int) -> list[np.ndarray]:
+        """The unmasked sum of ``count`` encoded vectors -> the parts' float sums."""
+        out, start = [], 0
+        for codec, size in zip(self.codecs, self.sizes):
+            out.append(codec.decode_sum(total[start:start + size], count))
+            start += size
+        return out
+
+    def error_bounds(self, count: int) -> list[float]:
+        """Largest decoding error per coordinate of each segment's sum."""
+        return [c.error_bound(count) for c in self.codecs]
+
+
+def make_layout(cfg: SecAggConfig, clip: float, sizes: Sequence[int],
+                num_clients: int) -> SecureLayout:
+    """The layout for records of ``sizes`` (update first) summed over ``num_clients``."""
+    bounds = [float(clip)] + [EXTRA_BOUND] * (len(sizes) - 1)
+    n = max(int(num_clients), 1)
+    bits = cfg.bits
+    if bits is None:
+        bits = max(FixedPointCodec.for_sum(b, n, precision_bits=cfg.precision_bits).bits
+                   for b in bounds)
+    codecs = tuple(FixedPointCodec.for_sum(b, n, bits=bits, precision_bits=cfg.precision_bits)
+                   for b in bounds)
+    return SecureLayout(codecs, tuple(int(s) for s in sizes))
