@@ -27,6 +27,7 @@ import math
 from typing import Callable
 
 import dp_accounting
+import numpy as np
 from dp_accounting import DpEvent, NeighboringRelation
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -45,9 +46,18 @@ def target_delta(cfg: SimConfig) -> float:
     return cfg.dp.delta if cfg.dp.delta is not None else default_delta(cfg.clients)
 
 
-def mechanism_event(dp: DPConfig, clients_per_round: int) -> DpEvent:
+def mechanism_event(dp: DPConfig, clients_per_round: int, dim: int | None = None,
+                    precision_bits: int = 16) -> DpEvent:
     """The DpEvent that one round's query will report, from the config alone
-    (used to calibrate noise and to check a budget before a round runs)."""
+    (used to calibrate noise and to check a budget before a round runs).
+    ``dim`` (the model size) and ``precision_bits`` matter for distributed_skellam."""
+    if dp.mechanism == "distributed_skellam":
+        from fedsim.distributed_dp import SkellamAggregator
+
+        if dim is None:
+            raise ValueError("the distributed Skellam event depends on the model size (dim)")
+        agg = SkellamAggregator(dp, precision_bits, clients_per_round)
+        return agg.event(clients_per_round, dim)
     if dp.mechanism == "gaussian":
         return dp_accounting.GaussianDpEvent(dp.noise_multiplier)
     if dp.mechanism == "gaussian_adaptive":
@@ -172,6 +182,14 @@ class PrivacyAccountant:
         """Wrap one round's mechanism event in the round's sampling."""
         if isinstance(mechanism, dp_accounting.NoOpDpEvent):
             return mechanism
+        from fedsim.distributed_dp import SkellamDpEvent
+
+        if isinstance(mechanism, SkellamDpEvent):
+            # No subsampled-Skellam RDP bound is implemented: compose unamplified.
+            if self.relation == NeighboringRelation.REPLACE_ONE:
+                return SkellamDpEvent(2 * mechanism.l1_sensitivity,
+                                      2 * mechanism.l2_sensitivity, mechanism.variance)
+            return mechanism
         if self.sampling == "uniform":
             replace_one = _scale_noise(mechanism, 0.5)  # sensitivity doubles
             if _has_laplace(replace_one):
@@ -208,13 +226,25 @@ class PrivacyAccountant:
         for event, count in entries:
             key = repr(event)
             if key not in self._rdp_cache:
-                one = self.fresh()
-                one.compose(event)
-                self._rdp_cache[key] = one
-            rdp = count * self._rdp_cache[key].rdp
+                self._rdp_cache[key] = self._event_rdp(event)
+            rdp = count * self._rdp_cache[key]
             total = rdp if total is None else total + rdp
-        orders = next(iter(self._rdp_cache.values())).orders
-        return float(rdp_privacy_accountant.compute_epsilon(orders, total, self.delta)[0])
+        return float(rdp_privacy_accountant.compute_epsilon(self._orders, total, self.delta)[0])
+
+    @property
+    def _orders(self) -> np.ndarray:
+        return np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, np.float64)
+
+    def _event_rdp(self, event: DpEvent) -> np.ndarray:
+        """The RDP curve of one event at the default orders: dp-accounting's, or
+        the Skellam bound (fedsim.distributed_dp) for Skellam releases."""
+        from fedsim.distributed_dp import SkellamDpEvent, skellam_rdp
+
+        if isinstance(event, SkellamDpEvent):
+            return skellam_rdp(event, self._orders)
+        one = RdpAccountant(self._orders, neighboring_relation=self.relation)
+        one.compose(event)
+        return one.rdp
 
     def epsilon(self) -> float:
         """Epsilon spent so far at ``delta`` (0 before any release)."""

@@ -130,6 +130,10 @@ def build_aggregator(cfg: SimConfig) -> Aggregator:
     """
     if cfg.dp.mechanism == "none":
         return MeanAggregator(cfg.server.weighting)
+    if cfg.dp.mechanism == "distributed_skellam":
+        from fedsim.distributed_dp import SkellamAggregator
+
+        return SkellamAggregator(cfg.dp, cfg.secagg.precision_bits, cfg.clients_per_round)
     from fedsim.privacy import build_dp_aggregator
 
     return build_dp_aggregator(cfg)

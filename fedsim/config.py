@@ -23,7 +23,7 @@ from fedsim.errors import ConfigError
 
 DATASETS = ("digits", "synthetic", "mnist", "emnist")
 MODELS = ("logreg", "mlp", "cnn")
-DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace")
+DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam")
 ACCOUNTANTS = ("rdp", "pld")
 SECAGG_PROTOCOLS = ("none", "secagg", "secagg_plus")
 SAMPLING = ("uniform", "poisson")
@@ -195,6 +195,11 @@ class DPConfig:
       ``laplace``: each update clipped to L1 norm ``sensitivity``; every coordinate of
         the sum gets Laplace noise of scale ``sensitivity / epsilon`` (``epsilon``
         per round, pure DP), then the sum is divided by clients_per_round.
+      ``distributed_skellam``: distributed DP under secure aggregation: each client
+        clips to L2 norm ``l2_norm_clip``, rounds to integers and adds its share of
+        Skellam noise, so the unmasked sum carries noise of std ``noise_multiplier
+        * l2_norm_clip`` (when all clients_per_round report) and the server never
+        sees an un-noised sum (:mod:`fedsim.distributed_dp`).
     zeroing_norm: updates whose L2 norm exceeds this, or that are not finite, are
       replaced by zeros before clipping (TFF's zeroing factory) and counted.
     accountant: ``rdp`` (dp-accounting's RdpAccountant) or ``pld``
@@ -379,6 +384,16 @@ class SimConfig:
         _check(self.server.weighting == "uniform", "server.weighting",
                "uniform when dp.mechanism is not none (DP aggregation weighs every client "
                "equally, as TFF's DifferentiallyPrivateFactory)", self.server.weighting)
+        if dp.mechanism == "distributed_skellam":
+            _check(self.secagg.protocol != "none", "dp.mechanism",
+                   "distributed_skellam only with secagg=secagg or secagg=secagg_plus (the "
+                   "clients' noise shares are added inside secure aggregation)", dp.mechanism)
+            _check(dp.accountant == "rdp", "dp.accountant",
+                   "rdp with distributed_skellam (its privacy bound is an RDP bound)",
+                   dp.accountant)
+            _check(dp.target_epsilon is None, "dp.target_epsilon",
+                   "null with distributed_skellam (its bound depends on the model size; "
+                   "set dp.noise_multiplier)", dp.target_epsilon)
         if dp.accountant == "pld":
             _check(self.sampling == "poisson", "dp.accountant",
                    "rdp with sampling=uniform (dp-accounting's PLD accountant has no "

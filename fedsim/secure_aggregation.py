@@ -21,8 +21,9 @@ vectors errs by less than ``n / scale`` per coordinate
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
+import attr
 import numpy as np
 
 from fedsim.config import SecAggConfig
@@ -35,7 +36,7 @@ EXTRA_BOUND = 0.5  # the quantile estimator's records are below-estimate indicat
 class SecureLayout:
     """How one client's record is laid out in Z_(2^bits): segments end to end."""
 
-    codecs: tuple[FixedPointCodec, ...]
+    codecs: tuple  # FixedPointCodec, or SkellamCodec for a distributed-DP update
     sizes: tuple[int, ...]
 
     @property
@@ -64,15 +65,31 @@ class SecureLayout:
         return [c.error_bound(count) for c in self.codecs]
 
 
-def make_layout(cfg: SecAggConfig, clip: float, sizes: Sequence[int],
-                num_clients: int) -> SecureLayout:
-    """The layout for records of ``sizes`` (update first) summed over ``num_clients``."""
+def make_layout(cfg: SecAggConfig, clip: float, sizes: Sequence[int], num_clients: int,
+                skellam_variance: Optional[float] = None) -> SecureLayout:
+    """The layout for records of ``sizes`` (update first) summed over ``num_clients``.
+
+    ``skellam_variance``: with ``dp=distributed_skellam``, the variance (integer
+    units) of the Skellam noise each client adds to its update segment
+    (:class:`fedsim.distributed_dp.SkellamCodec`).
+    """
     bounds = [float(clip)] + [EXTRA_BOUND] * (len(sizes) - 1)
     n = max(int(num_clients), 1)
+    first = None
+    if skellam_variance is not None:
+        from fedsim.distributed_dp import SkellamCodec
+
+        first = SkellamCodec.for_sum(clip, n, cfg.precision_bits, skellam_variance)
     bits = cfg.bits
     if bits is None:
-        bits = max(FixedPointCodec.for_sum(b, n, precision_bits=cfg.precision_bits).bits
-                   for b in bounds)
+        needed = [FixedPointCodec.for_sum(b, n, precision_bits=cfg.precision_bits).bits
+                  for b in bounds[1 if first else 0:]]
+        bits = max(needed + ([first.bits] if first else []))
+    if first is not None:
+        if first.bits > bits:
+            raise ValueError(f"secagg.bits={bits} is too small for distributed Skellam noise "
+                             f"({first.bits} bits needed)")
+        first = attr.evolve(first, bits=bits)
     codecs = tuple(FixedPointCodec.for_sum(b, n, bits=bits, precision_bits=cfg.precision_bits)
-                   for b in bounds)
-    return SecureLayout(codecs, tuple(int(s) for s in sizes))
+                   for b in bounds[1 if first else 0:])
+    return SecureLayout(((first,) if first else ()) + codecs, tuple(int(s) for s in sizes))

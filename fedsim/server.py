@@ -109,7 +109,9 @@ class Server:
         sizes = [zero.total.size] + [e.size for e in zero.extras]
         clip = (self.aggregator.current_clip(self.agg_state) if self.cfg.dp.mechanism != "none"
                 else sa.clip)
-        self._sa_layout = make_layout(sa, clip, sizes, sum(len(s) for s in shards))
+        skellam = (self.aggregator.client_variance
+                   if self.cfg.dp.mechanism == "distributed_skellam" else None)
+        self._sa_layout = make_layout(sa, clip, sizes, sum(len(s) for s in shards), skellam)
         graph_seed = int(stream(self.cfg.seed, STREAM_SECAGG_GRAPH, round_num).integers(2**62))
         self._sa = SecAggServer(self._sa_layout.bits, self._sa_layout.vector_len, sa.protocol,
                                 threshold=sa.threshold, graph_seed=graph_seed,

@@ -161,8 +161,6 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                                  "epsilon_per_round": calibrated.epsilon}
         cfg = dataclasses.replace(cfg, dp=calibrated)
     accountant = build_accountant(cfg) if cfg.dp.mechanism != "none" else None
-    next_event = (accountant.round_event(mechanism_event(cfg.dp, cfg.clients_per_round))
-                  if accountant else None)
     out = _prepare_output(Path(output_dir) if output_dir is not None else None)
 
     started = connect_ray(cfg.ray)
@@ -184,6 +182,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         num_parameters = ray.get(server.num_parameters.remote())
         ray.get([w.ping.remote() for w in workers])
         setup_seconds = time.perf_counter() - t_start
+        next_event = (accountant.round_event(mechanism_event(
+            cfg.dp, cfg.clients_per_round, num_parameters, cfg.secagg.precision_bits))
+            if accountant else None)
         progress = Progress(cfg.rounds, cfg.progress)
 
         for rnd in range(1, cfg.rounds + 1):
