@@ -241,10 +241,14 @@ def shamir_reconstruct(points: Sequence[tuple[int, int]]) -> int:
 
 # --------------------------------------------------------------------------- primitives
 
-def _agree(sk_raw: bytes, pk_raw: bytes, info: bytes) -> bytes:
-    """HKDF-SHA256(X25519(sk, pk)) -> 32 bytes. ValueError for an invalid public key."""
-    shared = X25519PrivateKey.from_private_bytes(sk_raw).exchange(
-        X25519PublicKey.from_public_bytes(pk_raw))
+def _agree(sk: bytes | X25519PrivateKey, pk_raw: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256(X25519(sk, pk)) -> 32 bytes. ValueError for an invalid public key.
+
+    ``sk`` may be the raw private key or an already loaded one (loading costs
+    as much as the exchange, so loops over neighbours load it once)."""
+    if isinstance(sk, bytes):
+        sk = X25519PrivateKey.from_private_bytes(sk)
+    shared = sk.exchange(X25519PublicKey.from_public_bytes(pk_raw))
     return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=info).derive(shared)
 
 
@@ -253,13 +257,18 @@ def _public(sk_raw: bytes) -> bytes:
 
 
 class _Keystream:
-    """AES-256-CTR keystreams of ``length`` uint64 words, written into one reused buffer."""
+    """AES-256-CTR keystreams of ``length`` words, written into one reused buffer.
 
-    def __init__(self, length: int) -> None:
-        nbytes = 8 * length
+    Words are 32 bits when ``bits <= 32`` (half the AES work; the masks are
+    reduced mod 2^bits anyway, so they stay uniform) and 64 bits otherwise.
+    """
+
+    def __init__(self, length: int, bits: int = 64) -> None:
+        width = 4 if bits <= 32 else 8
+        nbytes = width * length
         self._zeros = bytes(nbytes)
         self._buf = bytearray(nbytes + 15)  # update_into wants block_size - 1 spare bytes
-        self.words = np.frombuffer(self._buf, dtype="<u8", count=length)
+        self.words = np.frombuffer(self._buf, dtype=f"<u{width}", count=length)
 
     def fill(self, seed: bytes) -> np.ndarray:
         """The keystream under ``seed`` as ``uint64`` words (a view, overwritten by later fills)."""
@@ -275,13 +284,13 @@ class _Keystream:
             np.add(y, self.fill(seed), out=y)
 
 
-def prg(seed: bytes, length: int) -> np.ndarray:
+def prg(seed: bytes, length: int, bits: int = 64) -> np.ndarray:
     """The mask ``PRG(seed)``: ``length`` uint64 words of AES-256-CTR keystream under ``seed``.
 
     Masks are added modulo 2^64 and the result reduced modulo ``2^bits``
     (equivalently, ``PRG(seed) & (2^bits - 1)`` is the mask in ``Z_(2^bits)``).
     """
-    return _Keystream(length).fill(seed).copy()
+    return _Keystream(length, bits).fill(seed).astype(np.uint64)
 
 
 def _mask_of(bits: int) -> np.uint64:
@@ -475,6 +484,9 @@ class ClientState:
     mask_peers: frozenset[int] = frozenset()
     revealed_b: set[int] = field(default_factory=set)
     revealed_sk: set[int] = field(default_factory=set)
+    # neighbour -> the AES-GCM key of round 1 (ECDH is symmetric: the same key
+    # decrypts the neighbour's shares in round 2, so it is derived once)
+    share_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------------- clients
@@ -556,11 +568,13 @@ def clients_share_keys(states: Mapping[int, ClientState],
         b_shares = shamir_split(int.from_bytes(st.b_seed, "big"), st.threshold, xs, randbytes)
         st.shares = {cid: (sk_shares[-1], b_shares[-1])}
         ciphertexts = {}
+        c_key = X25519PrivateKey.from_private_bytes(st.c_sk)
         for j, sk_share, b_share in zip(neighbours, sk_shares, b_shares):
             try:
-                key = _agree(st.c_sk, setup.keys[j][0], _INFO_SHARE_KEY)
+                key = _agree(c_key, setup.keys[j][0], _INFO_SHARE_KEY)
             except ValueError:
                 raise _abort(1, f"client {j} advertised an invalid public key") from None
+            st.share_keys[j] = key
             nonce = randbytes(_NONCE_BYTES)
             plaintext = (_IDS.pack(cid, j) + sk_share.to_bytes(_SHARE_BYTES, "big")
                          + b_share.to_bytes(_SHARE_BYTES, "big"))
@@ -579,7 +593,8 @@ def _receive_shares(st: ClientState, delivery: SharesDelivery) -> None:
             raise _abort(2, f"client {cid} received shares from client {sender}, which is not "
                             "its neighbour")
         try:
-            key = _agree(st.c_sk, st.neighbour_keys[sender][0], _INFO_SHARE_KEY)
+            key = st.share_keys.get(sender) or _agree(st.c_sk, st.neighbour_keys[sender][0],
+                                                      _INFO_SHARE_KEY)
             plaintext = AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:],
                                             _ad(sender, cid))
         except (InvalidTag, ValueError):
@@ -636,12 +651,13 @@ def clients_mask(states: Mapping[int, ClientState], deliveries: Mapping[int, Sha
         x = _check_input(inputs[cid], st.bits, st.vector_len, f"client {cid}")
         _receive_shares(st, delivery)
         if st.vector_len not in streams:
-            streams[st.vector_len] = _Keystream(st.vector_len)
+            streams[st.vector_len] = _Keystream(st.vector_len, st.bits)
         ks = streams[st.vector_len]
         ks.add(x, st.b_seed)
+        s_key = X25519PrivateKey.from_private_bytes(st.s_sk)
         for j in sorted(st.mask_peers):
             try:
-                seed = _agree(st.s_sk, st.neighbour_keys[j][1], _INFO_MASK_SEED)
+                seed = _agree(s_key, st.neighbour_keys[j][1], _INFO_MASK_SEED)
             except ValueError:
                 raise _abort(2, f"client {j} advertised an invalid public key") from None
             ks.add(x, seed, subtract=cid > j)
@@ -899,7 +915,7 @@ class SecAggServer:
         self.responders = u4
         t = self.threshold
         total = self._sum
-        ks = _Keystream(self.vector_len)
+        ks = _Keystream(self.vector_len, self.bits)
         for i in sorted(self.survivors):
             b = shamir_reconstruct(sorted(b_points[i])[:t])
             if b >> (8 * _KEY_BYTES):
