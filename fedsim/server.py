@@ -24,7 +24,7 @@ from fedsim.config import SimConfig
 from fedsim.optimizers import ServerOptimizer
 from fedsim.outputs import memory_mib
 from fedsim.sampling import (STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING,
-                             STREAM_SECAGG_GRAPH,                              sample_clients, stream)
+                             STREAM_SECAGG_GRAPH, sample_clients, stream)
 from fedsim.secure_aggregation import SecureLayout, make_layout
 from fedsim.worker import WorkerReport, configure_tensorflow
 
@@ -86,16 +86,21 @@ class Server:
             partial = self.aggregator.merge(partial, r.partial)
         return self._step(round_num, num_sampled, partial, reports)
 
-    def _step(self, round_num: int, num_sampled: int, partial: Partial,
-              reports: Sequence[WorkerReport]) -> dict[str, Any]:
+    @staticmethod
+    def _training_stats(reports: Sequence[WorkerReport]) -> dict[str, Any]:
+        """train_loss (mean per example of the cohort's local training), examples, clients."""
         loss_sum = sum(r.loss_sum for r in reports)
         examples = sum(r.num_examples for r in reports)
+        return {"train_loss": loss_sum / examples if examples else float("nan"),
+                "num_examples": examples, "clients": sum(r.num_clients for r in reports)}
+
+    def _step(self, round_num: int, num_sampled: int, partial: Partial,
+              reports: Sequence[WorkerReport]) -> dict[str, Any]:
         update, self.agg_state, measurements = self.aggregator.finalize(
             self.agg_state, partial, num_sampled, stream(self.cfg.seed, STREAM_NOISE, round_num))
         self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, update)
-        out = {"train_loss": loss_sum / examples if examples else float("nan"),
-               "num_examples": examples, "clients": sum(r.num_clients for r in reports),
-               "update_norm": float(np.linalg.norm(update))}
+        out = self._training_stats(reports)
+        out["update_norm"] = float(np.linalg.norm(update))
         out.update(measurements)
         return out
 
@@ -161,11 +166,8 @@ class Server:
         try:
             total = self._sa.unmask(itertools.chain(*responses))
         except SecAggAbort as err:
-            examples = sum(r.num_examples for r in reports)
-            return {**base, "secagg": "aborted", "secagg_error": str(err),
-                    "train_loss": sum(r.loss_sum for r in reports) / max(examples, 1),
-                    "num_examples": examples, "clients": sum(r.num_clients for r in reports),
-                    "update_norm": 0.0}
+            return {**base, **self._training_stats(reports), "update_norm": 0.0,
+                    "secagg": "aborted", "secagg_error": str(err)}
         clear = Partial(np.zeros(0), 0.0, 0)
         for r in reports:
             clear = merge_partials(clear, r.partial)
