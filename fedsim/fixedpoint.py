@@ -179,15 +179,17 @@ class FixedPointCodec:
         ``rng`` supplies the rounding randomness. ``x`` is not modified.
         """
         x = np.asarray(x, dtype=np.float64)
-        if not np.all(np.isfinite(x)):
+        if not np.isfinite(x).all():
             raise FixedPointError("cannot encode a vector with NaN or infinite coordinates")
-        y = np.clip(x, -self.clip, self.clip) * self.scale
-        low = np.floor(y)
-        up = rng.random(y.shape) < (y - low)
-        units = low.astype(np.int64) + up
-        np.clip(units, -self.offset, self.offset, out=units)
-        units += self.offset
-        return units.astype(np.uint64) & np.uint64(self.modulus - 1)
+        y = np.clip(x, -self.clip, self.clip)  # a new array: x is never modified
+        y *= self.scale
+        units = np.floor(y)
+        y -= units  # the fractional parts, in [0, 1)
+        up = rng.random(y.shape) < y
+        units += self.offset  # exact in float64: |units| < 2^53
+        out = units.astype(np.uint64)
+        out += up  # offset-shifted values lie in [0, 2*offset]: no reduction needed
+        return out
 
     def decode_sum(self, s: np.ndarray, count: int) -> np.ndarray:
         """Decode the modular sum ``s`` of ``count`` encoded vectors to a ``float64`` vector.

@@ -638,7 +638,7 @@ def clients_mask(states: Mapping[int, ClientState], deliveries: Mapping[int, Sha
     neighbours ``j`` in the delivery.
     """
     out = []
-    streams: dict[int, _Keystream] = {}
+    streams: dict[tuple[int, int], _Keystream] = {}
     for cid in sorted(inputs):
         st = _state(states, cid, 1, "clients_mask")
         if cid not in deliveries:
@@ -650,9 +650,9 @@ def clients_mask(states: Mapping[int, ClientState], deliveries: Mapping[int, Sha
                               f"client {delivery.receiver}")
         x = _check_input(inputs[cid], st.bits, st.vector_len, f"client {cid}")
         _receive_shares(st, delivery)
-        if st.vector_len not in streams:
-            streams[st.vector_len] = _Keystream(st.vector_len, st.bits)
-        ks = streams[st.vector_len]
+        if (st.vector_len, st.bits) not in streams:
+            streams[st.vector_len, st.bits] = _Keystream(st.vector_len, st.bits)
+        ks = streams[st.vector_len, st.bits]
         ks.add(x, st.b_seed)
         s_key = X25519PrivateKey.from_private_bytes(st.s_sk)
         for j in sorted(st.mask_peers):
