@@ -203,6 +203,10 @@ class PrivacyAccountant:
         return dp_accounting.PoissonSampledDpEvent(self.clients_per_round / self.clients,
                                                    mechanism)
 
+    def restore(self, ledger: list[list]) -> None:
+        """Continue from a checkpoint's ledger (epsilon never resets)."""
+        self.ledger = [[event, int(count)] for event, count in ledger]
+
     def record(self, event: DpEvent) -> None:
         """Compose one round's event (from :meth:`round_event`)."""
         event = round_down_noise(event)

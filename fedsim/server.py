@@ -180,6 +180,34 @@ class Server:
     def memory(self) -> dict[str, float]:
         return memory_mib()
 
+    def get_state(self) -> dict[str, Any]:
+        """Weights, optimizer and aggregator state, as numpy (for checkpoints)."""
+        import tensorflow as tf
+
+        # The aggregator state is stored as its flat list of leaves: TF Privacy's
+        # states are namedtuples nested in classes, which pickle cannot name.
+        return {"weights": self.weights.copy(), "opt_state": dict(self.opt_state),
+                "agg_state": [np.asarray(v) for v in tf.nest.flatten(self.agg_state)]}
+
+    def set_state(self, state: Mapping[str, Any], aggregator: bool = True) -> None:
+        """Restore what :meth:`get_state` returned (exactly: dtypes are kept).
+
+        ``aggregator=False`` keeps the aggregator's fresh state instead (the DP
+        parameters changed, and its state carries them, e.g. the noise stddev)."""
+        import tensorflow as tf
+
+        if state["weights"].shape != self.weights.shape:
+            raise ValueError(f"checkpoint weights have shape {state['weights'].shape}, the "
+                             f"model has {self.weights.shape}")
+        self.weights = np.array(state["weights"], np.float32)
+        self.opt_state = dict(state["opt_state"])
+        if not aggregator:
+            return
+        template = self.aggregator.initial_state()
+        self.agg_state = tf.nest.pack_sequence_as(
+            template, [tf.constant(v) if tf.is_tensor(t) else v.item() if np.ndim(v) == 0
+                       else v for t, v in zip(tf.nest.flatten(template), state["agg_state"])])
+
     def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
         """Loss (mean per example) and accuracy of the global model on the test split."""
         self._flat.assign(self.weights)

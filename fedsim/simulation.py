@@ -27,11 +27,12 @@ from typing import Any, Optional
 import numpy as np
 
 from fedsim.accounting import build_accountant, calibrate, mechanism_event
+from fedsim.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from fedsim.config import RayConfig, SimConfig
 from fedsim.data import FederatedData, load_federated_data
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.outputs import (MetricsLog, Progress, memory_mib, plot_metrics, versions,
-                            write_json_atomic)
+from fedsim.outputs import (MetricsLog, Progress, memory_mib, plot_metrics, read_metrics,
+                            versions, write_json_atomic)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Never shipped to cluster nodes with the working directory: earlier runs' outputs.
@@ -127,7 +128,20 @@ def _secure_round(ray: Any, server: Any, active: list, rnd: int, num_sampled: in
     return out
 
 
-def _prepare_output(output_dir: Optional[Path]) -> Optional[Path]:
+def _kept_rows(run_dir: Path, ckpt_round: int) -> list[dict[str, Any]]:
+    """The metrics rows of rounds 1..ckpt_round that a resumed run keeps."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        rows = [r for r in read_metrics(path) if r["round"] <= ckpt_round]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"resume={run_dir}: cannot read {path} ({err})") from err
+    if [r["round"] for r in rows] != list(range(1, ckpt_round + 1)):
+        raise CheckpointError(f"resume={run_dir}: {path} does not hold rounds 1..{ckpt_round} "
+                              "of the checkpoint")
+    return rows
+
+
+def _prepare_output(output_dir: Optional[Path], resuming: bool = False) -> Optional[Path]:
     if output_dir is None:
         return None
     out = Path(output_dir)
@@ -138,7 +152,7 @@ def _prepare_output(output_dir: Optional[Path]) -> Optional[Path]:
         probe.unlink()
     except OSError as err:
         raise FedsimError(f"output directory {out}: cannot write there ({err.strerror})") from err
-    if (out / "summary.json").exists() or (out / "metrics.jsonl").exists():
+    if not resuming and ((out / "summary.json").exists() or (out / "metrics.jsonl").exists()):
         raise FedsimError(f"output directory {out} already holds a run (metrics.jsonl or "
                           "summary.json); choose an empty one")
     return out
@@ -161,7 +175,17 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                                  "epsilon_per_round": calibrated.epsilon}
         cfg = dataclasses.replace(cfg, dp=calibrated)
     accountant = build_accountant(cfg) if cfg.dp.mechanism != "none" else None
-    out = _prepare_output(Path(output_dir) if output_dir is not None else None)
+    resumed: Optional[dict[str, Any]] = None
+    kept: list[dict[str, Any]] = []
+    if cfg.resume is not None:
+        resumed = load_checkpoint(Path(cfg.resume))
+        privacy["changes_on_resume"] = check_resumable(resumed["config"], cfg)
+        if accountant:
+            accountant.restore(resumed["ledger"])
+        output_dir = cfg.resume
+        kept = _kept_rows(Path(cfg.resume), resumed["round"])
+    out = _prepare_output(Path(output_dir) if output_dir is not None else None,
+                          resuming=resumed is not None)
 
     started = connect_ray(cfg.ray)
     import ray
@@ -169,8 +193,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     from fedsim.server import Server
     from fedsim.worker import make_pool, pool_size
 
-    metrics = MetricsLog(out / "metrics.jsonl") if out else None
-    rows: list[dict[str, Any]] = []
+    metrics = MetricsLog(out / "metrics.jsonl", kept) if out else None
+    rows: list[dict[str, Any]] = list(kept)
+    first_round = resumed["round"] + 1 if resumed else 1
     stop_reason = f"reached rounds={cfg.rounds}"
     progress: Optional[Progress] = None
     try:
@@ -180,14 +205,24 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         n_workers = pool_size(cfg, ray.cluster_resources().get("CPU", 1.0))
         workers = make_pool(cfg, data_ref, data.input_shape, data.num_classes, n_workers)
         num_parameters = ray.get(server.num_parameters.remote())
+        if resumed:
+            # Changed DP parameters (resume_force) start the aggregator afresh: its
+            # state carries the old ones (noise stddev, clip).
+            ray.get(server.set_state.remote(resumed["server"],
+                                            "dp" not in privacy["changes_on_resume"]))
         ray.get([w.ping.remote() for w in workers])
         setup_seconds = time.perf_counter() - t_start
         next_event = (accountant.round_event(mechanism_event(
             cfg.dp, cfg.clients_per_round, num_parameters, cfg.secagg.precision_bits))
             if accountant else None)
-        progress = Progress(cfg.rounds, cfg.progress)
+        progress = Progress(cfg.rounds - first_round + 1, cfg.progress)
 
-        for rnd in range(1, cfg.rounds + 1):
+        def checkpoint(rnd: int) -> None:
+            save_checkpoint(out, {
+                "round": rnd, "config": asdict(cfg), "server": ray.get(server.get_state.remote()),
+                "ledger": accountant.ledger if accountant else []})
+
+        for rnd in range(first_round, cfg.rounds + 1):
             if accountant and cfg.dp.max_epsilon is not None:
                 eps_next = accountant.epsilon_after(next_event)
                 if eps_next > cfg.dp.max_epsilon:
@@ -222,7 +257,11 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             rows.append(row)
             if metrics:
                 metrics.write(row)
+                if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
+                    checkpoint(rnd)
             progress.update(row)
+        if out:
+            checkpoint(rows[-1]["round"] if rows else 0)
         final_weights = ray.get(server.global_weights.remote())
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
@@ -240,6 +279,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         "status": "completed",
         "stop_reason": stop_reason,
         "rounds_completed": len(rows),
+        "resumed_from_round": resumed["round"] if resumed else None,
         "final": {k: final.get(k) for k in ("round", "eval_accuracy", "eval_loss")},
         "final_train_loss": rows[-1]["train_loss"] if rows else None,
         "best_eval_accuracy": max((r["eval_accuracy"] for r in evaluated), default=None),

@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
              if privacy["epsilon"] != "inf" else ", epsilon inf (no noise)")
     print(f"fedsim: {summary['rounds_completed']} rounds ({summary['stop_reason']}), test "
           f"accuracy {summary['final'].get('eval_accuracy', float('nan')):.4f}{spent}, "
-          f"{summary['wall_seconds']:.1f} s; outputs in {out}")
+          f"{summary['wall_seconds']:.1f} s; outputs in {result.output_dir}")
 
 
 if __name__ == "__main__":
