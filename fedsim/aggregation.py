@@ -87,7 +87,9 @@ class MeanAggregator:
 
     weighting ``num_examples``: ``sum_k n_k * delta_k / sum_k n_k`` (TFF's
     ``build_weighted_fed_avg``); ``uniform``: ``sum_k delta_k / K`` with K the
-    number of clients that reported. No clipping and no noise.
+    number of clients that reported. No clipping and no noise. An update with a
+    NaN or infinite coordinate is replaced by zeros (as TFF's zeroing factory
+    does) and counted in the ``zeroed`` measurement, so it never reaches the model.
     """
 
     def __init__(self, weighting: str = "num_examples") -> None:
@@ -102,13 +104,15 @@ class MeanAggregator:
         return {}
 
     def zero_partial(self, size: int) -> Partial:
-        return Partial(np.zeros(size, np.float64), 0.0, 0)
+        return Partial(np.zeros(size, np.float64), 0.0, 0, {"zeroed": 0.0})
 
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
                    num_examples: int) -> Partial:
         w = float(num_examples) if self.weighting == "num_examples" else 1.0
-        return Partial(partial.total + w * delta.astype(np.float64), partial.weight + w,
-                       partial.count + 1, partial.stats)
+        d = np.asarray(delta, np.float64)
+        finite = bool(np.isfinite(d).all())
+        one = Partial(w * d if finite else np.zeros_like(d), w, 1, {"zeroed": float(not finite)})
+        return merge_partials(partial, one)
 
     def merge(self, a: Partial, b: Partial) -> Partial:
         return merge_partials(a, b)
@@ -119,7 +123,7 @@ class MeanAggregator:
             mean = np.zeros_like(partial.total, dtype=np.float32)
         else:
             mean = (partial.total / partial.weight).astype(np.float32)
-        return mean, dict(state), {}
+        return mean, dict(state), {"zeroed": int(partial.stats.get("zeroed", 0.0))}
 
 
 def build_aggregator(cfg: SimConfig) -> Aggregator:

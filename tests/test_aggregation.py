@@ -46,9 +46,20 @@ def test_accumulate_does_not_mutate_inputs():
     p = agg.zero_partial(4)
     delta = np.ones(4, np.float32)
     q = agg.accumulate({}, p, delta, 3)
-    assert np.all(p.total == 0) and p.count == 0
+    assert np.all(p.total == 0) and p.count == 0 and p.stats == {"zeroed": 0.0}
     assert np.all(delta == 1)
     assert np.all(q.total == 3)
+
+
+def test_non_finite_updates_are_zeroed_and_counted():
+    agg = MeanAggregator("uniform")
+    p = agg.zero_partial(3)
+    for u in ([1.0, 2.0, 3.0], [np.nan, 0.0, 0.0], [0.0, np.inf, 0.0], [3.0, 2.0, 1.0]):
+        p = agg.accumulate({}, p, np.array(u, np.float32), 5)
+    result, _, m = agg.finalize({}, p, 4, np.random.default_rng(0))
+    assert m["zeroed"] == 2
+    np.testing.assert_allclose(result, [1.0, 1.0, 1.0])  # (u1 + 0 + 0 + u4) / 4
+    assert np.all(np.isfinite(result))
 
 
 def test_empty_round_gives_zero_update():
