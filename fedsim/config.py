@@ -332,6 +332,28 @@ class RayConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Surviving failures.
+
+    max_retries: how often a round is re-run after a worker actor died (its
+      clients go to a restarted actor; the result is the same, by seeding).
+      Past it the run stops with one line, after writing a checkpoint.
+    crash_worker_at_round: fault injection for tests and demos: in that round
+      worker 0's process exits (a real crash, ``os._exit``) on the first attempt.
+    """
+
+    max_retries: int = 3
+    crash_worker_at_round: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_retries >= 0, "faults.max_retries", "an integer >= 0",
+               self.max_retries)
+        if self.crash_worker_at_round is not None:
+            _check(self.crash_worker_at_round >= 1, "faults.crash_worker_at_round",
+                   "a round number >= 1 (or null)", self.crash_worker_at_round)
+
+
+@dataclass
 class SimConfig:
     """One federated simulation.
 
@@ -369,6 +391,7 @@ class SimConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, "clients", "an integer >= 1", self.clients)

@@ -106,8 +106,39 @@ def connect_ray(rc: RayConfig) -> bool:
     return True
 
 
+def _run_round(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
+               attempt: int) -> dict[str, Any]:
+    """Sample the cohort, train it on the workers, aggregate on the server.
+
+    Nothing changes on the server until every worker has reported, so a round
+    that fails because a worker died can simply be run again."""
+    cohort = ray.get(server.sample.remote(rnd))
+    weights_ref = server.global_weights.remote()
+    params_ref = server.client_params.remote()
+    shards = np.array_split(cohort, len(workers))
+    active = [(w, shard) for w, shard in zip(workers, shards) if len(shard)]
+    if cfg.secagg.protocol == "none" or not active:
+        reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard, None, attempt)
+                   for w, shard in active]
+        return ray.get(server.apply.remote(rnd, len(cohort), *reports))
+    return _secure_round(ray, server, active, rnd, len(cohort), weights_ref, params_ref, attempt)
+
+
+def _replace_dead_workers(ray: Any, workers: list, start: Any) -> list[int]:
+    """Restart (in place) the worker actors that no longer answer; their indices."""
+    dead = []
+    for i, w in enumerate(workers):
+        try:
+            ray.get(w.ping.remote(), timeout=120)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            workers[i] = start(i)
+            dead.append(i)
+    ray.get([workers[i].ping.remote() for i in dead])
+    return dead
+
+
 def _secure_round(ray: Any, server: Any, active: list, rnd: int, num_sampled: int,
-                  weights_ref: Any, params_ref: Any) -> dict[str, Any]:
+                  weights_ref: Any, params_ref: Any, attempt: int = 0) -> dict[str, Any]:
     """One round under secure aggregation: the protocol's four message rounds
     between the worker actors (on behalf of their clients) and the server actor.
     The driver only carries the messages the server addresses to each worker."""
@@ -118,8 +149,8 @@ def _secure_round(ray: Any, server: Any, active: list, rnd: int, num_sampled: in
     shares = [w.secagg_share_keys.remote(setups[i]) for i, (w, _) in enumerate(active)]
     deliveries = ray.get(server.secagg_route.remote(*shares))
     t1 = time.perf_counter()
-    reports = [w.train_round.remote(rnd, weights_ref, params_ref, s, (layout, deliveries[i]))
-               for i, (w, s) in enumerate(active)]
+    reports = [w.train_round.remote(rnd, weights_ref, params_ref, s, (layout, deliveries[i]),
+                                    attempt) for i, (w, s) in enumerate(active)]
     requests = ray.get(server.secagg_collect.remote(rnd, *reports))
     t2 = time.perf_counter()
     responses = [w.secagg_unmask.remote(requests[i]) for i, (w, _) in enumerate(active)]
@@ -191,7 +222,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     import ray
 
     from fedsim.server import Server
-    from fedsim.worker import make_pool, pool_size
+    from fedsim.worker import make_pool, make_worker, pool_size
 
     metrics = MetricsLog(out / "metrics.jsonl", kept) if out else None
     rows: list[dict[str, Any]] = list(kept)
@@ -230,19 +261,24 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                                    f"{eps_next:.4g} > dp.max_epsilon={cfg.dp.max_epsilon:g}")
                     break
             t0 = time.perf_counter()
-            cohort = ray.get(server.sample.remote(rnd))
-            weights_ref = server.global_weights.remote()
-            params_ref = server.client_params.remote()
-            shards = np.array_split(cohort, len(workers))
-            active = [(w, shard) for w, shard in zip(workers, shards) if len(shard)]
             row: dict[str, Any] = {"round": rnd}
-            if cfg.secagg.protocol == "none" or not active:
-                reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard)
-                           for w, shard in active]
-                row.update(ray.get(server.apply.remote(rnd, len(cohort), *reports)))
-            else:
-                row.update(_secure_round(ray, server, active, rnd, len(cohort), weights_ref,
-                                         params_ref))
+            for attempt in range(cfg.faults.max_retries + 1):
+                try:
+                    row.update(_run_round(ray, cfg, server, workers, rnd, attempt))
+                    break
+                except ray.exceptions.RayError as err:
+                    dead = _replace_dead_workers(ray, workers, lambda i: make_worker(
+                        cfg, data_ref, data.input_shape, data.num_classes, i))
+                    if not dead:
+                        raise
+                    if attempt == cfg.faults.max_retries:
+                        if out:
+                            checkpoint(rnd - 1)
+                        raise FedsimError(
+                            f"round {rnd}: worker actors died {attempt + 1} times (faults."
+                            f"max_retries={cfg.faults.max_retries}; last: {type(err).__name__})"
+                            + (f"; continue with resume={out}" if out else "")) from err
+            row["retries"] = attempt
             if accountant and "dp_event" in row:
                 accountant.record(accountant.round_event(row.pop("dp_event")))
             if accountant:

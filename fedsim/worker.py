@@ -63,7 +63,7 @@ class ClientWorker:
     """Simulates virtual clients; plain Python, wrapped by Ray in :func:`make_pool`."""
 
     def __init__(self, cfg: SimConfig, client_data: ClientData, input_shape: Sequence[int],
-                 num_classes: int, num_cpus: float = 1.0) -> None:
+                 num_classes: int, num_cpus: float = 1.0, index: int = 0) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         from fedsim.aggregation import build_aggregator
@@ -75,9 +75,11 @@ class ClientWorker:
         self.trainer = LocalTrainer(cfg.model, cfg.client, input_shape, num_classes,
                                     cfg.batch_size, cfg.local_epochs, seed=cfg.seed)
         self._secagg_states: dict[int, Any] = {}
+        self.index = index
 
     def train_round(self, round_num: int, weights: np.ndarray, params: Mapping[str, Any],
-                    client_ids: Sequence[int], secure: Any = None) -> WorkerReport:
+                    client_ids: Sequence[int], secure: Any = None,
+                    attempt: int = 0) -> WorkerReport:
         """Train ``client_ids`` from ``weights`` and return their partial sum.
 
         Client ``c`` shuffles with the stream ``(seed, SHUFFLE, round, c)``, so its
@@ -85,6 +87,9 @@ class ClientWorker:
         ``(layout, share deliveries)`` each client's record is fixed-point encoded
         and masked instead of summed in the clear.
         """
+        if (self.cfg.faults.crash_worker_at_round == round_num and attempt == 0
+                and self.index == 0):
+            os._exit(1)  # injected fault: this worker process dies mid-round
         size = self.trainer.num_parameters
         # Secure aggregation: only counts and statistics are summed in the clear.
         partial = (self.aggregator.zero_partial(size) if secure is None
@@ -156,12 +161,18 @@ def pool_size(cfg: SimConfig, cluster_cpus: float) -> int:
     return max(1, int(cluster_cpus // cfg.ray.cpus_per_worker))
 
 
-def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
-              size: int) -> list[Any]:
-    """Start ``size`` worker actors with the configured CPU/GPU resources."""
+def make_worker(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
+                index: int) -> Any:
+    """Start worker actor ``index`` with the configured CPU/GPU resources."""
     import ray
 
     actor_cls = ray.remote(num_cpus=cfg.ray.cpus_per_worker,
                            num_gpus=cfg.ray.gpus_per_worker)(ClientWorker)
-    return [actor_cls.remote(cfg, data_ref, tuple(input_shape), num_classes,
-                             cfg.ray.cpus_per_worker) for _ in range(size)]
+    return actor_cls.remote(cfg, data_ref, tuple(input_shape), num_classes,
+                            cfg.ray.cpus_per_worker, index)
+
+
+def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
+              size: int) -> list[Any]:
+    """Start ``size`` worker actors."""
+    return [make_worker(cfg, data_ref, input_shape, num_classes, i) for i in range(size)]

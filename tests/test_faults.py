@@ -1,0 +1,40 @@
+"""Worker actors that die mid-round: the round is re-run on a restarted actor."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedsim.checkpoint import load_checkpoint
+from fedsim.config import FaultsConfig, ModelConfig, RayConfig, SimConfig
+from fedsim.errors import FedsimError
+from fedsim.simulation import run_simulation
+
+TIMINGS = {"round_seconds", "eval_seconds", "secagg_seconds", "retries"}
+
+
+def _cfg(**kw) -> SimConfig:
+    base = dict(clients=20, clients_per_round=6, rounds=3, local_epochs=1, batch_size=10,
+                model=ModelConfig(name="logreg"), ray=RayConfig(workers=2), progress=False)
+    base.update(kw)
+    return SimConfig(**base)
+
+
+def test_worker_crash_mid_round_is_retried_with_the_same_result(ray_local):
+    reference = run_simulation(_cfg())
+    crashed = run_simulation(_cfg(faults=FaultsConfig(crash_worker_at_round=2)))
+    assert [r["retries"] for r in crashed.metrics] == [0, 1, 0]
+    strip = [{k: v for k, v in r.items() if k not in TIMINGS} for r in crashed.metrics]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMINGS} for r in reference.metrics]
+    assert (crashed.weights == reference.weights).all()
+
+
+def test_past_the_retry_bound_a_clear_error_and_a_checkpoint(ray_local, tmp_path):
+    cfg = _cfg(faults=FaultsConfig(crash_worker_at_round=2, max_retries=0))
+    with pytest.raises(FedsimError, match=r"round 2: worker actors died 1 times .*resume="):
+        run_simulation(cfg, tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run")["round"] == 1
+    resumed = run_simulation(dataclasses.replace(cfg, resume=str(tmp_path / "run"),
+                                                 faults=FaultsConfig()))
+    assert [r["round"] for r in resumed.metrics] == [1, 2, 3]
