@@ -20,7 +20,9 @@ def _cfg(**kw) -> SimConfig:
 def test_secure_training_matches_plain_within_the_quantization_bound(ray_local):
     dp = DPConfig(mechanism="gaussian", noise_multiplier=0.0, l2_norm_clip=0.5)
     plain = run_simulation(_cfg(dp=dp))
-    for protocol in ("secagg", "secagg_plus"):
+    # Full SecAgg runs in the simulation in the dropout test below, and both
+    # protocols sum bit-exactly in tests/test_secagg.py.
+    for protocol in ("secagg_plus",):
         secure = run_simulation(_cfg(dp=dp, secagg=SecAggConfig(protocol=protocol)))
         row = secure.metrics[0]
         assert row["secagg"] == "ok" and row["clients"] == 6
