@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from fedsim.config import DataConfig, ModelConfig, RayConfig, SimConfig
@@ -33,6 +32,7 @@ def test_same_seed_gives_identical_metrics(ray_local, tmp_path):
     ra = _strip(read_metrics(tmp_path / "a" / "metrics.jsonl"))
     rb = _strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
     assert ra == rb
+    assert (a.weights == b.weights).all()  # the final models too, bit for bit
     assert ra != _strip(c.metrics)
     assert [r["round"] for r in ra] == [1, 2, 3]
     for r in ra:
