@@ -7,26 +7,23 @@ import dataclasses
 import pytest
 
 from fedsim.checkpoint import load_checkpoint
-from fedsim.config import FaultsConfig, ModelConfig, RayConfig, SimConfig
+from fedsim.config import FaultsConfig
 from fedsim.errors import FedsimError
 from fedsim.simulation import run_simulation
+from helpers import small_config, without_timings
 
-TIMINGS = {"round_seconds", "eval_seconds", "secagg_seconds", "retries"}
 
 
-def _cfg(**kw) -> SimConfig:
-    base = dict(clients=20, clients_per_round=6, rounds=3, local_epochs=1, batch_size=10,
-                model=ModelConfig(name="logreg"), ray=RayConfig(workers=2), progress=False)
-    base.update(kw)
-    return SimConfig(**base)
+def _cfg(**kw):
+    return small_config(clients_per_round=6, **kw)
 
 
 def test_worker_crash_mid_round_is_retried_with_the_same_result(ray_local):
     reference = run_simulation(_cfg())
     crashed = run_simulation(_cfg(faults=FaultsConfig(crash_worker_at_round=2)))
     assert [r["retries"] for r in crashed.metrics] == [0, 1, 0]
-    strip = [{k: v for k, v in r.items() if k not in TIMINGS} for r in crashed.metrics]
-    assert strip == [{k: v for k, v in r.items() if k not in TIMINGS} for r in reference.metrics]
+    assert (without_timings(crashed.metrics, also={"retries"})
+            == without_timings(reference.metrics, also={"retries"}))
     assert (crashed.weights == reference.weights).all()
 
 

@@ -6,34 +6,23 @@ import json
 
 import pytest
 
-from fedsim.config import DataConfig, ModelConfig, RayConfig, SimConfig
+from fedsim.config import DataConfig, ModelConfig
 from fedsim.errors import FedsimError
 from fedsim.outputs import read_metrics
 from fedsim.simulation import run_simulation
+from helpers import small_config, without_timings
 
-TIMING_KEYS = {"round_seconds", "eval_seconds"}
-
-
-def _small(**kw) -> SimConfig:
-    base = dict(clients=20, clients_per_round=5, rounds=3, local_epochs=1, batch_size=10,
-                model=ModelConfig(name="logreg"), ray=RayConfig(workers=2), progress=False)
-    base.update(kw)
-    return SimConfig(**base)
-
-
-def _strip(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def test_same_seed_gives_identical_metrics(ray_local, tmp_path):
-    a = run_simulation(_small(seed=5), tmp_path / "a")
-    b = run_simulation(_small(seed=5), tmp_path / "b")
-    c = run_simulation(_small(seed=6), tmp_path / "c")
-    ra = _strip(read_metrics(tmp_path / "a" / "metrics.jsonl"))
-    rb = _strip(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    a = run_simulation(small_config(seed=5), tmp_path / "a")
+    b = run_simulation(small_config(seed=5), tmp_path / "b")
+    c = run_simulation(small_config(seed=6), tmp_path / "c")
+    ra = without_timings(read_metrics(tmp_path / "a" / "metrics.jsonl"))
+    rb = without_timings(read_metrics(tmp_path / "b" / "metrics.jsonl"))
     assert ra == rb
     assert (a.weights == b.weights).all()  # the final models too, bit for bit
-    assert ra != _strip(c.metrics)
+    assert ra != without_timings(c.metrics)
     assert [r["round"] for r in ra] == [1, 2, 3]
     for r in ra:
         assert {"train_loss", "eval_loss", "eval_accuracy", "clients", "round_seconds"} <= set(
@@ -46,7 +35,7 @@ def test_same_seed_gives_identical_metrics(ray_local, tmp_path):
 
 
 def test_training_learns_and_poisson_cohorts_vary(ray_local):
-    res = run_simulation(_small(rounds=8, clients_per_round=8, sampling="poisson",
+    res = run_simulation(small_config(rounds=8, clients_per_round=8, sampling="poisson",
                                 local_epochs=3, eval_every=4,
                                 model=ModelConfig(name="mlp", hidden=[32])))
     sizes = [r["clients"] for r in res.metrics]
@@ -56,7 +45,7 @@ def test_training_learns_and_poisson_cohorts_vary(ray_local):
 
 
 def test_large_synthetic_population_runs_with_flat_memory(ray_local):
-    res = run_simulation(_small(clients=10_000, clients_per_round=10, rounds=2,
+    res = run_simulation(small_config(clients=10_000, clients_per_round=10, rounds=2,
                                 data=DataConfig(name="synthetic", test_clients=20)))
     assert [r["clients"] for r in res.metrics] == [10, 10]
     assert res.summary["data"]["name"] == "synthetic"
@@ -66,10 +55,10 @@ def test_bad_output_dir_is_refused_before_anything_runs(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(FedsimError, match="cannot write"):
-        run_simulation(_small(), blocker / "run")
+        run_simulation(small_config(), blocker / "run")
     done = tmp_path / "done"
     done.mkdir()
     (done / "summary.json").write_text("{}")
     with pytest.raises(FedsimError, match="already holds a run"):
-        run_simulation(_small(), done)
+        run_simulation(small_config(), done)
     assert json.loads((done / "summary.json").read_text()) == {}
