@@ -260,8 +260,13 @@ class PrivacyAccountant:
 
 
 def build_accountant(cfg: SimConfig) -> PrivacyAccountant:
+    """The run's accountant. It charges for the *sampled* cohort: with
+    over-selection that is more than ``clients_per_round`` (:mod:`fedsim.faults`)."""
+    from fedsim.faults import sample_size
+
     return PrivacyAccountant(cfg.dp.accountant, cfg.sampling, cfg.clients,
-                             cfg.clients_per_round, target_delta(cfg))
+                             sample_size(cfg.clients_per_round, cfg.faults, cfg.clients),
+                             target_delta(cfg))
 
 
 def calibrate(cfg: SimConfig) -> DPConfig:

@@ -362,14 +362,34 @@ class FaultsConfig:
       Past it the run stops with one line, after writing a checkpoint.
     crash_worker_at_round: fault injection for tests and demos: in that round
       worker 0's process exits (a real crash, ``os._exit``) on the first attempt.
+    client_dropout: probability that a sampled client goes offline before it
+      uploads its update (simulated, seeded; see :mod:`fedsim.faults`).
+    device_speed_sigma: spread of the simulated device times: a client's time
+      is ``exp(sigma * N(0, 1))`` times the median device's (0: all equal).
+    straggler_timeout: deadline in units of the median device time (e.g. 2.0);
+      slower clients are dropped. null: no deadline.
+    over_selection: sample ``ceil(clients_per_round * (1 + over_selection))``
+      clients and aggregate the first ``clients_per_round`` to finish.
     """
 
     max_retries: int = 3
     crash_worker_at_round: Optional[int] = None
+    client_dropout: float = 0.0
+    device_speed_sigma: float = 0.0
+    straggler_timeout: Optional[float] = None
+    over_selection: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.max_retries >= 0, "faults.max_retries", "an integer >= 0",
                self.max_retries)
+        _check(0 <= self.client_dropout < 1, "faults.client_dropout",
+               "a probability in [0, 1)", self.client_dropout)
+        _check(self.device_speed_sigma >= 0, "faults.device_speed_sigma", "a number >= 0",
+               self.device_speed_sigma)
+        if self.straggler_timeout is not None:
+            _positive("faults.straggler_timeout", self.straggler_timeout)
+        _check(0 <= self.over_selection <= 10, "faults.over_selection",
+               "a fraction in [0, 10] (0.3: sample 30% more clients)", self.over_selection)
         if self.crash_worker_at_round is not None:
             _check(self.crash_worker_at_round >= 1, "faults.crash_worker_at_round",
                    "a round number >= 1 (or null)", self.crash_worker_at_round)
@@ -480,6 +500,10 @@ class SimConfig:
         _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _check(self.checkpoint_every >= 0, "checkpoint_every",
                "an integer >= 0 (0: only after the last round)", self.checkpoint_every)
+        if self.faults.over_selection > 0:
+            _check(self.sampling == "uniform", "faults.over_selection",
+                   "0 with sampling=poisson (over-selection needs a fixed cohort size)",
+                   self.faults.over_selection)
         self._check_dp()
         if self.secagg.protocol != "none":
             _check(self.server.weighting == "uniform", "server.weighting",

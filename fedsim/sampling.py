@@ -17,6 +17,8 @@ STREAM_INIT = 4
 STREAM_SECAGG = 5
 STREAM_DROPOUT = 6
 STREAM_SECAGG_GRAPH = 7
+STREAM_CLIENT_FAULTS = 8
+STREAM_AUDIT = 9
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:

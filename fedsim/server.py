@@ -23,8 +23,9 @@ from fedsim.aggregation import Partial, build_aggregator, merge_partials
 from fedsim.config import SimConfig
 from fedsim.optimizers import ServerOptimizer
 from fedsim.outputs import memory_mib
-from fedsim.sampling import (STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING,
-                             STREAM_SECAGG_GRAPH, sample_clients, stream)
+from fedsim.faults import RoundPlan, plan_round, sample_size
+from fedsim.sampling import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE,
+                             STREAM_SAMPLING, STREAM_SECAGG_GRAPH, sample_clients, stream)
 from fedsim.secure_aggregation import SecureLayout, make_layout
 from fedsim.worker import WorkerReport, configure_tensorflow
 
@@ -64,9 +65,15 @@ class Server:
         return int(self.weights.size)
 
     def sample(self, round_num: int) -> np.ndarray:
-        """The cohort of ``round_num`` (sorted client ids)."""
-        return sample_clients(self.cfg.clients, self.cfg.clients_per_round, self.cfg.sampling,
+        """The cohort sampled in ``round_num`` (sorted client ids; over-selection included)."""
+        per_round = sample_size(self.cfg.clients_per_round, self.cfg.faults, self.cfg.clients)
+        return sample_clients(self.cfg.clients, per_round, self.cfg.sampling,
                               stream(self.cfg.seed, STREAM_SAMPLING, round_num))
+
+    def plan(self, round_num: int) -> RoundPlan:
+        """The sampled cohort and which of its clients drop, straggle or report."""
+        return plan_round(self.sample(round_num), self.cfg.clients_per_round, self.cfg.faults,
+                          stream(self.cfg.seed, STREAM_CLIENT_FAULTS, round_num))
 
     def global_weights(self) -> np.ndarray:
         return self.weights
@@ -146,8 +153,15 @@ class Server:
         Simulated dropouts: each client goes silent after masking with
         probability ``secagg.dropout`` (stream ``(seed, DROPOUT, round)``).
         """
+        from fedsim.secagg import SecAggAbort
+
         self._sa_reports = reports
-        requests = self._sa.collect_masked(itertools.chain(*(r.masked for r in reports)))
+        self._sa_dropped, self._sa_abort = set(), None
+        try:
+            requests = self._sa.collect_masked(itertools.chain(*(r.masked for r in reports)))
+        except SecAggAbort as err:  # too many dropped before masking: nothing to unmask
+            self._sa_abort = err
+            return self._route({})
         rng = stream(self.cfg.seed, STREAM_DROPOUT, round_num)
         self._sa_dropped = {c for c in sorted(requests) if rng.random() < self.cfg.secagg.dropout}
         return self._route({c: r for c, r in requests.items() if c not in self._sa_dropped})
@@ -164,6 +178,8 @@ class Server:
         reports = self._sa_reports
         base = {"secagg_dropped": len(self._sa_dropped), "secagg_bits": self._sa_layout.bits}
         try:
+            if self._sa_abort is not None:
+                raise self._sa_abort
             total = self._sa.unmask(itertools.chain(*responses))
         except SecAggAbort as err:
             return {**base, **self._training_stats(reports), "update_norm": 0.0,

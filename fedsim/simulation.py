@@ -108,20 +108,27 @@ def connect_ray(rc: RayConfig) -> bool:
 
 def _run_round(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
                attempt: int) -> dict[str, Any]:
-    """Sample the cohort, train it on the workers, aggregate on the server.
+    """Sample the cohort, train the clients that report on the workers, aggregate
+    on the server.
 
     Nothing changes on the server until every worker has reported, so a round
     that fails because a worker died can simply be run again."""
-    cohort = ray.get(server.sample.remote(rnd))
+    plan = ray.get(server.plan.remote(rnd))
     weights_ref = server.global_weights.remote()
     params_ref = server.client_params.remote()
-    shards = np.array_split(cohort, len(workers))
-    active = [(w, shard) for w, shard in zip(workers, shards) if len(shard)]
-    if cfg.secagg.protocol == "none" or not active:
+    if cfg.secagg.protocol == "none":
+        shards = np.array_split(plan.reporting, len(workers))
         reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard, None, attempt)
-                   for w, shard in active]
-        return ray.get(server.apply.remote(rnd, len(cohort), *reports))
-    return _secure_round(ray, server, active, rnd, len(cohort), weights_ref, params_ref, attempt)
+                   for w, shard in zip(workers, shards) if len(shard)]
+        out = ray.get(server.apply.remote(rnd, len(plan.sampled), *reports))
+    else:
+        # Every sampled client joins the key exchange; only the reporting ones mask.
+        shards = np.array_split(plan.sampled, len(workers))
+        active = [(w, shard) for w, shard in zip(workers, shards) if len(shard)]
+        out = _secure_round(ray, server, active, plan.reporting, rnd, len(plan.sampled),
+                            weights_ref, params_ref, attempt)
+    out.update(plan.counts())
+    return out
 
 
 def _replace_dead_workers(ray: Any, workers: list, start: Any) -> list[int]:
@@ -137,11 +144,13 @@ def _replace_dead_workers(ray: Any, workers: list, start: Any) -> list[int]:
     return dead
 
 
-def _secure_round(ray: Any, server: Any, active: list, rnd: int, num_sampled: int,
-                  weights_ref: Any, params_ref: Any, attempt: int = 0) -> dict[str, Any]:
+def _secure_round(ray: Any, server: Any, active: list, reporting: np.ndarray, rnd: int,
+                  num_sampled: int, weights_ref: Any, params_ref: Any,
+                  attempt: int = 0) -> dict[str, Any]:
     """One round under secure aggregation: the protocol's four message rounds
     between the worker actors (on behalf of their clients) and the server actor.
-    The driver only carries the messages the server addresses to each worker."""
+    The driver only carries the messages the server addresses to each worker.
+    Clients of ``active`` shards not in ``reporting`` drop out before masking."""
     t0 = time.perf_counter()
     layout = ray.get(server.secagg_begin.remote(rnd, [s.tolist() for _, s in active]))
     adverts = [w.secagg_advertise.remote(rnd, s) for w, s in active]
@@ -149,8 +158,9 @@ def _secure_round(ray: Any, server: Any, active: list, rnd: int, num_sampled: in
     shares = [w.secagg_share_keys.remote(setups[i]) for i, (w, _) in enumerate(active)]
     deliveries = ray.get(server.secagg_route.remote(*shares))
     t1 = time.perf_counter()
-    reports = [w.train_round.remote(rnd, weights_ref, params_ref, s, (layout, deliveries[i]),
-                                    attempt) for i, (w, s) in enumerate(active)]
+    trained = [(i, w, np.intersect1d(s, reporting)) for i, (w, s) in enumerate(active)]
+    reports = [w.train_round.remote(rnd, weights_ref, params_ref, ids, (layout, deliveries[i]),
+                                    attempt) for i, w, ids in trained if len(ids)]
     requests = ray.get(server.secagg_collect.remote(rnd, *reports))
     t2 = time.perf_counter()
     responses = [w.secagg_unmask.remote(requests[i]) for i, (w, _) in enumerate(active)]

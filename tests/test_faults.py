@@ -1,17 +1,22 @@
-"""Worker actors that die mid-round: the round is re-run on a restarted actor."""
+"""Faults: worker actors that die mid-round (the round is re-run on a restarted
+actor), and simulated client dropouts, stragglers and over-selection."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import dp_accounting
+import numpy as np
 import pytest
 
+from fedsim.accounting import PrivacyAccountant
 from fedsim.checkpoint import load_checkpoint
-from fedsim.config import FaultsConfig
+from fedsim.config import DPConfig, FaultsConfig, ServerConfig
+from fedsim.faults import plan_round, sample_size
 from fedsim.errors import FedsimError
 from fedsim.simulation import run_simulation
 from helpers import small_config, without_timings
-
 
 
 def _cfg(**kw):
@@ -35,3 +40,62 @@ def test_past_the_retry_bound_a_clear_error_and_a_checkpoint(ray_local, tmp_path
     resumed = run_simulation(dataclasses.replace(cfg, resume=str(tmp_path / "run"),
                                                  faults=FaultsConfig()))
     assert [r["round"] for r in resumed.metrics] == [1, 2, 3]
+
+
+# -- simulated client faults: dropouts, stragglers, over-selection -------------------
+
+def _plan(n=100_000, k=None, seed=3, **kw):
+    faults = FaultsConfig(**kw)
+    return plan_round(np.arange(n), k or n, faults, np.random.default_rng(seed))
+
+
+def test_dropouts_happen_at_the_configured_rate():
+    n, p = 100_000, 0.2
+    plan = _plan(n, client_dropout=p)
+    sd = np.sqrt(n * p * (1 - p))
+    assert abs(plan.dropped.size - n * p) < 5 * sd
+    assert plan.reporting.size + plan.dropped.size == n
+    assert np.intersect1d(plan.reporting, plan.dropped).size == 0
+
+
+def test_stragglers_are_the_clients_slower_than_the_deadline():
+    n = 100_000
+    plan = _plan(n, device_speed_sigma=1.0, straggler_timeout=2.0)
+    p = 0.5 * math.erfc(math.log(2.0) / math.sqrt(2))  # P(exp(Z) > 2)
+    assert abs(plan.stragglers.size - n * p) < 5 * np.sqrt(n * p * (1 - p))
+    # Turning dropouts on removes clients but does not redraw the others' times.
+    both = _plan(n, client_dropout=0.3, device_speed_sigma=1.0, straggler_timeout=2.0)
+    assert set(both.stragglers) == set(plan.stragglers) - set(both.dropped)
+    assert _plan(n, device_speed_sigma=1.0).stragglers.size == 0  # no deadline, none late
+
+
+def test_over_selection_keeps_the_first_k_to_finish():
+    n, k = 1000, 700
+    plan = _plan(n, k=k, device_speed_sigma=0.5, over_selection=0.4, client_dropout=0.1)
+    assert plan.reporting.size == k
+    rng = np.random.default_rng(3)
+    rng.random(n)
+    times = np.exp(0.5 * rng.standard_normal(n))
+    assert times[plan.reporting].max() <= times[plan.unused].min()
+    assert not set(plan.dropped) & (set(plan.reporting) | set(plan.unused))
+    assert sample_size(10, FaultsConfig(over_selection=0.3), 100) == 13
+    assert sample_size(10, FaultsConfig(over_selection=0.3), 12) == 12
+
+
+def test_client_faults_in_a_simulation_and_the_accountant_charges_the_sampled_cohort(ray_local):
+    faults = FaultsConfig(client_dropout=0.2, device_speed_sigma=1.0, straggler_timeout=2.0,
+                          over_selection=0.5)
+    dp = DPConfig(mechanism="gaussian", noise_multiplier=1.0)
+    cfg = _cfg(rounds=4, faults=faults, dp=dp, server=ServerConfig(weighting="uniform"))
+    res = run_simulation(cfg)
+    for r in res.metrics:
+        assert r["sampled"] == 9  # ceil(6 * 1.5)
+        assert r["clients"] == r["sampled"] - r["dropped"] - r["stragglers"] - r["unused"]
+        assert r["clients"] <= 6
+    assert sum(r["dropped"] for r in res.metrics) > 0
+    assert sum(r["stragglers"] for r in res.metrics) > 0
+    assert sum(r["unused"] for r in res.metrics) > 0
+    acct = PrivacyAccountant("rdp", "uniform", 20, 9, res.summary["privacy"]["delta"])
+    for _ in range(4):
+        acct.record(acct.round_event(dp_accounting.GaussianDpEvent(1.0)))
+    assert res.summary["privacy"]["epsilon"] == pytest.approx(acct.epsilon(), rel=1e-9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.config import DPConfig, ModelConfig, RayConfig, SecAggConfig, ServerConfig, SimConfig
+from fedsim.config import DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig, ServerConfig, SimConfig
 from fedsim.fixedpoint import FixedPointCodec
 from fedsim.simulation import run_simulation
 
@@ -19,15 +19,19 @@ def _cfg(**kw) -> SimConfig:
 
 def test_secure_training_matches_plain_within_the_quantization_bound(ray_local):
     dp = DPConfig(mechanism="gaussian", noise_multiplier=0.0, l2_norm_clip=0.5)
-    plain = run_simulation(_cfg(dp=dp))
+    # Some clients drop before upload: under SecAgg+ their masks are recovered.
+    faults = FaultsConfig(client_dropout=0.3)
+    plain = run_simulation(_cfg(dp=dp, faults=faults))
     # Full SecAgg runs in the simulation in the dropout test below, and both
     # protocols sum bit-exactly in tests/test_secagg.py.
     for protocol in ("secagg_plus",):
-        secure = run_simulation(_cfg(dp=dp, secagg=SecAggConfig(protocol=protocol)))
+        secure = run_simulation(_cfg(dp=dp, faults=faults, secagg=SecAggConfig(protocol=protocol)))
         row = secure.metrics[0]
-        assert row["secagg"] == "ok" and row["clients"] == 6
+        n = row["clients"]
+        assert row["secagg"] == "ok" and row["dropped"] > 0 and n == 6 - row["dropped"]
+        assert plain.metrics[0]["clients"] == n
         # The decoded sum errs by < n / scale per coordinate; the mean divides by 6.
-        bound = FixedPointCodec.for_sum(0.5, 6, bits=row["secagg_bits"]).error_bound(6) / 6
+        bound = FixedPointCodec.for_sum(0.5, 6, bits=row["secagg_bits"]).error_bound(n) / 6
         diff = np.abs(secure.weights - plain.weights)
         assert diff.max() <= bound
         assert diff.max() > 0  # it really went through fixed point
