@@ -325,8 +325,10 @@ class SecAggConfig:
 class RayConfig:
     """Where the simulation runs.
 
-    address: None starts a local Ray instance; ``auto`` or ``ray://host:port``
-      joins an existing cluster.
+    address: None starts a local Ray instance; ``auto``, ``host:port`` (the head's
+      GCS) or ``ray://host:port`` (Ray Client) joins an existing cluster.
+    connect_timeout_s: how long to wait for that address to answer before
+      giving up with an error naming it.
     num_cpus: CPUs of the local instance (None: all of the machine's).
     workers: size of the client worker pool; 0 means as many as the CPUs allow
       (``floor(cpus / cpus_per_worker)``).
@@ -336,12 +338,14 @@ class RayConfig:
     """
 
     address: Optional[str] = None
+    connect_timeout_s: float = 15.0
     num_cpus: Optional[int] = None
     workers: int = 0
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
     def __post_init__(self) -> None:
+        _positive("ray.connect_timeout_s", self.connect_timeout_s)
         if self.num_cpus is not None:
             _check(self.num_cpus >= 1, "ray.num_cpus", "an integer >= 1 (or null for all)",
                    self.num_cpus)

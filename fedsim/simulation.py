@@ -15,14 +15,17 @@ worker to server through the object store, never through the driver.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -72,6 +75,47 @@ def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any]) -> d
     return out
 
 
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast, naming ``address``, when nothing listens at its host:port.
+
+    Ray's own connection attempts retry for minutes against a dead address;
+    one TCP connect with a timeout bounds the wait. ``auto`` is left to Ray
+    (it looks up the local cluster's address, and fails at once without one).
+    """
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    if address == "auto" or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as err:
+        reason = "timed out" if isinstance(err, socket.timeout) else (
+            getattr(err, "strerror", None) or str(err))
+        raise FedsimError(f"ray.address={address!r}: no Ray cluster answers there within "
+                          f"ray.connect_timeout_s={timeout_s:g} ({reason})") from err
+
+
+@contextlib.contextmanager
+def _stderr_kept_back() -> Iterator[None]:
+    """Hold back what C++ code writes to file descriptor 2 (Ray's GCS client logs
+    every failed connection attempt) and replay it only if the block succeeds, so
+    that a failed connection ends in our one error line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
+
+
 def connect_ray(rc: RayConfig) -> bool:
     """Start or join Ray as configured; returns True if this call started it.
 
@@ -84,6 +128,10 @@ def connect_ray(rc: RayConfig) -> bool:
         # Ray's `uv run` hook (which would rebuild the venv for them) is not needed.
         # Ray reads this switch when it is first imported.
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if rc.address is not None and "ray" not in sys.modules:
+        # Ray retries a silent cluster address once a second, 20 times by default.
+        os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES",
+                              str(max(1, math.ceil(rc.connect_timeout_s))))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import ray
 
@@ -98,8 +146,10 @@ def connect_ray(rc: RayConfig) -> bool:
                      logging_level="WARNING", runtime_env=env)
             return True
         env.update(working_dir=str(PROJECT_DIR), excludes=RUNTIME_ENV_EXCLUDES)
+        _check_reachable(rc.address, rc.connect_timeout_s)
         try:
-            ray.init(address=rc.address, logging_level="WARNING", runtime_env=env)
+            with _stderr_kept_back():
+                ray.init(address=rc.address, logging_level="WARNING", runtime_env=env)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise FedsimError(f"ray.address={rc.address!r}: cannot connect to a Ray cluster "
                               f"there ({str(err).splitlines()[0]})") from err

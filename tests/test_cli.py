@@ -73,6 +73,12 @@ BAD_INPUTS = [
     (["secagg=homomorphic"], "secagg=homomorphic: unknown option; allowed: none, secagg, secagg_plus"),
     (["secagg=secagg", "secagg.dropout=1.5"], "secagg.dropout=1.5: allowed is a probability"),
     (["secagg=secagg_plus", "secagg.neighbours=3"], "secagg.neighbours=3: allowed is an even"),
+    (["faults.client_dropout=1.5"], "faults.client_dropout=1.5: allowed is a probability in [0, 1)"),
+    (["sampling=poisson", "faults.over_selection=0.3"], "faults.over_selection=0.3: allowed is 0"),
+    # Refused (connection refused) and silent (a non-routable address: the timeout).
+    (["ray.address=ray://127.0.0.1:9"], "ray.address='ray://127.0.0.1:9': no Ray cluster answers"),
+    (["ray.address=10.255.255.1:6379", "ray.connect_timeout_s=2"],
+     "ray.address='10.255.255.1:6379': "),
 ]
 
 
