@@ -460,6 +460,8 @@ class SimConfig:
     rounds: federated rounds. local_epochs: passes over each client's data per
     round. batch_size: client minibatch size. eval_every: evaluate the global
     model on the test split every k rounds (and after the last round).
+    memory_every: every k rounds, record the resident memory (MiB) of the
+    driver, the server actor and the workers (summed) in the metrics (0: off).
     seed: root of every random stream (data split, sampling, init, shuffling).
     checkpoint_every: write ``checkpoint.pkl`` into the run directory every k
       rounds and after the last (0: only after the last).
@@ -475,6 +477,7 @@ class SimConfig:
     local_epochs: int = 5
     batch_size: int = 10
     eval_every: int = 1
+    memory_every: int = 0
     seed: int = 0
     progress: bool = True
     checkpoint_every: int = 10
@@ -501,9 +504,15 @@ class SimConfig:
         _check(self.local_epochs >= 1, "local_epochs", "an integer >= 1", self.local_epochs)
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         _check(self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
+        _check(self.memory_every >= 0, "memory_every", "an integer >= 0 (0: off)",
+               self.memory_every)
         _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _check(self.checkpoint_every >= 0, "checkpoint_every",
                "an integer >= 0 (0: only after the last round)", self.checkpoint_every)
+        if self.audit.kind == "canary":
+            _check(self.dp.mechanism != "distributed_skellam", "audit.kind",
+                   "none with dp=distributed_skellam (canaries join the central sum)",
+                   self.audit.kind)
         if self.faults.over_selection > 0:
             _check(self.sampling == "uniform", "faults.over_selection",
                    "0 with sampling=poisson (over-selection needs a fixed cohort size)",

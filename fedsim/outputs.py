@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 
 def _jsonable(value: Any) -> Any:
@@ -103,8 +103,27 @@ def versions() -> dict[str, str]:
     return out
 
 
-def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "") -> None:
-    """Save a PNG with eval accuracy, train/eval loss and (with DP) epsilon per round."""
+def summary_line(summary: Mapping[str, Any], output_dir: Any) -> str:
+    """The one line a finished run prints: rounds, accuracy, epsilon(s), time, outputs."""
+    privacy = summary["privacy"]
+    spent = ("" if privacy["mechanism"] == "none" else
+             f", epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:.3g}"
+             if privacy["epsilon"] != "inf" else ", epsilon inf (no noise)")
+    audit = summary.get("audit")
+    if audit:
+        spent += f", canary-audit epsilon {audit['epsilon']:.3g} (empirical)"
+    accuracy = summary["final"].get("eval_accuracy")
+    return (f"fedsim: {summary['rounds_completed']} rounds ({summary['stop_reason']}), test "
+            f"accuracy {accuracy if accuracy is not None else float('nan'):.4f}{spent}, "
+            f"{summary['wall_seconds']:.1f} s; outputs in {output_dir}")
+
+
+def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "",
+                 audit_epsilon: Optional[float] = None) -> None:
+    """Save a PNG with eval accuracy, train/eval loss and (with DP) epsilon per round.
+
+    ``audit_epsilon``: the canary audit's empirical estimate for the final model,
+    drawn as a level beside the accountant's curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +134,8 @@ def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "")
     ev = [(r["round"], r["eval_accuracy"], r["eval_loss"]) for r in rows
           if r.get("eval_accuracy") is not None]
     eps = [(r["round"], r.get("epsilon")) for r in rows if "epsilon" in r]
-    fig, axes = plt.subplots(1, 3 if eps else 2, figsize=(16 if eps else 11, 4))
+    panel = bool(eps) or audit_epsilon is not None
+    fig, axes = plt.subplots(1, 3 if panel else 2, figsize=(16 if panel else 11, 4))
     ax_acc, ax_loss = axes[0], axes[1]
     if ev:
         ax_acc.plot([e[0] for e in ev], [e[1] for e in ev], marker=".", color="tab:blue")
@@ -130,12 +150,17 @@ def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    if eps:
+    if panel:
         ax_eps = axes[2]
         finite = [(r, e) for r, e in eps if e is not None and math.isfinite(e)]
         if finite:
-            ax_eps.plot([r for r, _ in finite], [e for _, e in finite], color="tab:red")
-        else:
+            ax_eps.plot([r for r, _ in finite], [e for _, e in finite], color="tab:red",
+                        label="accountant (upper bound)")
+        if audit_epsilon is not None:
+            ax_eps.axhline(audit_epsilon, color="tab:purple", linestyle="--",
+                           label=f"canary audit, final model: {audit_epsilon:.3g}")
+            ax_eps.legend()
+        elif not finite:
             ax_eps.text(0.5, 0.5, "epsilon = inf (no noise)", ha="center",
                         transform=ax_eps.transAxes)
         delta = next((r.get("delta") for r in rows if r.get("delta") is not None), None)

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fedsim.aggregation import Partial, build_aggregator, merge_partials
+from fedsim.audit import CanaryAudit
 from fedsim.config import SimConfig
 from fedsim.optimizers import ServerOptimizer
 from fedsim.outputs import memory_mib
@@ -47,6 +48,9 @@ class Server:
         self.opt_state = self.optimizer.initial_state(self.weights.size)
         self.aggregator = build_aggregator(cfg)
         self.agg_state = self.aggregator.initial_state()
+        self.initial_weights = self.weights.copy()  # w_0: the same on resume (seeded)
+        self.audit = (CanaryAudit(cfg.audit, cfg.seed, self.weights.size, cfg.clients,
+                                  cfg.clients_per_round) if cfg.audit.kind == "canary" else None)
         self.x_test = x_test
         self.y_test = y_test
         loss = tf.keras.losses.SparseCategoricalCrossentropy(
@@ -101,14 +105,39 @@ class Server:
         return {"train_loss": loss_sum / examples if examples else float("nan"),
                 "num_examples": examples, "clients": sum(r.num_clients for r in reports)}
 
+    def _add_canaries(self, round_num: int, partial: Partial) -> tuple[Partial, int]:
+        """Fold this round's canary updates into the sum, through the aggregator's
+        own ``accumulate`` (clipped and counted like any client's update)."""
+        ids = self.audit.participants(round_num)
+        params = self.aggregator.client_params(self.agg_state)
+        norm = self.cfg.audit.canary_norm or (
+            self.aggregator.current_clip(self.agg_state) if self.cfg.dp.mechanism != "none"
+            else 1.0)
+        weight = partial.weight / partial.count if partial.count else 1.0
+        for i in ids:
+            partial = self.aggregator.accumulate(params, partial, self.audit.update(i, norm),
+                                                 weight)
+        return partial, len(ids)
+
+    def audit_estimate(self, rounds: int, delta: float) -> dict[str, Any]:
+        """The canary audit's empirical epsilon for the model as it is now."""
+        # Updates are pseudo-gradients (w <- w - lr * update), so the canaries'
+        # directions show in w_0 - w_T, the sum of the applied updates.
+        return self.audit.estimate(self.initial_weights - self.weights, rounds, delta)
+
     def _step(self, round_num: int, num_sampled: int, partial: Partial,
               reports: Sequence[WorkerReport]) -> dict[str, Any]:
+        canaries = None
+        if self.audit is not None:
+            partial, canaries = self._add_canaries(round_num, partial)
         update, self.agg_state, measurements = self.aggregator.finalize(
             self.agg_state, partial, num_sampled, stream(self.cfg.seed, STREAM_NOISE, round_num))
         self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, update)
         out = self._training_stats(reports)
         out["update_norm"] = float(np.linalg.norm(update))
         out.update(measurements)
+        if canaries is not None:
+            out["canaries"] = canaries
         return out
 
     # -- secure aggregation: the server's side of each protocol round ------------------

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from fedsim.accounting import build_accountant, calibrate, mechanism_event
+from fedsim.accounting import build_accountant, calibrate, default_delta, mechanism_event
 from fedsim.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from fedsim.config import RayConfig, SimConfig
 from fedsim.data import FederatedData, load_federated_data
@@ -219,6 +219,14 @@ def _secure_round(ray: Any, server: Any, active: list, reporting: np.ndarray, rn
     return out
 
 
+def _memory_row(ray: Any, server: Any, workers: list) -> dict[str, float]:
+    """Resident memory now (MiB) of the driver, the server actor and all workers."""
+    server_mem, *worker_mem = ray.get([server.memory.remote()]
+                                      + [w.memory.remote() for w in workers])
+    return {"mem_driver_mib": memory_mib()["rss"], "mem_server_mib": server_mem["rss"],
+            "mem_workers_mib": sum(m["rss"] for m in worker_mem)}
+
+
 def _kept_rows(run_dir: Path, ckpt_round: int) -> list[dict[str, Any]]:
     """The metrics rows of rounds 1..ckpt_round that a resumed run keeps."""
     path = run_dir / "metrics.jsonl"
@@ -350,6 +358,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                 row["eval_seconds"] = time.perf_counter() - t1
             else:
                 row.update(eval_loss=None, eval_accuracy=None)
+            if cfg.memory_every and rnd % cfg.memory_every == 0:
+                row.update(_memory_row(ray, server, workers))
             rows.append(row)
             if metrics:
                 metrics.write(row)
@@ -359,6 +369,10 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         if out:
             checkpoint(rows[-1]["round"] if rows else 0)
         final_weights = ray.get(server.global_weights.remote())
+        audit = (ray.get(server.audit_estimate.remote(
+            rows[-1]["round"] if rows else 0,
+            accountant.delta if accountant else default_delta(cfg.clients)))
+            if cfg.audit.kind == "canary" else None)
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
     finally:
@@ -383,6 +397,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         "setup_seconds": setup_seconds,
         "mean_round_seconds": float(np.mean([r["round_seconds"] for r in rows])),
         "privacy": privacy_summary(cfg, accountant, privacy),
+        "audit": audit,
         "workers": n_workers,
         "memory_mib": memory,
         "num_parameters": num_parameters,
@@ -392,7 +407,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         "versions": versions(),
     }
     if out:
-        plot_metrics(rows, out / "metrics.png",
+        plot_metrics(rows, out / "metrics.png", audit_epsilon=audit and audit["epsilon"],
                      title=f"{cfg.model.name} on {data.name}, {cfg.clients} clients, "
                            f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
         write_json_atomic(out / "summary.json", summary)

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fedsim.cli import register_configs, run_cli, to_sim_config, user_errors  # noqa: E402
+from fedsim.outputs import summary_line  # noqa: E402
 from fedsim.simulation import run_simulation  # noqa: E402
 
 register_configs()
@@ -25,14 +26,7 @@ def main(cfg: DictConfig) -> None:
     out = HydraConfig.get().runtime.output_dir
     with user_errors():
         result = run_simulation(to_sim_config(cfg), out)
-    summary = result.summary
-    privacy = summary["privacy"]
-    spent = ("" if privacy["mechanism"] == "none" else
-             f", epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:.3g}"
-             if privacy["epsilon"] != "inf" else ", epsilon inf (no noise)")
-    print(f"fedsim: {summary['rounds_completed']} rounds ({summary['stop_reason']}), test "
-          f"accuracy {summary['final'].get('eval_accuracy', float('nan')):.4f}{spent}, "
-          f"{summary['wall_seconds']:.1f} s; outputs in {result.output_dir}")
+    print(summary_line(result.summary, result.output_dir))
 
 
 if __name__ == "__main__":
