@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from fedsim.errors import ConfigError
 
-DATASETS = ("digits", "synthetic", "mnist", "emnist")
+DATASETS = ("digits", "synthetic", "mnist", "emnist", "tff_client_data")
 MODELS = ("logreg", "mlp", "cnn")
 DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam")
 ACCOUNTANTS = ("rdp", "pld")
@@ -55,8 +55,12 @@ class DataConfig:
     name: ``digits`` (scikit-learn's bundled 8x8 handwritten digits, no download),
       ``synthetic`` (LEAF's synthetic(alpha, beta), generated per client on demand),
       ``mnist`` (Keras ``mnist.npz`` at ``path``), ``emnist`` (TFF's federated EMNIST
-      h5 files in the directory ``path``).
-    path: local file or directory for ``mnist``/``emnist``; never downloaded.
+      h5 files in the directory ``path``), ``tff_client_data`` (a TFF ``ClientData``:
+      a ``SqlClientData`` sqlite file, or a TFF dataset from TFF's cache; see
+      :mod:`fedsim.tff_data`).
+    path: local file or directory for ``mnist``/``emnist``; never downloaded. For
+      ``tff_client_data``: the ``SqlClientData`` sqlite file, or with
+      ``tff_dataset`` TFF's cache directory (null: ``~/.tff``) or the file itself.
     partition: ``dirichlet`` (label skew, per-class proportions ~ Dir(alpha)) or
       ``iid`` (uniform random split). Ignored by natively federated data
       (``synthetic``, ``emnist``).
@@ -67,6 +71,20 @@ class DataConfig:
     synthetic_dim, synthetic_classes: feature dimension and number of classes.
     test_clients: synthetic only: how many clients' held-out 20% form the global
       test split.
+    tff_dataset: ``tff_client_data`` only: ``emnist`` (62 classes),
+      ``emnist_only_digits`` or ``cifar100``, read from the sqlite file that
+      ``tff.simulation.datasets.<name>.load_data(cache_dir=path)`` caches
+      (``emnist_all.sqlite``, ``cifar100.sqlite``); null: ``path`` is a custom file.
+    x_key, y_key: features of each element that are the input and the label
+      (custom files; the TFF datasets set their own).
+    x_shape: shape of one input (e.g. ``[28, 28, 1]``); null: as stored (tf.Example
+      features are flat), or the element's shape for ClientData objects.
+    train_split, test_split: custom files: the ``split_name`` of the training and
+      test clients. null train_split: every split except test_split. null
+      test_split: ``test_fraction`` of the client ids (at least one, chosen with
+      the seed) are held out as the global test split.
+    num_classes: custom files: labels lie in ``[0, num_classes)``; null: read
+      from the labels of the selected clients and the test split (one pass).
     """
 
     name: str = "digits"
@@ -79,6 +97,13 @@ class DataConfig:
     synthetic_dim: int = 60
     synthetic_classes: int = 10
     test_clients: int = 100
+    tff_dataset: Optional[str] = None
+    x_key: str = "pixels"
+    y_key: str = "label"
+    x_shape: Optional[list[int]] = None
+    train_split: Optional[str] = None
+    test_split: Optional[str] = None
+    num_classes: Optional[int] = None
 
     def __post_init__(self) -> None:
         _one_of("data.name", self.name, DATASETS)
@@ -99,6 +124,24 @@ class DataConfig:
         if self.name in ("mnist", "emnist") and not self.path:
             raise ConfigError("data.path", f"a local path to the {self.name} data "
                               "(nothing is downloaded)", self.path)
+        if self.tff_dataset is not None:
+            _check(self.tff_dataset in ("emnist", "emnist_only_digits", "cifar100"),
+                   "data.tff_dataset", "one of emnist, emnist_only_digits, cifar100, or null "
+                   "for a custom SqlClientData file in data.path (text datasets such as "
+                   "shakespeare and stackoverflow need sequence models fedsim does not have)",
+                   self.tff_dataset)
+        elif self.name == "tff_client_data" and not self.path:
+            raise ConfigError("data.path", "a TFF SqlClientData sqlite file, or set "
+                              "data.tff_dataset (nothing is downloaded)", self.path)
+        _check(bool(self.x_key), "data.x_key", "a non-empty feature name", self.x_key)
+        _check(bool(self.y_key) and self.y_key != self.x_key, "data.y_key",
+               f"a non-empty feature name other than data.x_key={self.x_key}", self.y_key)
+        if self.x_shape is not None:
+            _check(len(self.x_shape) >= 1 and all(int(n) >= 1 for n in self.x_shape),
+                   "data.x_shape", "a non-empty list of integers >= 1 (or null)", self.x_shape)
+        if self.num_classes is not None:
+            _check(self.num_classes >= 2, "data.num_classes", "an integer >= 2 (or null)",
+                   self.num_classes)
 
 
 @dataclass
@@ -330,8 +373,10 @@ class RayConfig:
     connect_timeout_s: how long to wait for that address to answer before
       giving up with an error naming it.
     num_cpus: CPUs of the local instance (None: all of the machine's).
-    workers: size of the client worker pool; 0 means as many as the CPUs allow
-      (``floor(cpus / cpus_per_worker)``).
+    workers: size of the client worker pool: an integer >= 1, or ``auto`` (also
+      0) for as many as the cluster's CPUs (and GPUs, if asked for) allow, e.g.
+      ``floor(cpus / cpus_per_worker)``. The pool is spread over the cluster's
+      nodes (a placement group with the SPREAD strategy).
     cpus_per_worker, gpus_per_worker: Ray resources of each worker actor; TF's
       thread pools are sized to the CPUs. Fractional GPUs share a card (TF memory
       growth is turned on).
@@ -340,7 +385,7 @@ class RayConfig:
     address: Optional[str] = None
     connect_timeout_s: float = 15.0
     num_cpus: Optional[int] = None
-    workers: int = 0
+    workers: Any = "auto"  # "auto" or an integer (OmegaConf has no int|str union)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
 
@@ -349,8 +394,15 @@ class RayConfig:
         if self.num_cpus is not None:
             _check(self.num_cpus >= 1, "ray.num_cpus", "an integer >= 1 (or null for all)",
                    self.num_cpus)
-        _check(self.workers >= 0, "ray.workers", "an integer >= 0 (0: as many as fit)",
-               self.workers)
+        if self.workers in ("auto", 0, "0"):
+            self.workers = "auto"
+        else:
+            try:
+                ok = isinstance(self.workers, (int, str)) and int(self.workers) >= 1
+            except ValueError:
+                ok = False
+            _check(ok, "ray.workers", "auto or an integer >= 1", self.workers)
+            self.workers = int(self.workers)
         _check(self.cpus_per_worker > 0, "ray.cpus_per_worker", "a number > 0",
                self.cpus_per_worker)
         _check(self.gpus_per_worker >= 0, "ray.gpus_per_worker", "a number >= 0",

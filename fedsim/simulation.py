@@ -297,19 +297,22 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     first_round = resumed["round"] + 1 if resumed else 1
     stop_reason = f"reached rounds={cfg.rounds}"
     progress: Optional[Progress] = None
+    pool = None
     try:
         data_ref = ray.put(data.train)
         server = ray.remote(num_cpus=0)(Server).remote(
             cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
-        n_workers = pool_size(cfg, ray.cluster_resources().get("CPU", 1.0))
-        workers = make_pool(cfg, data_ref, data.input_shape, data.num_classes, n_workers)
+        resources = ray.cluster_resources()
+        n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
+        pool = make_pool(cfg, data_ref, data.input_shape, data.num_classes, n_workers)
+        workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
         if resumed:
             # Changed DP parameters (resume_force) start the aggregator afresh: its
             # state carries the old ones (noise stddev, clip).
             ray.get(server.set_state.remote(resumed["server"],
                                             "dp" not in privacy["changes_on_resume"]))
-        ray.get([w.ping.remote() for w in workers])
+        placement = ray.get([w.where.remote() for w in workers])
         setup_seconds = time.perf_counter() - t_start
         next_event = (accountant.round_event(mechanism_event(
             cfg.dp, cfg.clients_per_round, num_parameters, cfg.secagg.precision_bits))
@@ -336,7 +339,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                     break
                 except ray.exceptions.RayError as err:
                     dead = _replace_dead_workers(ray, workers, lambda i: make_worker(
-                        cfg, data_ref, data.input_shape, data.num_classes, i))
+                        cfg, data_ref, data.input_shape, data.num_classes, i, pool))
                     if not dead:
                         raise
                     if attempt == cfg.faults.max_retries:
@@ -378,6 +381,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     finally:
         if progress:
             progress.close()
+        if pool is not None and pool.placement_group is not None and ray.is_initialized():
+            ray.util.remove_placement_group(pool.placement_group)
         if metrics:
             metrics.close()
         if started:
@@ -399,6 +404,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         "privacy": privacy_summary(cfg, accountant, privacy),
         "audit": audit,
         "workers": n_workers,
+        "worker_nodes": len({p["node"] for p in placement}),
+        "worker_placement": placement,
         "memory_mib": memory,
         "num_parameters": num_parameters,
         "data": {"name": data.name, "num_classes": data.num_classes,

@@ -150,29 +150,103 @@ class ClientWorker:
     def ping(self) -> bool:
         return True
 
+    def where(self) -> dict[str, str]:
+        """The Ray node this worker runs on, and where its fedsim code came from
+        (on a cluster: the working_dir that Ray shipped)."""
+        import ray
+
+        import fedsim
+
+        return {"node": ray.get_runtime_context().get_node_id(),
+                "code": os.path.dirname(os.path.abspath(fedsim.__file__))}
+
     def memory(self) -> dict[str, float]:
         return memory_mib()
 
 
-def pool_size(cfg: SimConfig, cluster_cpus: float) -> int:
-    """Workers to start: ``ray.workers``, or as many as the CPUs hold (at least 1)."""
-    if cfg.ray.workers > 0:
-        return cfg.ray.workers
-    return max(1, int(cluster_cpus // cfg.ray.cpus_per_worker))
+def pool_size(cfg: SimConfig, cluster_cpus: float, cluster_gpus: float = 0.0) -> int:
+    """Workers to start: ``ray.workers``, or (``auto``) as many as the cluster's CPUs
+    (and GPUs, when each worker asks for some) hold, at least 1."""
+    if cfg.ray.workers != "auto":
+        return int(cfg.ray.workers)
+    fit = cluster_cpus // cfg.ray.cpus_per_worker
+    if cfg.ray.gpus_per_worker > 0:
+        fit = min(fit, cluster_gpus // cfg.ray.gpus_per_worker)
+    return max(1, int(fit))
+
+
+def worker_bundle(cfg: SimConfig) -> dict[str, float]:
+    """The Ray resources of one worker actor (one placement-group bundle)."""
+    bundle = {"CPU": float(cfg.ray.cpus_per_worker)}
+    if cfg.ray.gpus_per_worker > 0:
+        bundle["GPU"] = float(cfg.ray.gpus_per_worker)
+    return bundle
+
+
+@dataclass
+class WorkerPool:
+    """The worker actors and where they are scheduled.
+
+    placement_group: the SPREAD placement group reserved for the pool (one
+    bundle per worker, so a restarted worker gets its bundle back), or None when
+    the pool lives inside a placement group that the caller already holds (e.g.
+    the Hydra Ray launcher's), whose bundles the actors then use.
+    """
+
+    actors: list
+    placement_group: Any = None
+
+
+def _strategy(pool: WorkerPool, index: int) -> Any:
+    if pool.placement_group is None:
+        return None
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(pool.placement_group,
+                                            placement_group_bundle_index=index)
 
 
 def make_worker(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
-                index: int) -> Any:
-    """Start worker actor ``index`` with the configured CPU/GPU resources."""
+                index: int, pool: WorkerPool | None = None) -> Any:
+    """Start worker actor ``index`` with the configured CPU/GPU resources (in its
+    bundle of ``pool``'s placement group, if it has one)."""
     import ray
 
-    actor_cls = ray.remote(num_cpus=cfg.ray.cpus_per_worker,
-                           num_gpus=cfg.ray.gpus_per_worker)(ClientWorker)
+    options: dict[str, Any] = {"num_cpus": cfg.ray.cpus_per_worker,
+                               "num_gpus": cfg.ray.gpus_per_worker}
+    strategy = _strategy(pool, index) if pool is not None else None
+    if strategy is not None:
+        options["scheduling_strategy"] = strategy
+    actor_cls = ray.remote(ClientWorker).options(**options)
     return actor_cls.remote(cfg, data_ref, tuple(input_shape), num_classes,
                             cfg.ray.cpus_per_worker, index)
 
 
 def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
-              size: int) -> list[Any]:
-    """Start ``size`` worker actors."""
-    return [make_worker(cfg, data_ref, input_shape, num_classes, i) for i in range(size)]
+              size: int, timeout_s: float = 300.0) -> WorkerPool:
+    """Start ``size`` worker actors, spread over the cluster's nodes.
+
+    Reserves a placement group of ``size`` bundles with the SPREAD strategy
+    (workers on as many nodes as possible) and waits up to ``timeout_s`` for it;
+    if the cluster cannot hold it, raises FedsimError naming ``ray.workers``.
+    """
+    import ray
+    from ray.util.placement_group import get_current_placement_group, placement_group
+
+    from fedsim.errors import FedsimError
+
+    pool = WorkerPool([])
+    if get_current_placement_group() is None:
+        pg = placement_group([worker_bundle(cfg)] * size, strategy="SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(pg)
+            raise FedsimError(
+                f"ray.workers={cfg.ray.workers}: the cluster cannot hold {size} workers of "
+                f"{worker_bundle(cfg)} each (resources: {ray.cluster_resources()}); lower "
+                "ray.workers or the per-worker resources") from None
+        pool.placement_group = pg
+    pool.actors = [make_worker(cfg, data_ref, input_shape, num_classes, i, pool)
+                   for i in range(size)]
+    return pool

@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "simulate.py"
-
-
-def simulate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+from helpers import simulate
 
 
 @pytest.mark.parametrize("dp,secagg", [("none", "none"), ("gaussian", "secagg_plus")])
