@@ -561,6 +561,10 @@ class SimConfig:
         _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _check(self.checkpoint_every >= 0, "checkpoint_every",
                "an integer >= 0 (0: only after the last round)", self.checkpoint_every)
+        if self.client.optimizer == "dp_sgd" and self.client.num_microbatches is not None:
+            _check(self.batch_size % self.client.num_microbatches == 0,
+                   "client.num_microbatches", f"a divisor of batch_size={self.batch_size}",
+                   self.client.num_microbatches)
         if self.audit.kind == "canary":
             _check(self.dp.mechanism != "distributed_skellam", "audit.kind",
                    "none with dp=distributed_skellam (canaries join the central sum)",

@@ -51,12 +51,12 @@ class MetricsLog:
 
     def __init__(self, path: Path, kept: Iterable[Mapping[str, Any]] = ()) -> None:
         self.path = path
-        self.rows: list[dict[str, Any]] = [dict(r) for r in kept]
         self._file = None
-        if self.rows:
+        kept = list(kept)
+        if kept:
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "w") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
             os.replace(tmp, path)
             self._file = open(path, "a")
 
@@ -66,12 +66,38 @@ class MetricsLog:
             self._file = open(self.path, "w")
         self._file.write(json.dumps(clean, sort_keys=True) + "\n")
         self._file.flush()
-        self.rows.append(clean)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class TensorBoardLog:
+    """Per-round scalars as TensorBoard events (``tf.summary``) in ``log_dir``.
+
+    Every numeric, finite value of a metrics row becomes a scalar at step
+    ``round`` (e.g. ``eval_accuracy``, ``train_loss``, ``epsilon``). Imports
+    TensorFlow, so the driver pays its start-up only when asked for
+    (``tensorboard=true``). View with ``tensorboard --logdir <run dir>/tb``.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(str(log_dir))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        with self._writer.as_default(step=int(row["round"])):
+            for key, value in sorted(row.items()):
+                if (key != "round" and isinstance(value, (int, float))
+                        and not isinstance(value, bool) and math.isfinite(value)):
+                    self._tf.summary.scalar(key, float(value))
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -109,6 +135,12 @@ def summary_line(summary: Mapping[str, Any], output_dir: Any) -> str:
     spent = ("" if privacy["mechanism"] == "none" else
              f", epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']:.3g}"
              if privacy["epsilon"] != "inf" else ", epsilon inf (no noise)")
+    example = privacy.get("example_level")
+    if example:
+        eps = example["epsilon"]
+        spent += (f", example-level epsilon {eps:.4g} at delta {example['delta']:.3g} "
+                  "(DP-SGD, worst client)" if eps != "inf" else
+                  ", example-level epsilon inf (DP-SGD without noise)")
     audit = summary.get("audit")
     if audit:
         spent += f", canary-audit epsilon {audit['epsilon']:.3g} (empirical)"

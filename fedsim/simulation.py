@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -34,8 +34,8 @@ from fedsim.checkpoint import CheckpointError, check_resumable, load_checkpoint,
 from fedsim.config import RayConfig, SimConfig
 from fedsim.data import FederatedData, load_federated_data
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.outputs import (MetricsLog, Progress, memory_mib, plot_metrics, read_metrics,
-                            versions, write_json_atomic)
+from fedsim.outputs import (MetricsLog, Progress, TensorBoardLog, memory_mib, plot_metrics,
+                            read_metrics, versions, write_json_atomic)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Never shipped to cluster nodes with the working directory: earlier runs' outputs.
@@ -63,7 +63,7 @@ def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
 def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """What the run spent, and the assumptions the number rests on."""
     if accountant is None:
-        return {"mechanism": "none", "epsilon": None}
+        return {"mechanism": "none", "epsilon": None, **extra}
     eps = accountant.epsilon()
     out = {"mechanism": cfg.dp.mechanism, "epsilon": eps if np.isfinite(eps) else "inf",
            "delta": accountant.delta, "accountant": accountant.kind,
@@ -114,6 +114,34 @@ def _stderr_kept_back() -> Iterator[None]:
             os.close(saved)
         held.seek(0)
         sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def example_level_privacy(cfg: SimConfig, data: FederatedData,
+                          participations: Mapping[int, int]) -> dict[str, Any]:
+    """Example-level DP of the clients' DP-SGD (``client.optimizer=dp_sgd``).
+
+    Each client's epsilon composes its DP-SGD over the rounds it took part in
+    (``participations``: client id -> rounds) and depends on its data size;
+    reported is the largest over all clients that trained (the worst case),
+    with that client's size and participations.
+    """
+    from fedsim.dp_sgd import client_example_epsilon, microbatch_size
+
+    c = cfg.client
+    used_microbatching = microbatch_size(cfg.batch_size, c.num_microbatches) > 1
+    worst: dict[str, Any] = {"epsilon": 0.0, "num_examples": None, "participations": 0}
+    for n, rounds in sorted({(len(data.train.client(cid)[1]), k)
+                             for cid, k in participations.items()}):
+        eps = client_example_epsilon(n, cfg.batch_size, c.noise_multiplier, cfg.local_epochs,
+                                     rounds, c.delta, used_microbatching=used_microbatching)
+        if eps > worst["epsilon"]:
+            worst = {"epsilon": eps, "num_examples": n, "participations": rounds}
+    return {"epsilon": worst["epsilon"] if math.isfinite(worst["epsilon"]) else "inf",
+            "delta": c.delta, "worst_client": {"num_examples": worst["num_examples"],
+                                               "participations": worst["participations"]},
+            "l2_norm_clip": c.l2_norm_clip, "noise_multiplier": c.noise_multiplier,
+            "assumption": "Poisson sampling of each step's batch (as TF Privacy's "
+                          "compute_dp_sgd_privacy_statement); add/remove one example"}
 
 
 def connect_ray(rc: RayConfig) -> bool:
@@ -293,6 +321,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     from fedsim.worker import make_pool, make_worker, pool_size
 
     metrics = MetricsLog(out / "metrics.jsonl", kept) if out else None
+    board = TensorBoardLog(out / "tb") if out and cfg.tensorboard else None
     rows: list[dict[str, Any]] = list(kept)
     first_round = resumed["round"] + 1 if resumed else 1
     stop_reason = f"reached rounds={cfg.rounds}"
@@ -364,6 +393,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             if cfg.memory_every and rnd % cfg.memory_every == 0:
                 row.update(_memory_row(ray, server, workers))
             rows.append(row)
+            if board:
+                board.write(row)
             if metrics:
                 metrics.write(row)
                 if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
@@ -372,6 +403,14 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         if out:
             checkpoint(rows[-1]["round"] if rows else 0)
         final_weights = ray.get(server.global_weights.remote())
+        if cfg.client.optimizer == "dp_sgd":
+            # Who trained when: every round's plan again (cheap, seeded; also the
+            # rounds before a resume).
+            counts: dict[int, int] = {}
+            for plan in ray.get([server.plan.remote(r["round"]) for r in rows]):
+                for cid in plan.reporting.tolist():
+                    counts[cid] = counts.get(cid, 0) + 1
+            privacy["example_level"] = example_level_privacy(cfg, data, counts)
         audit = (ray.get(server.audit_estimate.remote(
             rows[-1]["round"] if rows else 0,
             accountant.delta if accountant else default_delta(cfg.clients)))
@@ -385,6 +424,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             ray.util.remove_placement_group(pool.placement_group)
         if metrics:
             metrics.close()
+        if board:
+            board.close()
         if started:
             ray.shutdown()
 

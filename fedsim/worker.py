@@ -67,13 +67,16 @@ class ClientWorker:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         from fedsim.aggregation import build_aggregator
-        from fedsim.client import LocalTrainer
 
         self.cfg = cfg
         self.data = client_data
         self.aggregator = build_aggregator(cfg)
-        self.trainer = LocalTrainer(cfg.model, cfg.client, input_shape, num_classes,
-                                    cfg.batch_size, cfg.local_epochs, seed=cfg.seed)
+        if cfg.client.optimizer == "dp_sgd":
+            from fedsim.dp_sgd import DPSGDTrainer as Trainer
+        else:
+            from fedsim.client import LocalTrainer as Trainer
+        self.trainer = Trainer(cfg.model, cfg.client, input_shape, num_classes,
+                               cfg.batch_size, cfg.local_epochs, seed=cfg.seed)
         self._secagg_states: dict[int, Any] = {}
         self.index = index
 

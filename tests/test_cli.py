@@ -62,6 +62,9 @@ BAD_INPUTS = [
     (["secagg=homomorphic"], "secagg=homomorphic: unknown option; allowed: none, secagg, secagg_plus"),
     (["secagg=secagg", "secagg.dropout=1.5"], "secagg.dropout=1.5: allowed is a probability"),
     (["secagg=secagg_plus", "secagg.neighbours=3"], "secagg.neighbours=3: allowed is an even"),
+    (["client.optimizer=dp_sgd", "client.num_microbatches=3"],
+     "client.num_microbatches=3: allowed is a divisor of batch_size=10"),
+    (["client.optimizer=adamw"], "client.optimizer=adamw: allowed is one of sgd, dp_sgd"),
     (["faults.client_dropout=1.5"], "faults.client_dropout=1.5: allowed is a probability in [0, 1)"),
     (["sampling=poisson", "faults.over_selection=0.3"], "faults.over_selection=0.3: allowed is 0"),
     # Refused (connection refused) and silent (a non-routable address: the timeout).

@@ -13,9 +13,8 @@ from fedsim.simulation import run_simulation
 from helpers import small_config, without_timings
 
 
-
 def test_same_seed_gives_identical_metrics(ray_local, tmp_path):
-    a = run_simulation(small_config(seed=5), tmp_path / "a")
+    a = run_simulation(small_config(seed=5, tensorboard=True), tmp_path / "a")
     b = run_simulation(small_config(seed=5), tmp_path / "b")
     c = run_simulation(small_config(seed=6), tmp_path / "c")
     ra = without_timings(read_metrics(tmp_path / "a" / "metrics.jsonl"))
@@ -32,6 +31,18 @@ def test_same_seed_gives_identical_metrics(ray_local, tmp_path):
     assert summary["status"] == "completed" and summary["rounds_completed"] == 3
     assert summary["config"]["seed"] == 5 and "tensorflow" in summary["versions"]
     assert (tmp_path / "a" / "metrics.png").stat().st_size > 10_000
+    # tensorboard=true: the same per-round scalars as TensorBoard events.
+    import tensorflow as tf
+
+    logged = {}
+    for path in (tmp_path / "a" / "tb").iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                logged[v.tag, event.step] = float(tf.make_ndarray(v.tensor))
+    for r in ra:
+        assert logged["eval_accuracy", r["round"]] == pytest.approx(r["eval_accuracy"])
+        assert logged["train_loss", r["round"]] == pytest.approx(r["train_loss"])
+    assert not (tmp_path / "b" / "tb").exists()
 
 
 def test_training_learns_and_poisson_cohorts_vary(ray_local):
