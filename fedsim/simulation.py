@@ -170,8 +170,9 @@ def connect_ray(rc: RayConfig) -> bool:
         # TF 2.14 caps typing-extensions below what pydantic 2 needs, so Ray sees v1.
         warnings.filterwarnings("ignore", message="Pydantic v1", category=FutureWarning)
         if rc.address is None:
-            ray.init(num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=True,
-                     logging_level="WARNING", runtime_env=env)
+            # "local": always a new instance, never a cluster someone started here.
+            ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False,
+                     log_to_driver=True, logging_level="WARNING", runtime_env=env)
             return True
         env.update(working_dir=str(PROJECT_DIR), excludes=RUNTIME_ENV_EXCLUDES)
         _check_reachable(rc.address, rc.connect_timeout_s)
