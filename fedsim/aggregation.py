@@ -131,7 +131,14 @@ def build_aggregator(cfg: SimConfig) -> Aggregator:
 
     ``dp.mechanism=none``: the (weighted) mean. Otherwise a differentially
     private aggregator (:mod:`fedsim.privacy`), which imports TensorFlow.
+    ``aggregator.kind=tff``: a TFF aggregation factory run by
+    :class:`fedsim.tff_interop.TFFAggregator` (cheap to build: TFF is only
+    imported in the server actor, when it is first used).
     """
+    if cfg.aggregator.kind == "tff":
+        from fedsim.tff_interop import build_tff_aggregator
+
+        return build_tff_aggregator(cfg)
     if cfg.dp.mechanism == "none":
         return MeanAggregator(cfg.server.weighting)
     if cfg.dp.mechanism == "distributed_skellam":

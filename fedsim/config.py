@@ -181,6 +181,9 @@ class ClientConfig:
       example (the batch size).
     delta: dp_sgd only: the delta at which each client's example-level epsilon
       is reported.
+    vectorize: train this many clients at once in one compiled call (their
+      weights stacked; :mod:`fedsim.vectorized`), the same per-client
+      mathematics as one at a time; 0 or 1: one client per call. sgd only.
     """
 
     optimizer: str = "sgd"
@@ -190,9 +193,16 @@ class ClientConfig:
     noise_multiplier: float = 1.1
     num_microbatches: Optional[int] = None
     delta: float = 1e-5
+    vectorize: int = 0
 
     def __post_init__(self) -> None:
         _one_of("client.optimizer", self.optimizer, CLIENT_OPTIMIZERS)
+        _check(self.vectorize >= 0, "client.vectorize",
+               "an integer >= 0 (clients per compiled call; 0: one at a time)", self.vectorize)
+        if self.vectorize > 1:
+            _check(self.optimizer == "sgd", "client.vectorize",
+                   "0 with client.optimizer=dp_sgd (vectorized training is plain SGD)",
+                   self.vectorize)
         _positive("client.learning_rate", self.learning_rate)
         _check(0 <= self.momentum < 1, "client.momentum", "a number in [0, 1)", self.momentum)
         _positive("client.l2_norm_clip", self.l2_norm_clip)
@@ -561,6 +571,8 @@ class SimConfig:
         _check(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         _check(self.checkpoint_every >= 0, "checkpoint_every",
                "an integer >= 0 (0: only after the last round)", self.checkpoint_every)
+        if self.aggregator.kind == "tff":
+            self._check_tff()
         if self.client.optimizer == "dp_sgd" and self.client.num_microbatches is not None:
             _check(self.batch_size % self.client.num_microbatches == 0,
                    "client.num_microbatches", f"a divisor of batch_size={self.batch_size}",
@@ -578,6 +590,23 @@ class SimConfig:
             _check(self.server.weighting == "uniform", "server.weighting",
                    "uniform with secure aggregation (the secure sum carries unweighted "
                    "updates; the secagg configs set it)", self.server.weighting)
+
+    def _check_tff(self) -> None:
+        """A TFF factory is the whole aggregator, its DP included: fedsim's own DP
+        options would be a second, conflicting mechanism."""
+        _check(self.dp.mechanism == "none", "dp.mechanism",
+               "none with aggregator.kind=tff (the TFF factory adds its own noise; its "
+               "DpEvents go to the accountant)", self.dp.mechanism)
+        _check(self.dp.target_epsilon is None and self.dp.max_epsilon is None,
+               "dp.target_epsilon", "null (and dp.max_epsilon null) with aggregator.kind=tff "
+               "(fedsim cannot predict the factory's events)", self.dp.target_epsilon)
+        _check(self.secagg.protocol == "none", "secagg.protocol",
+               "none with aggregator.kind=tff (wrap the factory in TFF's SecureSumFactory "
+               "instead)", self.secagg.protocol)
+        if self.audit.kind == "canary":
+            _check(self.audit.canary_norm is not None, "audit.canary_norm",
+                   "a number with aggregator.kind=tff (fedsim does not know the factory's "
+                   "clip)", self.audit.canary_norm)
 
     def _check_dp(self) -> None:
         dp = self.dp

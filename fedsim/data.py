@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedsim.config import DataConfig
+from fedsim.config import DATASETS, DataConfig
 from fedsim.errors import ConfigError, DataError
 from fedsim.partition import Partition, dirichlet_partition, iid_partition
 
@@ -182,7 +182,11 @@ def load_federated_data(cfg: DataConfig, clients: int, seed: int) -> FederatedDa
         return _load_mnist(cfg, clients, seed)
     if cfg.name == "emnist":
         return _load_emnist(cfg, clients)
-    raise ConfigError("data.name", "one of digits, synthetic, mnist, emnist", cfg.name)
+    if cfg.name == "tff_client_data":
+        from fedsim.tff_data import load_tff_data
+
+        return load_tff_data(cfg, clients, seed)
+    raise ConfigError("data.name", "one of " + ", ".join(DATASETS), cfg.name)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -225,6 +225,13 @@ class Server:
     def memory(self) -> dict[str, float]:
         return memory_mib()
 
+    def close(self) -> None:
+        """Release what the aggregator holds outside Python (a TFF aggregator's
+        C++ ``worker_binary`` child process)."""
+        close = getattr(self.aggregator, "close", None)
+        if close is not None:
+            close()
+
     def get_state(self) -> dict[str, Any]:
         """Weights, optimizer and aggregator state, as numpy (for checkpoints)."""
         import tensorflow as tf

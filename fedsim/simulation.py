@@ -62,10 +62,12 @@ def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
 
 def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """What the run spent, and the assumptions the number rests on."""
-    if accountant is None:
+    if accountant is None or (cfg.dp.mechanism == "none" and not accountant.ledger):
         return {"mechanism": "none", "epsilon": None, **extra}
+    mechanism = (cfg.dp.mechanism if cfg.dp.mechanism != "none"
+                 else f"tff:{cfg.aggregator.factory}")  # the TFF factory's own events
     eps = accountant.epsilon()
-    out = {"mechanism": cfg.dp.mechanism, "epsilon": eps if np.isfinite(eps) else "inf",
+    out = {"mechanism": mechanism, "epsilon": eps if np.isfinite(eps) else "inf",
            "delta": accountant.delta, "accountant": accountant.kind,
            "neighboring_relation": accountant.relation.name, "sampling": cfg.sampling,
            "noise_multiplier": cfg.dp.noise_multiplier,
@@ -302,7 +304,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         privacy["calibrated"] = {"noise_multiplier": calibrated.noise_multiplier,
                                  "epsilon_per_round": calibrated.epsilon}
         cfg = dataclasses.replace(cfg, dp=calibrated)
-    accountant = build_accountant(cfg) if cfg.dp.mechanism != "none" else None
+    # A TFF factory may report DpEvents of its own: they are accounted too.
+    accountant = (build_accountant(cfg)
+                  if cfg.dp.mechanism != "none" or cfg.aggregator.kind == "tff" else None)
     resumed: Optional[dict[str, Any]] = None
     kept: list[dict[str, Any]] = []
     if cfg.resume is not None:
@@ -327,7 +331,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     first_round = resumed["round"] + 1 if resumed else 1
     stop_reason = f"reached rounds={cfg.rounds}"
     progress: Optional[Progress] = None
-    pool = None
+    pool = server = None
     try:
         data_ref = ray.put(data.train)
         server = ray.remote(num_cpus=0)(Server).remote(
@@ -382,7 +386,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             row["retries"] = attempt
             if accountant and "dp_event" in row:
                 accountant.record(accountant.round_event(row.pop("dp_event")))
-            if accountant:
+            if accountant and (accountant.ledger or cfg.dp.mechanism != "none"):
                 row.update(epsilon=accountant.epsilon(), delta=accountant.delta)
             row["round_seconds"] = time.perf_counter() - t0
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
@@ -419,6 +423,13 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
     finally:
+        if server is not None and ray.is_initialized():
+            try:  # stops e.g. a TFF aggregator's worker_binary child
+                ray.get(server.close.remote(), timeout=15)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass  # gone already, or stuck: the kill below ends it (and TFF's
+                # watchdogs then stop its worker_binary)
+            ray.kill(server)  # now, not whenever the handle is collected
         if progress:
             progress.close()
         if pool is not None and pool.placement_group is not None and ray.is_initialized():
