@@ -43,7 +43,7 @@ BAD_INPUTS = [
     (["clients=-5"], "clients=-5"),
     (["clients_per_round=101"], "clients_per_round=101: allowed is an integer in [1, clients=100]"),
     (["model=transformer"], "model=transformer: unknown option; allowed: cnn, logreg, mlp"),
-    (["data=imagenet"], "data=imagenet: unknown option; allowed: digits, emnist, mnist, synthetic"),
+    (["data=imagenet"], "data=imagenet: unknown option; allowed: digits, emnist, mnist, synthetic, tff_client_data"),
     (["client.learning_rate=0"], "client.learning_rate=0.0: allowed is a finite number > 0"),
     (["server.learning_rate=-1"], "server.learning_rate=-1.0"),
     (["data=mnist", "data.path=/nonexistent/mnist.npz"], "file not found: /nonexistent/mnist.npz"),
