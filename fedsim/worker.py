@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -71,12 +71,21 @@ class ClientWorker:
         self.cfg = cfg
         self.data = client_data
         self.aggregator = build_aggregator(cfg)
+        args = (cfg.model, cfg.client, input_shape, num_classes, cfg.batch_size,
+                cfg.local_epochs)
         if cfg.client.optimizer == "dp_sgd":
-            from fedsim.dp_sgd import DPSGDTrainer as Trainer
+            from fedsim.dp_sgd import DPSGDTrainer
+
+            self.trainer = DPSGDTrainer(*args, seed=cfg.seed)
+        elif cfg.client.vectorize > 1:
+            from fedsim.vectorized import VectorizedTrainer
+
+            self.trainer = VectorizedTrainer(*args, seed=cfg.seed,
+                                             max_clients_per_call=cfg.client.vectorize)
         else:
-            from fedsim.client import LocalTrainer as Trainer
-        self.trainer = Trainer(cfg.model, cfg.client, input_shape, num_classes,
-                               cfg.batch_size, cfg.local_epochs, seed=cfg.seed)
+            from fedsim.client import LocalTrainer
+
+            self.trainer = LocalTrainer(*args, seed=cfg.seed)
         self._secagg_states: dict[int, Any] = {}
         self.index = index
 
@@ -99,11 +108,7 @@ class ClientWorker:
                    else Partial(np.zeros(0), 0.0, 0))
         loss_sum, examples = 0.0, 0
         encoded: dict[int, np.ndarray] = {}
-        for cid in client_ids:
-            cid = int(cid)
-            x, y = self.data.client(cid)
-            result = self.trainer.train(weights, x, y, stream(self.cfg.seed, STREAM_SHUFFLE,
-                                                              round_num, cid))
+        for cid, result in self._train_clients(round_num, weights, client_ids):
             loss_sum += result.loss * result.num_examples
             examples += result.num_examples
             if secure is None:
@@ -122,6 +127,28 @@ class ClientWorker:
 
         masked = sum_masked(clients_mask(self._secagg_states, secure[1], encoded), secure[0].bits)
         return WorkerReport(partial, loss_sum, examples, len(client_ids), (masked,))
+
+    def _train_clients(self, round_num: int, weights: np.ndarray,
+                       client_ids: Sequence[int]) -> Iterator[tuple[int, Any]]:
+        """``(client id, ClientResult)`` for each client, in order. Client ``c``
+        shuffles with the stream ``(seed, SHUFFLE, round, c)``. Vectorized, the
+        shard is trained in chunks of ``client.vectorize`` clients per call."""
+        def rng(cid: int) -> np.random.Generator:
+            return stream(self.cfg.seed, STREAM_SHUFFLE, round_num, cid)
+
+        ids = [int(c) for c in client_ids]
+        if self.cfg.client.vectorize > 1 and self.cfg.client.optimizer == "sgd":
+            # Chunks bound the memory of the clients' data held at once.
+            step = self.cfg.client.vectorize * 4
+            for s in range(0, len(ids), step):
+                chunk = ids[s:s + step]
+                results = self.trainer.train_many(
+                    weights, [(*self.data.client(c), rng(c)) for c in chunk])
+                yield from zip(chunk, results)
+            return
+        for cid in ids:
+            x, y = self.data.client(cid)
+            yield cid, self.trainer.train(weights, x, y, rng(cid))
 
     # -- secure aggregation, on behalf of this worker's clients of the round -------
     def secagg_advertise(self, round_num: int, client_ids: Sequence[int]) -> list:

@@ -1,0 +1,122 @@
+"""Vectorized multi-client training equals training the clients one at a time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsim.client import LocalTrainer
+from fedsim.config import ClientConfig, ModelConfig
+from fedsim.vectorized import VectorizedTrainer, batch_plan
+
+# Unequal clients: a partial last batch (23, 7, 12), fewer examples than a batch
+# (3, 1), exactly two batches (10).
+SIZES = (23, 3, 10, 7, 12, 1)
+SHAPE = (8, 8, 1)
+BATCH, EPOCHS = 5, 2
+
+
+def _clients(seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((n, *SHAPE), dtype=np.float32),
+             rng.integers(0, 10, size=n).astype(np.int32)) for n in SIZES]
+
+
+def _pair(name, momentum, **kw):
+    model_cfg = ModelConfig(name=name, hidden=[16], filters=[4, 8])
+    client_cfg = ClientConfig(learning_rate=0.1, momentum=momentum)
+    args = (model_cfg, client_cfg, SHAPE, 10, BATCH, EPOCHS)
+    return LocalTrainer(*args, seed=7), VectorizedTrainer(*args, seed=7, **kw)
+
+
+def _global(trainer):
+    rng = np.random.default_rng(5)
+    w = trainer.flat.get().numpy()
+    return w + rng.normal(scale=0.01, size=w.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("name,momentum", [("logreg", 0.0), ("mlp", 0.0), ("mlp", 0.9),
+                                           ("cnn", 0.0), ("cnn", 0.9)])
+def test_vectorized_equals_one_client_at_a_time(name, momentum):
+    local, vec = _pair(name, momentum, max_clients_per_call=4)  # 6 clients: 2 calls
+    assert vec.num_parameters == local.num_parameters
+    w0 = _global(local)
+    clients = _clients()
+    expected = [local.train(w0, x, y, np.random.default_rng(100 + i))
+                for i, (x, y) in enumerate(clients)]
+    got = vec.train_many(w0, [(x, y, np.random.default_rng(100 + i))
+                              for i, (x, y) in enumerate(clients)])
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got):
+        assert g.num_examples == e.num_examples
+        assert np.linalg.norm(e.delta) > 1e-3  # training moved the weights
+        np.testing.assert_allclose(g.delta, e.delta, rtol=1e-4, atol=1e-6)
+        assert g.loss == pytest.approx(e.loss, rel=1e-5)
+    # One compiled function for every chunk (K and step counts differ): no retracing.
+    assert vec._train.experimental_get_tracing_count() == 1
+
+
+def test_wrong_shuffling_or_data_gives_a_different_result():
+    local, vec = _pair("mlp", 0.5, max_clients_per_call=8)
+    w0 = _global(local)
+    clients = _clients()
+    expected = [local.train(w0, x, y, np.random.default_rng(100 + i))
+                for i, (x, y) in enumerate(clients)]
+    # Client 0's rng handed to client 4 and vice versa (both hold > 1 batch).
+    seeds = [104, 101, 102, 103, 100, 105]
+    swapped = vec.train_many(w0, [(x, y, np.random.default_rng(s))
+                                  for (x, y), s in zip(clients, seeds)])
+    assert not np.allclose(swapped[0].delta, expected[0].delta, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(swapped[4].delta, expected[4].delta, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(swapped[1].delta, expected[1].delta, rtol=1e-4, atol=1e-6)
+    # Another client's labels: different update.
+    x0, y0 = clients[0]
+    other = vec.train(w0, x0, np.roll(y0, 1), np.random.default_rng(100))
+    assert not np.allclose(other.delta, expected[0].delta, rtol=1e-4, atol=1e-6)
+
+
+def test_result_does_not_depend_on_chunk_composition_and_repeats_exactly():
+    _, vec = _pair("cnn", 0.9, max_clients_per_call=6)
+    w0 = _global(vec)
+    clients = _clients()
+    together = vec.train_many(w0, [(x, y, np.random.default_rng(i))
+                                   for i, (x, y) in enumerate(clients)])
+    for i in (0, 5):
+        alone = vec.train(w0, *clients[i], np.random.default_rng(i))
+        np.testing.assert_allclose(alone.delta, together[i].delta, rtol=1e-5, atol=1e-7)
+    # The same chunks again: bit for bit.
+    again = vec.train_many(w0, [(x, y, np.random.default_rng(i))
+                                for i, (x, y) in enumerate(clients)])
+    for r, s in zip(together, again):
+        np.testing.assert_array_equal(r.delta, s.delta)
+        assert r.loss == s.loss
+
+
+def test_vmap_conv_backend_equals_grouped():
+    _, grouped = _pair("cnn", 0.0, max_clients_per_call=6)
+    _, vmap = _pair("cnn", 0.0, max_clients_per_call=6, conv="vmap")
+    w0 = _global(grouped)
+    clients = _clients()[:3]
+    a = grouped.train_many(w0, [(x, y, np.random.default_rng(i)) for i, (x, y) in
+                                enumerate(clients)])
+    b = vmap.train_many(w0, [(x, y, np.random.default_rng(i)) for i, (x, y) in
+                             enumerate(clients)])
+    for r, s in zip(a, b):
+        np.testing.assert_allclose(r.delta, s.delta, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_plan_cuts_batches_like_local_training():
+    order = [np.array([2, 0, 1, 1, 2, 0], np.int32), np.array([0, 0], np.int32)]
+    idx, weights, active = batch_plan([3, 1], 2, 2, order, [10, 20])
+    # Client 0: 2 steps per epoch (2 + 1 examples), 2 epochs.
+    np.testing.assert_array_equal(idx[0], [[12, 10], [11, 0], [11, 12], [10, 0]])
+    np.testing.assert_allclose(weights[0], [[0.5, 0.5], [1, 0], [0.5, 0.5], [1, 0]])
+    np.testing.assert_array_equal(active, [[1, 1, 1, 1], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(idx[1, :2], [[20, 0], [20, 0]])
+    np.testing.assert_allclose(weights[1], [[1, 0], [1, 0], [0, 0], [0, 0]])
+
+
+def test_dp_sgd_clients_are_refused():
+    with pytest.raises(NotImplementedError, match="sgd only"):
+        VectorizedTrainer(ModelConfig(name="logreg"), ClientConfig(optimizer="dp_sgd"), SHAPE,
+                          10, BATCH, EPOCHS)
