@@ -106,13 +106,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def memory_mib() -> dict[str, float]:
-    """This process's resident memory now and at its peak, in MiB."""
+    """This process's resident memory now and at its peak, in MiB.
+
+    The peak is Linux's ``VmHWM`` (of this process image; ``ru_maxrss`` would
+    carry a parent's peak over ``exec``), else ``ru_maxrss``."""
     import resource
 
     import psutil
 
-    return {"rss": psutil.Process().memory_info().rss / 2**20,
-            "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {"rss": psutil.Process().memory_info().rss / 2**20, "peak": peak}
 
 
 def versions() -> dict[str, str]:
