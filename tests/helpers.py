@@ -17,9 +17,10 @@ TIMINGS = {"round_seconds", "eval_seconds", "secagg_seconds"}
 
 
 def small_config(**kw) -> SimConfig:
-    """A quick simulation: 20 clients, 5 per round, 3 rounds of logreg on 2 workers."""
+    """A quick simulation: 20 clients, 5 per round, 3 rounds of logreg on 1 worker
+    (each worker actor costs a TensorFlow start-up; tests of several workers ask)."""
     base = dict(clients=20, clients_per_round=5, rounds=3, local_epochs=1, batch_size=10,
-                model=ModelConfig(name="logreg"), ray=RayConfig(workers=2), progress=False)
+                model=ModelConfig(name="logreg"), ray=RayConfig(workers=1), progress=False)
     base.update(kw)
     return SimConfig(**base)
 

@@ -116,7 +116,7 @@ def test_dp_needs_uniform_weighting_and_pld_needs_poisson():
 
 def _small_dp(**dp) -> SimConfig:
     return SimConfig(clients=20, clients_per_round=5, rounds=4, local_epochs=1, batch_size=10,
-                     model=ModelConfig(name="logreg"), ray=RayConfig(workers=2), progress=False,
+                     model=ModelConfig(name="logreg"), ray=RayConfig(workers=1), progress=False,
                      server=ServerConfig(weighting="uniform"), dp=DPConfig(**dp))
 
 

@@ -28,7 +28,7 @@ ARGS = dict(clients=30, clients_per_round=10, rounds=6, local_epochs=6, batch_si
 
 def _cfg(**kw) -> SimConfig:
     base = dict(ARGS, model=ModelConfig(name="logreg"), progress=False,
-                ray=RayConfig(num_cpus=2, workers=2), server=ServerConfig(weighting="uniform"),
+                ray=RayConfig(num_cpus=2, workers=1), server=ServerConfig(weighting="uniform"),
                 dp=DPConfig(mechanism="gaussian_adaptive", noise_multiplier=0.3))
     base.update(kw)
     return SimConfig(**base)
@@ -37,7 +37,7 @@ def _cfg(**kw) -> SimConfig:
 def _cli(*extra: str) -> list[str]:
     args = [f"{k}={v}" for k, v in ARGS.items()]
     return [sys.executable, str(ROOT / "scripts" / "simulate.py"), *args, "model=logreg",
-            "dp=gaussian_adaptive", "dp.noise_multiplier=0.3", "ray.num_cpus=2", "ray.workers=2",
+            "dp=gaussian_adaptive", "dp.noise_multiplier=0.3", "ray.num_cpus=2", "ray.workers=1",
             "progress=false", *extra]
 
 

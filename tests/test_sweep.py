@@ -49,10 +49,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def dp_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """dp.noise_multiplier=0.5,1.0 x seed=0,1 through `simulate.py -m`, 2 rounds each."""
+    """dp.noise_multiplier=0.5,1.0 x seed=0,1 through `simulate.py -m`, 2 rounds each,
+    two points at a time on Ray (hydra/launcher=ray)."""
     tmp = tmp_path_factory.mktemp("sweep")
     sweep_dir = tmp / "grid"
-    proc = run_script(SIMULATE, "-m", *SMALL, "dp=gaussian", "dp.noise_multiplier=0.5,1.0",
+    proc = run_script(SIMULATE, "-m", "hydra/launcher=ray", "hydra.launcher.max_parallel=2",
+                      *SMALL, "dp=gaussian", "dp.noise_multiplier=0.5,1.0",
                       "seed=0,1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep_dir, proc
@@ -132,22 +134,17 @@ def test_report_script_refuses_missing_or_foreign_directories(tmp_path):
 
 # ---------------------------------------------------------------------- the Ray launcher
 
-def test_ray_launcher_runs_grid_points_in_parallel(tmp_path):
-    sweep_dir = tmp_path / "grid"
-    proc = run_script(SIMULATE, "-m", "hydra/launcher=ray", "hydra.launcher.max_parallel=2",
-                      *SMALL, "seed=0,1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Launching 2 jobs on Ray (2 CPUs" in proc.stdout + proc.stderr
+def test_ray_launcher_runs_grid_points_in_parallel(dp_sweep):
+    sweep_dir, proc = dp_sweep
+    assert "Launching 4 jobs on Ray (2 CPUs" in proc.stdout + proc.stderr
     spans = []
-    for job in ("0", "1"):
+    for job in ("0", "1", "2", "3"):
         summary = json.loads((sweep_dir / job / "summary.json").read_text())
         assert summary["status"] == COMPLETED and summary["rounds_completed"] == 2
-        assert summary["config"]["seed"] == int(job)
         spans.append(((sweep_dir / job / ".hydra" / "config.yaml").stat().st_mtime,
                       (sweep_dir / job / "summary.json").stat().st_mtime))
-    # Each point's pool (1 worker, 1 CPU) fits beside the other's: they ran at once.
-    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
-    assert [g["status"] for g in read_csv(sweep_dir / "sweep_summary.csv")] == ["2/2 completed"]
+    # Each point's pool (1 worker, 1 CPU) fits beside another's: some ran at once.
+    assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
 
 
 @pytest.mark.parametrize("override,words", [
