@@ -134,13 +134,7 @@ def server_app(a: argparse.Namespace, log: dict[str, list]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=sorted(W.MODELS), default="cnn")
-    ap.add_argument("--dp", choices=sorted(W.DP), default="none")
-    ap.add_argument("--clients-per-round", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    W.add_run_arguments(ap)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)

@@ -91,18 +91,12 @@ def run_fedsim(a: argparse.Namespace, vectorize: int = 0) -> dict[str, Any]:
 @contextlib.contextmanager
 def _stop_worker_binaries():
     """Terminate TFF's C++ worker_binary children on the way out (they outlive us)."""
-    import psutil
-
     try:
         yield
     finally:
-        for child in psutil.Process().children(recursive=True):
-            try:
-                if child.name() == "worker_binary":
-                    child.terminate()
-                    child.wait(timeout=10)
-            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-                pass
+        from fedsim.tff_interop import stop_tff_worker_binaries
+
+        stop_tff_worker_binaries()
 
 
 def run_tff(a: argparse.Namespace) -> dict[str, Any]:
@@ -259,13 +253,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("system", choices=["fedsim", "fedsim_vectorized", "tff", "naive",
                                        "vectorized", "roofline"])
-    ap.add_argument("--model", choices=sorted(W.MODELS), default="cnn")
-    ap.add_argument("--dp", choices=sorted(W.DP), default="none")
-    ap.add_argument("--clients-per-round", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    W.add_run_arguments(ap)
     ap.add_argument("--vectorize", type=int, default=16, help="clients per vectorized call")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--data", required=True)

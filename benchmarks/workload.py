@@ -55,6 +55,17 @@ DP: dict[str, dict[str, float] | None] = {
 }
 
 
+def add_run_arguments(ap: Any) -> None:
+    """The options every runner takes: model, dp, cohort size, rounds, seed, CPUs."""
+    ap.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    ap.add_argument("--dp", choices=sorted(DP), default="none")
+    ap.add_argument("--clients-per-round", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+
+
 def model_config(model: str):
     from fedsim.config import ModelConfig
 

@@ -325,11 +325,17 @@ class SqlTFFClientData:
         return out
 
     def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
-        if not 0 <= cid < self.num_clients:
-            raise IndexError(f"client {cid} out of range [0, {self.num_clients})")
-        name = self.client_ids[cid]
-        return _as_xy(self.elements(name), f"{self.path}: client {name!r}", self.x_key,
-                      self.y_key, self.x_shape, self.x_scale, self.num_classes)
+        return _client_xy(self, cid, f"{self.path}: client")
+
+
+def _client_xy(data: Any, cid: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Virtual client ``cid`` of ``data`` (a SqlTFFClientData or ObjectTFFClientData)
+    as fedsim's ``(x, y)`` arrays; ``where`` names the source in errors."""
+    if not 0 <= cid < data.num_clients:
+        raise IndexError(f"client {cid} out of range [0, {data.num_clients})")
+    name = data.client_ids[cid]
+    return _as_xy(data.elements(name), f"{where} {name!r}", data.x_key, data.y_key,
+                  data.x_shape, data.x_scale, data.num_classes)
 
 
 @dataclass(frozen=True)
@@ -368,11 +374,7 @@ class ObjectTFFClientData:
         return out
 
     def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
-        if not 0 <= cid < self.num_clients:
-            raise IndexError(f"client {cid} out of range [0, {self.num_clients})")
-        name = self.client_ids[cid]
-        return _as_xy(self.elements(name), f"ClientData client {name!r}", self.x_key,
-                      self.y_key, self.x_shape, self.x_scale, self.num_classes)
+        return _client_xy(self, cid, "ClientData client")
 
 
 # ----------------------------------------------------------------------------- loading

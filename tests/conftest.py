@@ -11,7 +11,6 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -33,10 +32,6 @@ def ray_local():
 def stop_tff_worker_binaries():
     """Terminate TFF's worker_binary children at the end of the session."""
     yield
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.name() == "worker_binary":
-                child.terminate()
-                child.wait(timeout=10)
-        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-            pass
+    from fedsim.tff_interop import stop_tff_worker_binaries
+
+    stop_tff_worker_binaries()
