@@ -137,7 +137,7 @@ class ClientWorker:
             return stream(self.cfg.seed, STREAM_SHUFFLE, round_num, cid)
 
         ids = [int(c) for c in client_ids]
-        if self.cfg.client.vectorize > 1 and self.cfg.client.optimizer == "sgd":
+        if self.cfg.client.vectorize > 1:  # (SimConfig allows it with sgd only)
             # Chunks bound the memory of the clients' data held at once.
             step = self.cfg.client.vectorize * 4
             for s in range(0, len(ids), step):
