@@ -197,7 +197,7 @@ def _run_round(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
     plan = ray.get(server.plan.remote(rnd))
     weights_ref = server.global_weights.remote()
     params_ref = server.client_params.remote()
-    if cfg.secagg.protocol == "none":
+    if cfg.secagg.protocol == "none" or not plan.sampled.size:  # (Poisson: maybe nobody)
         shards = np.array_split(plan.reporting, len(workers))
         reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard, None, attempt)
                    for w, shard in zip(workers, shards) if len(shard)]
