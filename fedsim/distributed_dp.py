@@ -37,6 +37,7 @@ import numpy as np
 
 from fedsim.aggregation import Partial, merge_partials
 from fedsim.config import DPConfig
+from fedsim.fixedpoint import round_stochastically
 
 TAIL_STDDEVS = 20.0  # modulus headroom for the noise: P(|Skellam| > 20 std) is negligible
 
@@ -103,14 +104,22 @@ class SkellamCodec:
                              "lower secagg.precision_bits")
         return cls(clip, scale, variance, num_clients, bits)
 
-    def encode(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def encode(self, x: np.ndarray, rng: np.random.Generator, dtype: type = np.uint64,
+               add_to: np.ndarray | None = None) -> np.ndarray:
+        """Clip, scale, round stochastically, add this client's Skellam noise
+        share; the integers mod 2^bits as ``dtype`` (uint64, or uint32 when
+        bits <= 32), or added into ``add_to`` (as
+        :meth:`fedsim.fixedpoint.FixedPointCodec.encode`)."""
         y = np.clip(np.asarray(x, np.float64), -self.clip, self.clip) * self.scale
-        low = np.floor(y)
-        units = low.astype(np.int64) + (rng.random(y.shape) < (y - low))
+        units = round_stochastically(y, rng).astype(np.int64)
         if self.variance > 0:
             lam = self.variance / 2.0
             units += rng.poisson(lam, y.shape) - rng.poisson(lam, y.shape)
-        return units.view(np.uint64) & np.uint64((1 << self.bits) - 1)
+        enc = units.view(np.uint64) & np.uint64((1 << self.bits) - 1)
+        if add_to is None:
+            return enc.astype(dtype, copy=False)
+        np.add(add_to, enc, out=add_to, casting="unsafe")
+        return add_to
 
     def decode_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         t = np.asarray(total, np.uint64) & np.uint64((1 << self.bits) - 1)

@@ -27,7 +27,7 @@ import attr
 import numpy as np
 
 from fedsim.config import SecAggConfig
-from fedsim.fixedpoint import FixedPointCodec
+from fedsim.fixedpoint import FixedPointCodec, word_dtype
 
 EXTRA_BOUND = 0.5  # the quantile estimator's records are below-estimate indicators - 0.5
 
@@ -44,13 +44,29 @@ class SecureLayout:
         return self.codecs[0].bits
 
     @property
+    def word_dtype(self) -> type:
+        """uint32 when ``bits <= 32``, else uint64 (:func:`fedsim.fixedpoint.word_dtype`)."""
+        return word_dtype(self.bits)
+
+    @property
     def vector_len(self) -> int:
         return int(sum(self.sizes))
 
-    def encode(self, parts: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-        """One client's parts -> one uint64 vector (stochastic rounding from ``rng``)."""
-        return np.concatenate([c.encode(np.ravel(np.asarray(p, np.float64)), rng)
-                               for c, p in zip(self.codecs, parts)])
+    def encode(self, parts: Sequence[np.ndarray], rng: np.random.Generator,
+               add_to: Optional[np.ndarray] = None) -> np.ndarray:
+        """One client's parts -> one vector of :attr:`word_dtype` (stochastic
+        rounding from ``rng``); or, with ``add_to`` (a :attr:`word_dtype`
+        vector of :attr:`vector_len`), added into it: the input sum that
+        :func:`fedsim.secagg.clients_mask_sum` masks."""
+        flat = [np.ravel(np.asarray(p, np.float64)) for p in parts]
+        if add_to is None:
+            return np.concatenate([c.encode(p, rng, dtype=self.word_dtype)
+                                   for c, p in zip(self.codecs, flat)])
+        start = 0
+        for codec, p in zip(self.codecs, flat):
+            codec.encode(p, rng, add_to=add_to[start:start + p.size])
+            start += p.size
+        return add_to
 
     def decode_sum(self, total: np.ndarray, count: int) -> list[np.ndarray]:
         """The unmasked sum of ``count`` encoded vectors -> the parts' float sums."""

@@ -121,3 +121,35 @@ def test_constructor_checks_the_no_wrap_condition() -> None:
         ok.decode_sum(np.zeros(3, dtype=np.uint64), 11)
     with pytest.raises(ValueError, match="clip"):
         FixedPointCodec.for_sum(0.0, 10)
+
+
+@pytest.mark.parametrize("bits", [24, 31, 32])
+def test_uint32_encoding_is_the_uint64_encoding_narrowed(bits):
+    """Secure aggregation adds words of 32 bits when the modulus allows it."""
+    codec = FixedPointCodec.for_sum(1.0, 10, bits=bits, precision_bits=12)
+    x = np.random.default_rng(3).uniform(-1.5, 1.5, size=1000)
+    wide = codec.encode(x, np.random.default_rng(9))
+    narrow = codec.encode(x, np.random.default_rng(9), dtype=np.uint32)
+    assert wide.dtype == np.uint64 and narrow.dtype == np.uint32
+    np.testing.assert_array_equal(wide, narrow.astype(np.uint64))
+    assert wide.max() <= 2 * codec.offset
+
+
+def test_uint32_encoding_is_refused_for_wider_moduli():
+    codec = FixedPointCodec.for_sum(1.0, 10, bits=40)
+    with pytest.raises(FixedPointError, match="dtype"):
+        codec.encode(np.zeros(3), np.random.default_rng(0), dtype=np.uint32)
+
+
+def test_encoding_added_into_a_sum_equals_the_sum_of_encodings():
+    """A worker holds only the running sum of its clients' encodings (add_to);
+    vectors longer than one encoding pass (16384 coordinates) included."""
+    codec = FixedPointCodec.for_sum(0.5, 3, bits=30, precision_bits=20)
+    xs = np.random.default_rng(4).uniform(-0.6, 0.6, size=(3, 40_000))
+    total = np.zeros(40_000, np.uint32)
+    for i, x in enumerate(xs):
+        codec.encode(x, np.random.default_rng(i), add_to=total)
+    expected = sum(codec.encode(x, np.random.default_rng(i)) for i, x in enumerate(xs))
+    np.testing.assert_array_equal(total, expected)
+    np.testing.assert_allclose(codec.decode_sum(total, 3), xs.clip(-0.5, 0.5).sum(axis=0),
+                               atol=codec.error_bound(3))
