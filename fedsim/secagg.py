@@ -75,11 +75,18 @@ Design choices
   prime, larger than the 256-bit secrets), holder ``j`` at the point
   ``x = j + 1``; coefficients are uniform field elements (rejection sampled).
 * **PRG.** The AES-256-CTR keystream (counter block 0) under the 32-byte seed,
-  read as little-endian ``uint64`` words: ``d`` coordinates take ``8d`` bytes
-  of keystream, generated and summed in place without Python loops over
-  coordinates. Sums are taken modulo ``2^64`` (``uint64`` wraparound) and
-  reduced modulo ``2^bits`` at the end, which equals summing the masked-to-
-  ``bits`` words since ``2^bits`` divides ``2^64``.
+  read as little-endian words of 32 bits when ``bits <= 32`` and of 64 bits
+  otherwise: ``d`` coordinates take ``4d`` or ``8d`` bytes of keystream,
+  generated and summed in place without Python loops over coordinates. Sums
+  are taken modulo ``2^32`` or ``2^64`` (``uint32``/``uint64`` wraparound,
+  :func:`fedsim.fixedpoint.word_dtype`) and reduced modulo ``2^bits`` at the
+  end, which equals summing the masked-to-``bits`` words since ``2^bits``
+  divides the word modulus. Messages carry ``uint64`` vectors.
+* **Relays.** A worker that masks for many virtual clients sends one
+  :class:`MaskedSum` (:func:`clients_mask_sum`); the pairwise masks between
+  two of its own clients cancel in that sum and are skipped, so the server's
+  view is unchanged and the simulation spends less time than the clients
+  would.
 * **Randomness.** ``rng=None`` draws keys, seeds, coefficients and nonces from
   ``os.urandom``. For reproducible simulations pass an ``int`` (each client
   then uses its own stream derived from ``(seed, client id)``, independent of
@@ -98,6 +105,7 @@ out of order.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import struct
@@ -114,6 +122,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedsim.errors import FedsimError
+from fedsim.fixedpoint import word_dtype
 
 PROTOCOLS = ("secagg", "secagg_plus")
 """The protocols :class:`SecAggServer` runs."""
@@ -176,6 +185,25 @@ def _client_rngs(ids: Sequence[int], rng: RngLike) -> dict[int, np.random.Genera
 
 def _randbytes(rng: np.random.Generator | None, n: int) -> bytes:
     return os.urandom(n) if rng is None else rng.bytes(n)
+
+
+class _ByteSource:
+    """``randbytes(n)`` for one client: ``os.urandom`` (rng None), or its seeded
+    stream read in chunks of ``chunk`` bytes (``Generator.bytes`` costs ~15 us a
+    call whatever ``n``, and a client's round 1 needs dozens of small draws)."""
+
+    def __init__(self, rng: np.random.Generator | None, chunk: int = 2048) -> None:
+        self._rng, self._chunk = rng, chunk
+        self._buf, self._pos = b"", 0
+
+    def __call__(self, n: int) -> bytes:
+        if self._rng is None:
+            return os.urandom(n)
+        if self._pos + n > len(self._buf):
+            self._buf = self._buf[self._pos:] + self._rng.bytes(max(n, self._chunk))
+            self._pos = 0
+        self._pos += n
+        return self._buf[self._pos - n:self._pos]
 
 
 # --------------------------------------------------------------------------- Shamir
@@ -271,13 +299,14 @@ class _Keystream:
         self.words = np.frombuffer(self._buf, dtype=f"<u{width}", count=length)
 
     def fill(self, seed: bytes) -> np.ndarray:
-        """The keystream under ``seed`` as ``uint64`` words (a view, overwritten by later fills)."""
+        """The keystream under ``seed`` as words (a view, overwritten by later fills)."""
         enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
         enc.update_into(self._zeros, self._buf)
         return self.words
 
     def add(self, y: np.ndarray, seed: bytes, subtract: bool = False) -> None:
-        """``y += PRG(seed)`` (or ``-=``) in place, modulo 2^64."""
+        """``y += PRG(seed)`` (or ``-=``) in place, modulo 2^32 or 2^64 (``y``'s dtype;
+        fastest when it is :attr:`words`' dtype, :func:`fedsim.fixedpoint.word_dtype`)."""
         if subtract:
             np.subtract(y, self.fill(seed), out=y)
         else:
@@ -293,8 +322,9 @@ def prg(seed: bytes, length: int, bits: int = 64) -> np.ndarray:
     return _Keystream(length, bits).fill(seed).astype(np.uint64)
 
 
-def _mask_of(bits: int) -> np.uint64:
-    return np.uint64((1 << bits) - 1)
+def _mask_of(bits: int, dtype: type = np.uint64) -> np.integer:
+    """``2^bits - 1`` as a scalar of ``dtype`` (all ones when ``bits`` exceeds its width)."""
+    return np.dtype(dtype).type(min((1 << bits) - 1, np.iinfo(dtype).max))
 
 
 # --------------------------------------------------------------------------- graphs
@@ -324,10 +354,15 @@ def harary_graph(ids: Sequence[int], k: int, rng: np.random.Generator) -> dict[i
         return {i: frozenset(j for j in ids if j != i) for i in ids}
     if k < 2 or k % 2:
         raise SecAggError(f"neighbours={k}: allowed is an even integer >= 2")
-    ring = [ids[p] for p in rng.permutation(n)]
+    ring = _ring(ids, rng)
     half = k // 2
     return {ring[p]: frozenset(ring[(p + d) % n] for d in range(-half, half + 1) if d)
             for p in range(n)}
+
+
+def _ring(sorted_ids: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """The Harary graph's ring: a random permutation (from ``rng``) of the sorted ids."""
+    return [sorted_ids[p] for p in rng.permutation(len(sorted_ids))]
 
 
 def complete_graph(ids: Sequence[int]) -> dict[int, frozenset[int]]:
@@ -526,7 +561,8 @@ def clients_advertise(ids: Iterable[int], rng: RngLike = None
     states: dict[int, ClientState] = {}
     msgs = []
     for cid, crng in _client_rngs(ids, rng).items():
-        c_sk, s_sk = _randbytes(crng, _KEY_BYTES), _randbytes(crng, _KEY_BYTES)
+        both = _randbytes(crng, 2 * _KEY_BYTES)
+        c_sk, s_sk = both[:_KEY_BYTES], both[_KEY_BYTES:]
         st = ClientState(client_id=cid, c_sk=c_sk, s_sk=s_sk, c_pk=_public(c_sk),
                          s_pk=_public(s_sk), rng=crng)
         states[cid] = st
@@ -545,6 +581,11 @@ def clients_share_keys(states: Mapping[int, ClientState],
     client for :meth:`SecAggServer.route_shares`.
     """
     out = []
+    # ECDH is symmetric: when two clients of this call see each other's genuine
+    # c_pk, X25519(c_sk_i, c_pk_j) == X25519(c_sk_j, c_pk_i), so the pair's key
+    # is derived once (the same bytes either way).
+    genuine = {cid: states[cid].c_pk for cid in setups if cid in states}
+    pair_keys: dict[tuple[int, int], bytes] = {}
     for cid in sorted(setups):
         setup = setups[cid]
         st = _state(states, cid, 0, "clients_share_keys")
@@ -559,9 +600,7 @@ def clients_share_keys(states: Mapping[int, ClientState],
         st.bits, st.vector_len, st.threshold = setup.bits, setup.vector_len, setup.threshold
         st.neighbour_keys = dict(setup.keys)
 
-        def randbytes(n: int, _rng: np.random.Generator | None = st.rng) -> bytes:
-            return _randbytes(_rng, n)
-
+        randbytes = _ByteSource(st.rng)
         st.b_seed = randbytes(_KEY_BYTES)
         xs = [h + 1 for h in holders]
         sk_shares = shamir_split(int.from_bytes(st.s_sk, "big"), st.threshold, xs, randbytes)
@@ -570,10 +609,15 @@ def clients_share_keys(states: Mapping[int, ClientState],
         ciphertexts = {}
         c_key = X25519PrivateKey.from_private_bytes(st.c_sk)
         for j, sk_share, b_share in zip(neighbours, sk_shares, b_shares):
-            try:
-                key = _agree(c_key, setup.keys[j][0], _INFO_SHARE_KEY)
-            except ValueError:
-                raise _abort(1, f"client {j} advertised an invalid public key") from None
+            pk, pair = setup.keys[j][0], (min(cid, j), max(cid, j))
+            key = pair_keys.get(pair) if genuine.get(j) == pk else None
+            if key is None:
+                try:
+                    key = _agree(c_key, pk, _INFO_SHARE_KEY)
+                except ValueError:
+                    raise _abort(1, f"client {j} advertised an invalid public key") from None
+                if genuine.get(j) == pk:
+                    pair_keys[pair] = key
             st.share_keys[j] = key
             nonce = randbytes(_NONCE_BYTES)
             plaintext = (_IDS.pack(cid, j) + sk_share.to_bytes(_SHARE_BYTES, "big")
@@ -609,8 +653,10 @@ def _receive_shares(st: ClientState, delivery: SharesDelivery) -> None:
     st.mask_peers = frozenset(delivery.ciphertexts)
 
 
-def _check_input(x: object, bits: int, vector_len: int, who: str) -> np.ndarray:
-    """The input as a fresh uint64 vector, after checking its shape and range."""
+def _check_input(x: object, bits: int, vector_len: int, who: str, copy: bool = True
+                 ) -> np.ndarray:
+    """The input as a vector of ``word_dtype(bits)`` (a fresh copy when ``copy``), after
+    checking its shape and range."""
     x = np.asarray(x)
     if x.shape != (vector_len,):
         raise SecAggError(f"{who}: the input has shape {x.shape}, expected ({vector_len},)")
@@ -619,10 +665,39 @@ def _check_input(x: object, bits: int, vector_len: int, who: str) -> np.ndarray:
                           "(encode real vectors with fedsim.fixedpoint)")
     if x.dtype.kind == "i" and x.size and x.min() < 0:
         raise SecAggError(f"{who}: the input has negative values; allowed is [0, 2^{bits})")
-    x = x.astype(np.uint64)
-    if bits < 64 and np.any(x >> np.uint64(bits)):
+    if bits < 64 and x.size and int(x.max()) >> bits:
         raise SecAggError(f"{who}: the input has values >= 2^{bits}")
-    return x
+    return x.astype(word_dtype(bits), copy=copy)
+
+
+def _begin_masking(states: Mapping[int, ClientState], deliveries: Mapping[int, SharesDelivery],
+                   cid: int, step: str) -> ClientState:
+    """Check that client ``cid`` may mask now; decrypt and check the shares delivered to it."""
+    st = _state(states, cid, 1, step)
+    if cid not in deliveries:
+        raise SecAggError(f"{step}: no share delivery for client {cid} (it is not part of the "
+                          "round after round 1)")
+    delivery = deliveries[cid]
+    if delivery.receiver != cid:
+        raise SecAggError(f"{step}: the delivery for client {cid} is addressed to client "
+                          f"{delivery.receiver}")
+    _receive_shares(st, delivery)
+    return st
+
+
+def _add_masks(ks: _Keystream, y: np.ndarray, st: ClientState, peers: Iterable[int]) -> None:
+    """``y += PRG(b_i) + sum_{j in peers, j>i} PRG(s_ij) - sum_{j in peers, j<i} PRG(s_ij)``
+    (in ``y``'s word arithmetic) for client ``i`` = ``st.client_id``."""
+    cid = st.client_id
+    ks.add(y, st.b_seed)
+    s_key = X25519PrivateKey.from_private_bytes(st.s_sk)
+    for j in sorted(peers):
+        try:
+            seed = _agree(s_key, st.neighbour_keys[j][1], _INFO_MASK_SEED)
+        except ValueError:
+            raise _abort(2, f"client {j} advertised an invalid public key") from None
+        ks.add(y, seed, subtract=cid > j)
+    st.stage = 2
 
 
 def clients_mask(states: Mapping[int, ClientState], deliveries: Mapping[int, SharesDelivery],
@@ -640,31 +715,64 @@ def clients_mask(states: Mapping[int, ClientState], deliveries: Mapping[int, Sha
     out = []
     streams: dict[tuple[int, int], _Keystream] = {}
     for cid in sorted(inputs):
-        st = _state(states, cid, 1, "clients_mask")
-        if cid not in deliveries:
-            raise SecAggError(f"clients_mask: no share delivery for client {cid} (it is not "
-                              "part of the round after round 1)")
-        delivery = deliveries[cid]
-        if delivery.receiver != cid:
-            raise SecAggError(f"clients_mask: the delivery for client {cid} is addressed to "
-                              f"client {delivery.receiver}")
-        x = _check_input(inputs[cid], st.bits, st.vector_len, f"client {cid}")
-        _receive_shares(st, delivery)
+        st = _begin_masking(states, deliveries, cid, "clients_mask")
+        y = _check_input(inputs[cid], st.bits, st.vector_len, f"client {cid}")
         if (st.vector_len, st.bits) not in streams:
             streams[st.vector_len, st.bits] = _Keystream(st.vector_len, st.bits)
-        ks = streams[st.vector_len, st.bits]
-        ks.add(x, st.b_seed)
-        s_key = X25519PrivateKey.from_private_bytes(st.s_sk)
-        for j in sorted(st.mask_peers):
-            try:
-                seed = _agree(s_key, st.neighbour_keys[j][1], _INFO_MASK_SEED)
-            except ValueError:
-                raise _abort(2, f"client {j} advertised an invalid public key") from None
-            ks.add(x, seed, subtract=cid > j)
-        x &= _mask_of(st.bits)
-        st.stage = 2
-        out.append(MaskedInput(cid, x))
+        _add_masks(streams[st.vector_len, st.bits], y, st, st.mask_peers)
+        y &= _mask_of(st.bits, y.dtype)
+        out.append(MaskedInput(cid, y.astype(np.uint64, copy=False)))
     return out
+
+
+def clients_mask_sum(states: Mapping[int, ClientState], deliveries: Mapping[int, SharesDelivery],
+                     senders: Collection[int], input_sum: np.ndarray) -> MaskedSum:
+    """Round 2 for the clients ``senders``, relayed as one :class:`MaskedSum`.
+
+    ``input_sum``: the sum modulo ``2^bits`` (or modulo the width of its
+    unsigned dtype, which ``2^bits`` divides) of the clients' inputs, as a
+    relay that encodes many clients' records accumulates it
+    (:meth:`fedsim.secure_aggregation.SecureLayout.encode` with ``add_to``).
+    The result is bit for bit ``sum_masked(clients_mask(states, deliveries,
+    inputs), bits)`` for any inputs with that sum, at lower cost:
+
+    In the relayed sum the pairwise mask of two of ``senders`` enters once with
+    ``+`` and once with ``-``, so it is neither agreed nor expanded here (only
+    for pairs that each list the other in their delivery, i.e. that would both
+    have added it). Every other mask is: each client's self mask, and its
+    pairwise masks with clients outside ``senders`` (other workers' clients,
+    and neighbours that dropped before masking, whose masks the server
+    removes). Every client's shares are still decrypted and checked, and every
+    client moves to round 2.
+
+    The server's view is unchanged; what the saving changes is the simulation's
+    CPU time, which leaves out the cancelled key agreements and PRG expansions
+    (about half of a client's ``k`` with two workers). A real client computes
+    all ``k`` of its pairwise masks.
+    """
+    ids = sorted(_check_id(c) for c in senders)
+    if not ids or len(set(ids)) != len(ids):
+        raise SecAggError("clients_mask_sum: allowed senders are one or more distinct clients")
+    group = frozenset(ids)
+    masking = {cid: _begin_masking(states, deliveries, cid, "clients_mask_sum") for cid in ids}
+    shapes = {(st.vector_len, st.bits) for st in masking.values()}
+    if len(shapes) != 1:
+        raise SecAggError("clients_mask_sum: the clients were set up with different vector "
+                          "lengths or moduli")
+    vector_len, bits = shapes.pop()
+    total = np.asarray(input_sum)
+    if total.shape != (vector_len,) or total.dtype not in (np.uint32, np.uint64) or \
+            (total.dtype == np.uint32 and bits > 32):
+        raise SecAggError(f"clients_mask_sum: input_sum must be a uint64 (or, for bits <= 32, "
+                          f"uint32) vector of length {vector_len}")
+    total = total.astype(word_dtype(bits))  # a copy: input_sum is not modified
+    ks = _Keystream(vector_len, bits)
+    for cid in ids:
+        st = masking[cid]
+        cancelled = {j for j in st.mask_peers & group if cid in masking[j].mask_peers}
+        _add_masks(ks, total, st, st.mask_peers - cancelled)
+    total &= _mask_of(bits, total.dtype)
+    return MaskedSum(group, total.astype(np.uint64, copy=False))
 
 
 def clients_unmask(states: Mapping[int, ClientState],
@@ -776,6 +884,31 @@ class SecAggServer:
     def neighbourhood_size(self) -> int:
         """``k``: neighbours per client (``n - 1`` for ``secagg``)."""
         return max((len(v) for v in self.neighbours.values()), default=0)
+
+    def placement(self, ids: Iterable[int], parts: int) -> list[list[int]]:
+        """Split the clients expected to advertise keys into ``parts`` groups
+        (sorted; some empty if there are fewer clients than parts) for relays
+        that each act for one group (:func:`clients_mask_sum`).
+
+        ``secagg_plus``: consecutive runs of the ring that :meth:`receive_keys`
+        will draw for exactly these clients, so that most neighbour pairs fall
+        inside one group, where their pairwise masks cancel. ``secagg`` (or a
+        graph that will be complete): consecutive runs of the sorted ids.
+        Affects only which relay acts for which client, never the result; if
+        other clients advertise, the graph is drawn for them instead.
+        """
+        ids = sorted(_check_id(i) for i in ids)
+        if isinstance(parts, bool) or not isinstance(parts, (int, np.integer)) or parts < 1:
+            raise SecAggError(f"placement: parts={parts}: allowed is an integer >= 1")
+        n = len(ids)
+        k = (self._neighbours_option if self._neighbours_option is not None
+             else default_neighbours(n))
+        order = ids
+        if self.protocol == "secagg_plus" and 2 <= min(k, n - 1) < n - 1:
+            rng = copy.deepcopy(self._graph_rng)  # the draw receive_keys will make
+            order = _ring(ids, rng)
+        return [sorted(int(c) for c in part) for part in np.array_split(np.array(order, np.int64),
+                                                                         parts)]
 
     def receive_keys(self, msgs: Iterable[AdvertiseKeys]) -> dict[int, NeighbourKeys]:
         """Round 0: pick the graph and threshold; send each client its neighbours' public keys."""
@@ -914,7 +1047,7 @@ class SecAggServer:
         self._check_recoverable(3, self.survivors, u4, dropped)
         self.responders = u4
         t = self.threshold
-        total = self._sum
+        total = self._sum.astype(word_dtype(self.bits), copy=False)
         ks = _Keystream(self.vector_len, self.bits)
         for i in sorted(self.survivors):
             b = shamir_reconstruct(sorted(b_points[i])[:t])
@@ -935,10 +1068,10 @@ class SecAggServer:
                 seed = _agree(sk_raw, self.public_keys[j][1], _INFO_MASK_SEED)
                 # y_j holds +PRG(s_ij) when j < i and -PRG(s_ij) when j > i: take it out
                 ks.add(total, seed, subtract=j < i)
-        total &= _mask_of(self.bits)
+        total &= _mask_of(self.bits, total.dtype)
         self._sum = np.zeros(0, dtype=np.uint64)
         self._stage = 4
-        return total
+        return total.astype(np.uint64, copy=False)
 
 
 # --------------------------------------------------------------------------- in-process run

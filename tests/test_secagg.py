@@ -375,3 +375,56 @@ def test_relayed_sums_of_masked_inputs_unmask_to_the_same_sum():
     np.testing.assert_array_equal(total, expected)
     with pytest.raises(SecAggError, match="repeated"):  # the same client twice
         sum_masked([masked[0], masked[0]], bits)
+
+
+@pytest.mark.parametrize("bits", [20, 32, 40])
+def test_clients_mask_sum_equals_the_sum_of_per_client_masked_inputs(bits):
+    """A worker's relayed sum skips the pairwise masks that cancel inside it; the
+    server must receive exactly what summing the clients' own masked inputs gives,
+    also when a neighbour dropped before masking (its masks stay in)."""
+    from fedsim.secagg import (SecAggServer, clients_advertise, clients_mask, clients_mask_sum,
+                               clients_share_keys, clients_unmask, sum_masked)
+
+    rng = np.random.default_rng(8)
+    d, ids, dropped = 48, list(range(0, 30, 2)), {6, 20}
+    inputs = {i: rng.integers(0, 2**bits, size=d, dtype=np.uint64) for i in ids}
+    groups = [[i for i in ids[:8] if i not in dropped], [i for i in ids[8:] if i not in dropped]]
+
+    def rounds_0_1():
+        server = SecAggServer(bits, d, "secagg_plus", graph_seed=4, neighbours=6)
+        states, adverts = clients_advertise(ids, 11)
+        deliveries = server.route_shares(clients_share_keys(states, server.receive_keys(adverts)))
+        return server, states, deliveries
+
+    _, states, deliveries = rounds_0_1()
+    per_client = [sum_masked(clients_mask(states, deliveries, {i: inputs[i] for i in g}), bits)
+                  for g in groups]
+    server, states, deliveries = rounds_0_1()
+    relayed = [clients_mask_sum(states, deliveries, g, sum(inputs[i] for i in g)) for g in groups]
+    for a, b in zip(per_client, relayed):
+        assert a.senders == b.senders
+        np.testing.assert_array_equal(a.y, b.y)
+        assert b.y.dtype == np.uint64
+    # the relayed sums unmask to the survivors' exact modular sum
+    total = server.unmask(clients_unmask(states, server.collect_masked(relayed)))
+    expected = sum(inputs[i] for g in groups for i in g) % np.uint64(2**bits)
+    np.testing.assert_array_equal(total, expected)
+
+
+def test_placement_follows_the_ring_that_receive_keys_draws():
+    """SecAgg+: the relays' groups are runs of the graph's ring, so most
+    neighbour pairs share a relay; the graph is the one receive_keys then draws."""
+    from fedsim.secagg import SecAggServer, clients_advertise
+
+    ids = list(range(3, 303, 3))  # n = 100, k = 14
+    server = SecAggServer(24, 8, "secagg_plus", graph_seed=7)
+    groups = server.placement(ids, 2)
+    assert sorted(c for g in groups for c in g) == ids and all(len(g) == 50 for g in groups)
+    server.receive_keys(clients_advertise(ids, 1)[1])
+    owner = {c: i for i, g in enumerate(groups) for c in g}
+    pairs = [(i, j) for i, nbrs in server.neighbours.items() for j in nbrs if i < j]
+    inside = sum(owner[i] == owner[j] for i, j in pairs) / len(pairs)
+    assert len(pairs) == 700 and inside >= 1 - 2 * 28 / 700  # only the 2 cuts' pairs cross
+    # full SecAgg, or fewer clients than parts: runs of the sorted ids
+    assert SecAggServer(24, 8, "secagg").placement([5, 1, 3], 2) == [[1, 3], [5]]
+    assert SecAggServer(24, 8, "secagg_plus").placement([4], 3) == [[4], [], []]
