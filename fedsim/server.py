@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +30,12 @@ from fedsim.sampling import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE,
                              STREAM_SAMPLING, STREAM_SECAGG_GRAPH, sample_clients, stream)
 from fedsim.secure_aggregation import SecureLayout, make_layout
 from fedsim.worker import WorkerReport, configure_tensorflow
+
+
+def _one_per_return(per_worker: list) -> Any:
+    """A method called with Ray's ``num_returns=n`` returns n values; with n = 1
+    Ray stores the return value itself, so the one worker's message goes bare."""
+    return per_worker[0] if len(per_worker) == 1 else per_worker
 
 
 class Server:
@@ -141,10 +148,15 @@ class Server:
         return out
 
     # -- secure aggregation: the server's side of each protocol round ------------------
-    def secagg_begin(self, round_num: int, shards: Sequence[Sequence[int]]) -> SecureLayout:
-        """Start a round's protocol; returns the fixed-point layout the clients use."""
+    def secagg_begin(self, round_num: int, sampled: Sequence[int],
+                     workers: int) -> tuple[SecureLayout, list[list[int]]]:
+        """Start a round's protocol for the ``sampled`` clients; returns the
+        fixed-point layout the clients use and each worker's shard of clients
+        (some may be empty). With ``secagg.skip_cancelling_masks`` the shards
+        follow the SecAgg+ graph's ring (:meth:`fedsim.secagg.SecAggServer.placement`)."""
         from fedsim.secagg import SecAggServer
 
+        t0 = time.perf_counter()
         sa = self.cfg.secagg
         zero = self.aggregator.zero_partial(self.weights.size)
         sizes = [zero.total.size] + [e.size for e in zero.extras]
@@ -152,14 +164,21 @@ class Server:
                 else sa.clip)
         skellam = (self.aggregator.client_variance
                    if self.cfg.dp.mechanism == "distributed_skellam" else None)
-        self._sa_layout = make_layout(sa, clip, sizes, sum(len(s) for s in shards), skellam)
+        self._sa_layout = make_layout(sa, clip, sizes, len(sampled), skellam)
         graph_seed = int(stream(self.cfg.seed, STREAM_SECAGG_GRAPH, round_num).integers(2**62))
         self._sa = SecAggServer(self._sa_layout.bits, self._sa_layout.vector_len, sa.protocol,
                                 threshold=sa.threshold, graph_seed=graph_seed,
                                 neighbours=sa.neighbours)
-        self._sa_owner = {int(c): i for i, shard in enumerate(shards) for c in shard}
-        self._sa_workers = len(shards)
-        return self._sa_layout
+        if sa.skip_cancelling_masks:
+            shards = self._sa.placement(sampled, workers)
+        else:
+            shards = [part.tolist() for part in np.array_split(np.sort(np.asarray(sampled)),
+                                                                 workers)]
+        active = [shard for shard in shards if shard]  # the workers that take part
+        self._sa_owner = {int(c): i for i, shard in enumerate(active) for c in shard}
+        self._sa_workers = len(active)
+        self._sa_seconds = time.perf_counter() - t0
+        return self._sa_layout, shards
 
     def _route(self, by_client: Mapping[int, Any]) -> list[dict[int, Any]]:
         """Split messages addressed to clients into one dict per worker."""
@@ -168,51 +187,70 @@ class Server:
             out[self._sa_owner[cid]][cid] = msg
         return out
 
-    def secagg_keys(self, *adverts: list) -> list[dict[int, Any]]:
-        """Round 0: collect the public keys, send each client its neighbours' keys."""
-        return self._route(self._sa.receive_keys(itertools.chain(*adverts)))
+    def secagg_keys(self, *adverts: list) -> Any:
+        """Round 0: collect the public keys, send each client its neighbours' keys
+        (one dict per worker: call with ``num_returns`` = workers)."""
+        t0 = time.perf_counter()
+        out = self._route(self._sa.receive_keys(itertools.chain(*adverts)))
+        self._sa_seconds += time.perf_counter() - t0
+        return _one_per_return(out)
 
-    def secagg_route(self, *shares: list) -> list[dict[int, Any]]:
-        """Round 1: route the encrypted shares to their receivers."""
-        return self._route(self._sa.route_shares(itertools.chain(*shares)))
+    def secagg_route(self, *shares: list) -> Any:
+        """Round 1: route the encrypted shares to their receivers (one dict per worker)."""
+        t0 = time.perf_counter()
+        out = self._route(self._sa.route_shares(itertools.chain(*shares)))
+        self._sa_seconds += time.perf_counter() - t0
+        return _one_per_return(out)
 
-    def secagg_collect(self, round_num: int, *reports: WorkerReport) -> list[dict[int, Any]]:
-        """Round 2: collect the masked inputs; ask the clients still online to unmask.
+    def secagg_collect(self, round_num: int, *reports: WorkerReport) -> Any:
+        """Round 2: collect the masked inputs; ask the clients still online to unmask
+        (one dict of requests per worker).
 
         Simulated dropouts: each client goes silent after masking with
         probability ``secagg.dropout`` (stream ``(seed, DROPOUT, round)``).
         """
         from fedsim.secagg import SecAggAbort
 
+        t0 = time.perf_counter()
         self._sa_reports = reports
         self._sa_dropped, self._sa_abort = set(), None
         try:
             requests = self._sa.collect_masked(itertools.chain(*(r.masked for r in reports)))
         except SecAggAbort as err:  # too many dropped before masking: nothing to unmask
             self._sa_abort = err
-            return self._route({})
+            requests = {}
         rng = stream(self.cfg.seed, STREAM_DROPOUT, round_num)
         self._sa_dropped = {c for c in sorted(requests) if rng.random() < self.cfg.secagg.dropout}
-        return self._route({c: r for c, r in requests.items() if c not in self._sa_dropped})
+        out = self._route({c: r for c, r in requests.items() if c not in self._sa_dropped})
+        self._sa_seconds += time.perf_counter() - t0
+        return _one_per_return(out)
 
-    def secagg_finish(self, round_num: int, num_sampled: int, *responses: list) -> dict[str, Any]:
+    def secagg_finish(self, round_num: int, num_sampled: int,
+                      *responses: tuple[list, float]) -> dict[str, Any]:
         """Round 3: unmask the sum, decode it, then aggregate and step as ``apply`` does.
 
-        If too few shares arrive the protocol aborts: the round's update is
-        discarded, the model, optimizer and aggregator states stay as they were,
-        no privacy is spent, and the measurements say why.
+        ``responses``: each worker's (unmask responses, seconds it spent on the
+        protocol). If too few shares arrive the protocol aborts: the round's
+        update is discarded, the model, optimizer and aggregator states stay as
+        they were, no privacy is spent, and the measurements say why.
         """
         from fedsim.secagg import SecAggAbort
 
+        t0 = time.perf_counter()
         reports = self._sa_reports
-        base = {"secagg_dropped": len(self._sa_dropped), "secagg_bits": self._sa_layout.bits}
+        base = {"secagg_dropped": len(self._sa_dropped), "secagg_bits": self._sa_layout.bits,
+                "secagg_neighbours": self._sa.neighbourhood_size}
         try:
             if self._sa_abort is not None:
                 raise self._sa_abort
-            total = self._sa.unmask(itertools.chain(*responses))
+            total = self._sa.unmask(itertools.chain(*(r for r, _ in responses)))
         except SecAggAbort as err:
             return {**base, **self._training_stats(reports), "update_norm": 0.0,
                     "secagg": "aborted", "secagg_error": str(err)}
+        finally:
+            # the slowest worker's protocol time plus the server's own
+            base["secagg_seconds"] = (self._sa_seconds + time.perf_counter() - t0
+                                      + max((s for _, s in responses), default=0.0))
         clear = Partial(np.zeros(0), 0.0, 0)
         for r in reports:
             clear = merge_partials(clear, r.partial)

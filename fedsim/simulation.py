@@ -203,11 +203,7 @@ def _run_round(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
                    for w, shard in zip(workers, shards) if len(shard)]
         out = ray.get(server.apply.remote(rnd, len(plan.sampled), *reports))
     else:
-        # Every sampled client joins the key exchange; only the reporting ones mask.
-        shards = np.array_split(plan.sampled, len(workers))
-        active = [(w, shard) for w, shard in zip(workers, shards) if len(shard)]
-        out = _secure_round(ray, server, active, plan.reporting, rnd, len(plan.sampled),
-                            weights_ref, params_ref, attempt)
+        out = _secure_round(ray, server, workers, plan, rnd, weights_ref, params_ref, attempt)
     out.update(plan.counts())
     return out
 
@@ -225,29 +221,40 @@ def _replace_dead_workers(ray: Any, workers: list, start: Any) -> list[int]:
     return dead
 
 
-def _secure_round(ray: Any, server: Any, active: list, reporting: np.ndarray, rnd: int,
-                  num_sampled: int, weights_ref: Any, params_ref: Any,
-                  attempt: int = 0) -> dict[str, Any]:
+def _per_worker(method: Any, n: int, *args: Any) -> list:
+    """Call a server method that answers with one message per worker; returns
+    ``n`` object refs (Ray's ``num_returns``) to hand straight to the workers."""
+    refs = method.options(num_returns=n).remote(*args)
+    return [refs] if n == 1 else list(refs)
+
+
+def _secure_round(ray: Any, server: Any, workers: list, plan: Any, rnd: int,
+                  weights_ref: Any, params_ref: Any, attempt: int = 0) -> dict[str, Any]:
     """One round under secure aggregation: the protocol's four message rounds
     between the worker actors (on behalf of their clients) and the server actor.
-    The driver only carries the messages the server addresses to each worker.
-    Clients of ``active`` shards not in ``reporting`` drop out before masking."""
-    t0 = time.perf_counter()
-    layout = ray.get(server.secagg_begin.remote(rnd, [s.tolist() for _, s in active]))
+
+    The server splits the cohort into the workers' shards. Every sampled
+    client joins the key exchange; only the reporting ones (``plan.reporting``)
+    mask, the others drop out before masking. The messages then go from actor
+    to actor as object refs, all submitted at once, and the driver waits only
+    for the round's result: each worker advertises keys, shares them, trains
+    (while the server routes the shares), masks and unmasks."""
+    layout, shards = ray.get(server.secagg_begin.remote(rnd, plan.sampled, len(workers)))
+    active = [(w, np.asarray(s, np.int64)) for w, s in zip(workers, shards) if len(s)]
+    n = len(active)
     adverts = [w.secagg_advertise.remote(rnd, s) for w, s in active]
-    setups = ray.get(server.secagg_keys.remote(*adverts))
+    setups = _per_worker(server.secagg_keys, n, *adverts)
     shares = [w.secagg_share_keys.remote(setups[i]) for i, (w, _) in enumerate(active)]
-    deliveries = ray.get(server.secagg_route.remote(*shares))
-    t1 = time.perf_counter()
-    trained = [(i, w, np.intersect1d(s, reporting)) for i, (w, s) in enumerate(active)]
-    reports = [w.train_round.remote(rnd, weights_ref, params_ref, ids, (layout, deliveries[i]),
-                                    attempt) for i, w, ids in trained if len(ids)]
-    requests = ray.get(server.secagg_collect.remote(rnd, *reports))
-    t2 = time.perf_counter()
+    deliveries = _per_worker(server.secagg_route, n, *shares)
+    reports = []
+    for i, (w, shard) in enumerate(active):
+        ids = np.intersect1d(shard, plan.reporting)
+        if len(ids):
+            w.train_round.remote(rnd, weights_ref, params_ref, ids, layout, attempt)
+            reports.append(w.secagg_mask.remote(deliveries[i]))
+    requests = _per_worker(server.secagg_collect, n, rnd, *reports)
     responses = [w.secagg_unmask.remote(requests[i]) for i, (w, _) in enumerate(active)]
-    out = ray.get(server.secagg_finish.remote(rnd, num_sampled, *responses))
-    out["secagg_seconds"] = (t1 - t0) + (time.perf_counter() - t2)  # key and unmask rounds
-    return out
+    return ray.get(server.secagg_finish.remote(rnd, len(plan.sampled), *responses))
 
 
 def _memory_row(ray: Any, server: Any, workers: list) -> dict[str, float]:

@@ -11,7 +11,9 @@ and folds each update into a partial sum with the aggregator's ``accumulate``
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -87,27 +89,35 @@ class ClientWorker:
 
             self.trainer = LocalTrainer(*args, seed=cfg.seed)
         self._secagg_states: dict[int, Any] = {}
+        self._secagg_input: Any = None  # (report, client ids, bits, encodings) of train_round
+        self._secagg_seconds = 0.0  # spent on this round's protocol steps so far
         self.index = index
 
     def train_round(self, round_num: int, weights: np.ndarray, params: Mapping[str, Any],
                     client_ids: Sequence[int], secure: Any = None,
-                    attempt: int = 0) -> WorkerReport:
+                    attempt: int = 0) -> WorkerReport | None:
         """Train ``client_ids`` from ``weights`` and return their partial sum.
 
         Client ``c`` shuffles with the stream ``(seed, SHUFFLE, round, c)``, so its
-        update does not depend on which worker trains it. With ``secure`` =
-        ``(layout, share deliveries)`` each client's record is fixed-point encoded
-        and masked instead of summed in the clear.
+        update does not depend on which worker trains it. With ``secure`` (the
+        round's :class:`fedsim.secure_aggregation.SecureLayout`) each client's
+        record is fixed-point encoded into a running sum instead, and the
+        report comes from :meth:`secagg_mask` (so that training need not wait
+        for the protocol's share routing); this returns None.
         """
         if (self.cfg.faults.crash_worker_at_round == round_num and attempt == 0
                 and self.index == 0):
             os._exit(1)  # injected fault: this worker process dies mid-round
         size = self.trainer.num_parameters
-        # Secure aggregation: only counts and statistics are summed in the clear.
-        partial = (self.aggregator.zero_partial(size) if secure is None
-                   else Partial(np.zeros(0), 0.0, 0))
-        loss_sum, examples = 0.0, 0
-        encoded: dict[int, np.ndarray] = {}
+        zero = self.aggregator.zero_partial(size)  # (accumulate does not modify it)
+        # Secure aggregation: only counts and statistics are summed in the clear;
+        # the clients' encoded records are summed as they come.
+        partial = zero if secure is None else Partial(np.zeros(0), 0.0, 0)
+        skip = self.cfg.secagg.skip_cancelling_masks
+        encoded: Any = None  # the encoded input sum, or (not skip) client id -> encoding
+        if secure is not None:
+            encoded = np.zeros(secure.vector_len, secure.word_dtype) if skip else {}
+        loss_sum, examples, encode_seconds = 0.0, 0, 0.0
         for cid, result in self._train_clients(round_num, weights, client_ids):
             loss_sum += result.loss * result.num_examples
             examples += result.num_examples
@@ -115,18 +125,22 @@ class ClientWorker:
                 partial = self.aggregator.accumulate(params, partial, result.delta,
                                                      result.num_examples)
                 continue
-            one = self.aggregator.accumulate(params, self.aggregator.zero_partial(size),
-                                             result.delta, result.num_examples)
-            encoded[cid] = secure[0].encode([one.total, *one.extras],
-                                            stream(self.cfg.seed, STREAM_SECAGG, round_num, cid))
+            one = self.aggregator.accumulate(params, zero, result.delta, result.num_examples)
+            t0 = time.perf_counter()
+            rng = stream(self.cfg.seed, STREAM_SECAGG, round_num, cid)
+            if skip:
+                secure.encode([one.total, *one.extras], rng, add_to=encoded)
+            else:
+                encoded[cid] = secure.encode([one.total, *one.extras], rng)
+            encode_seconds += time.perf_counter() - t0
             partial = merge_partials(partial, Partial(np.zeros(0), one.weight, one.count,
                                                       one.stats))
+        report = WorkerReport(partial, loss_sum, examples, len(client_ids))
         if secure is None:
-            return WorkerReport(partial, loss_sum, examples, len(client_ids))
-        from fedsim.secagg import clients_mask, sum_masked
-
-        masked = sum_masked(clients_mask(self._secagg_states, secure[1], encoded), secure[0].bits)
-        return WorkerReport(partial, loss_sum, examples, len(client_ids), (masked,))
+            return report
+        self._secagg_input = (report, [int(c) for c in client_ids], secure.bits, encoded)
+        self._secagg_seconds += encode_seconds
+        return None
 
     def _train_clients(self, round_num: int, weights: np.ndarray,
                        client_ids: Sequence[int]) -> Iterator[tuple[int, Any]]:
@@ -159,23 +173,52 @@ class ClientWorker:
         """
         from fedsim.secagg import clients_advertise
 
+        t0 = time.perf_counter()
         key_seed = int(stream(self.cfg.seed, STREAM_SECAGG, round_num).integers(2**62))
         self._secagg_states, msgs = clients_advertise([int(c) for c in client_ids], key_seed)
+        self._secagg_seconds = time.perf_counter() - t0
         return msgs
 
     def secagg_share_keys(self, setups: Mapping[int, Any]) -> list:
         """Round 1: encrypted Shamir shares of each client's secrets for its neighbours."""
         from fedsim.secagg import clients_share_keys
 
-        return clients_share_keys(self._secagg_states, setups)
+        t0 = time.perf_counter()
+        out = clients_share_keys(self._secagg_states, setups)
+        self._secagg_seconds += time.perf_counter() - t0
+        return out
 
-    def secagg_unmask(self, requests: Mapping[int, Any]) -> list:
-        """Round 3: the shares the server asks for (the clients' states are then dropped)."""
+    def secagg_mask(self, deliveries: Mapping[int, Any]) -> WorkerReport:
+        """Round 2, after :meth:`train_round` with a layout: the clients' masked
+        inputs, summed into one ``MaskedSum``, in the round's report.
+
+        With ``secagg.skip_cancelling_masks`` the pairwise masks between this
+        worker's own clients, which cancel in the sum, are skipped
+        (:func:`fedsim.secagg.clients_mask_sum`); otherwise every client masks
+        its own input in full (:func:`fedsim.secagg.clients_mask`)."""
+        from fedsim.secagg import clients_mask, clients_mask_sum, sum_masked
+
+        t0 = time.perf_counter()
+        report, ids, bits, encoded = self._secagg_input
+        self._secagg_input = None
+        if isinstance(encoded, dict):
+            masked = sum_masked(clients_mask(self._secagg_states, deliveries, encoded), bits)
+        else:
+            masked = clients_mask_sum(self._secagg_states, deliveries, ids, encoded)
+        self._secagg_seconds += time.perf_counter() - t0
+        return dataclasses.replace(report, masked=(masked,))
+
+    def secagg_unmask(self, requests: Mapping[int, Any]) -> tuple[list, float]:
+        """Round 3: the shares the server asks for (the clients' states are then
+        dropped), and the seconds this worker spent on the round's protocol."""
         from fedsim.secagg import clients_unmask
 
+        t0 = time.perf_counter()
         responses = clients_unmask(self._secagg_states, requests)
         self._secagg_states = {}
-        return responses
+        seconds = self._secagg_seconds + time.perf_counter() - t0
+        self._secagg_seconds = 0.0
+        return responses, seconds
 
     def ping(self) -> bool:
         return True

@@ -57,3 +57,22 @@ def test_dropouts_recovered_or_round_aborted_without_touching_model_or_budget(ra
             assert r["eval_loss"] == prev["eval_loss"]  # the model did not move
     assert rows[-1]["round"] == 8  # training went on after the aborts
     assert res.summary["privacy"]["rounds_accounted"] == 8 - len(aborted)
+
+
+def test_skipping_cancelling_masks_changes_nothing_the_server_sees(ray_local):
+    """With a real Harary graph (20 clients per round, k = 10) and clients that
+    drop before masking: the ring placement with the cancelling masks skipped
+    gives the same decoded sums, hence the same model bit for bit, as every
+    client masking in full on array-split shards."""
+    kw = dict(clients=40, clients_per_round=20, rounds=1,
+              dp=DPConfig(mechanism="gaussian", noise_multiplier=0.5, l2_norm_clip=0.5),
+              faults=FaultsConfig(client_dropout=0.2))
+    runs = [run_simulation(_cfg(**kw, secagg=SecAggConfig(protocol="secagg_plus",
+                                                          skip_cancelling_masks=skip)))
+            for skip in (True, False)]
+    for fast, full in zip(runs[0].metrics, runs[1].metrics):
+        assert fast["secagg"] == full["secagg"] == "ok"
+        assert fast["secagg_neighbours"] == full["secagg_neighbours"] == 10
+        assert fast["dropped"] == full["dropped"]
+    assert sum(r["dropped"] for r in runs[0].metrics) > 0
+    np.testing.assert_array_equal(runs[0].weights, runs[1].weights)
