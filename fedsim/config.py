@@ -630,6 +630,11 @@ class SimConfig:
             _check(dp.accountant == "rdp", "dp.accountant",
                    "rdp with distributed_skellam (its privacy bound is an RDP bound)",
                    dp.accountant)
+            _check(self.sampling == "uniform", "sampling",
+                   "uniform with distributed_skellam (its bound compares neighbouring "
+                   "cohorts of equal size, each client adding one noise share; under "
+                   "Poisson sampling removing a client also removes its share)",
+                   self.sampling)
             _check(dp.target_epsilon is None, "dp.target_epsilon",
                    "null with distributed_skellam (its bound depends on the model size; "
                    "set dp.noise_multiplier)", dp.target_epsilon)

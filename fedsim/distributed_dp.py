@@ -23,7 +23,10 @@ Corollary 3.6 of the paper, with mu the total variance per coordinate)::
     eps(alpha) <= alpha D2^2 / (2 mu) + min(((2 alpha - 1) D2^2 + 6 D1) / (4 mu^2),
                                              3 D1 / (2 mu))
 
-composed over rounds without sampling amplification (an upper bound).
+composed over rounds without sampling amplification (an upper bound). The
+bound compares cohorts of equal size, each client adding one noise share, so
+the config allows this mechanism with ``sampling=uniform`` only (under Poisson
+sampling, removing a client would also remove its noise share).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import dp_accounting
@@ -89,6 +90,9 @@ def test_config_needs_secure_aggregation_and_rdp():
         _cfg(accountant="pld")
     with pytest.raises(ConfigError, match="dp.target_epsilon"):
         _cfg(target_epsilon=5.0)
+    with pytest.raises(ConfigError, match="sampling=poisson: allowed is uniform with "
+                                          "distributed_skellam"):
+        dataclasses.replace(_cfg(), sampling="poisson")
 
 
 def test_simulation_accounts_the_clients_noise_shares(ray_local):
