@@ -71,6 +71,13 @@ class Aggregator(Protocol):
 
     def zero_partial(self, size: int) -> Partial: ...
 
+    def record(self, params: Mapping[str, Any], delta: np.ndarray,
+               num_examples: int) -> Partial:
+        """One client's preprocessed record (clipped, weighted), not yet summed:
+        ``accumulate(params, p, delta, n) == merge(p, record(params, delta, n))``.
+        Secure aggregation encodes records instead of summing them."""
+        ...
+
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
                    num_examples: int) -> Partial: ...
 
@@ -106,13 +113,16 @@ class MeanAggregator:
     def zero_partial(self, size: int) -> Partial:
         return Partial(np.zeros(size, np.float64), 0.0, 0, {"zeroed": 0.0})
 
-    def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
-                   num_examples: int) -> Partial:
+    def record(self, params: Mapping[str, Any], delta: np.ndarray,
+               num_examples: int) -> Partial:
         w = float(num_examples) if self.weighting == "num_examples" else 1.0
         d = np.asarray(delta, np.float64)
         finite = bool(np.isfinite(d).all())
-        one = Partial(w * d if finite else np.zeros_like(d), w, 1, {"zeroed": float(not finite)})
-        return merge_partials(partial, one)
+        return Partial(w * d if finite else np.zeros_like(d), w, 1, {"zeroed": float(not finite)})
+
+    def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
+                   num_examples: int) -> Partial:
+        return merge_partials(partial, self.record(params, delta, num_examples))
 
     def merge(self, a: Partial, b: Partial) -> Partial:
         return merge_partials(a, b)

@@ -165,6 +165,12 @@ class SkellamAggregator:
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
                    num_examples: int) -> Partial:
         """Zero a non-finite or huge update, clip it to L2 norm C, add it."""
+        return merge_partials(partial, self.record(params, delta, num_examples))
+
+    def record(self, params: Mapping[str, Any], delta: np.ndarray,
+               num_examples: int) -> Partial:
+        """One client's record: the update zeroed if non-finite or huge, clipped
+        to L2 norm C (its noise share is added when it is encoded)."""
         d = np.asarray(delta, np.float64)
         norm = float(np.linalg.norm(d))
         zeroed = not math.isfinite(norm) or (
@@ -175,8 +181,7 @@ class SkellamAggregator:
         clipped = norm > clip
         if clipped:
             d = d * (clip / norm)
-        one = Partial(d, 1.0, 1, {"clipped": float(clipped), "zeroed": float(zeroed)})
-        return merge_partials(partial, one)
+        return Partial(d, 1.0, 1, {"clipped": float(clipped), "zeroed": float(zeroed)})
 
     def merge(self, a: Partial, b: Partial) -> Partial:
         return merge_partials(a, b)

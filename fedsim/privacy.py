@@ -187,6 +187,12 @@ class DPQueryAggregator:
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
                    num_examples: int) -> Partial:
         """Zero a non-finite or huge update, clip it with the query, add it."""
+        return merge_partials(partial, self.record(params, delta, num_examples))
+
+    def record(self, params: Mapping[str, Any], delta: np.ndarray,
+               num_examples: int) -> Partial:
+        """One client's record: the update zeroed if non-finite or huge, then
+        clipped by the query (``preprocess_record``)."""
         delta = np.asarray(delta, np.float32)
         norm = float(np.linalg.norm(delta.astype(np.float64)))
         zeroed = not math.isfinite(norm) or (
@@ -202,9 +208,8 @@ class DPQueryAggregator:
         record = self.query.preprocess_record(
             tf.nest.map_structure(tf.constant, params["query"]), tf.constant(delta))
         flat = [np.asarray(t, np.float64) for t in tf.nest.flatten(record)]
-        one = Partial(flat[0], 1.0, 1, {"clipped": float(clipped), "zeroed": float(zeroed)},
-                      tuple(flat[1:]))
-        return merge_partials(partial, one)
+        return Partial(flat[0], 1.0, 1, {"clipped": float(clipped), "zeroed": float(zeroed)},
+                       tuple(flat[1:]))
 
     def merge(self, a: Partial, b: Partial) -> Partial:
         return merge_partials(a, b)

@@ -472,13 +472,17 @@ class TFFAggregator:
         return Partial(np.zeros((0, int(size)), np.float32), 0.0, 0, {},
                        (np.zeros(0, np.float64),))
 
+    def record(self, params: Mapping[str, Any], delta: np.ndarray,
+               num_examples: int) -> Partial:
+        """One client's update as a one-row stack, with its weight."""
+        w = float(num_examples) if self.weighting == "num_examples" else 1.0
+        return Partial(np.asarray(delta, np.float32).reshape(1, -1), w, 1, {},
+                       (np.array([w], np.float64),))
+
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
                    num_examples: int) -> Partial:
         """Append one client's update (a row) and weight; nothing is summed."""
-        w = float(num_examples) if self.weighting == "num_examples" else 1.0
-        one = Partial(np.asarray(delta, np.float32).reshape(1, -1), w, 1, {},
-                      (np.array([w], np.float64),))
-        return self.merge(partial, one)
+        return self.merge(partial, self.record(params, delta, num_examples))
 
     def merge(self, a: Partial, b: Partial) -> Partial:
         """Concatenate two stacks of client updates (and add their counts)."""

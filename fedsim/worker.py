@@ -109,10 +109,10 @@ class ClientWorker:
                 and self.index == 0):
             os._exit(1)  # injected fault: this worker process dies mid-round
         size = self.trainer.num_parameters
-        zero = self.aggregator.zero_partial(size)  # (accumulate does not modify it)
         # Secure aggregation: only counts and statistics are summed in the clear;
         # the clients' encoded records are summed as they come.
-        partial = zero if secure is None else Partial(np.zeros(0), 0.0, 0)
+        partial = (self.aggregator.zero_partial(size) if secure is None
+                   else Partial(np.zeros(0), 0.0, 0))
         skip = self.cfg.secagg.skip_cancelling_masks
         encoded: Any = None  # the encoded input sum, or (not skip) client id -> encoding
         if secure is not None:
@@ -125,7 +125,7 @@ class ClientWorker:
                 partial = self.aggregator.accumulate(params, partial, result.delta,
                                                      result.num_examples)
                 continue
-            one = self.aggregator.accumulate(params, zero, result.delta, result.num_examples)
+            one = self.aggregator.record(params, result.delta, result.num_examples)
             t0 = time.perf_counter()
             rng = stream(self.cfg.seed, STREAM_SECAGG, round_num, cid)
             if skip:
