@@ -243,7 +243,11 @@ def shamir_split(secret: int, threshold: int, xs: Sequence[int],
 
 @lru_cache(maxsize=256)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    """The coefficients ``l_j = prod_{m != j} x_m / (x_m - x_j)`` (mod PRIME)."""
+    """The coefficients ``l_j = prod_{m != j} x_m / (x_m - x_j)`` (mod PRIME).
+
+    The evaluation points are client ids + 1, so each denominator is a product
+    of small differences: inverting it is cheap (a batch inversion of full-size
+    field elements would cost more)."""
     out = []
     for j, xj in enumerate(xs):
         num, den = 1, 1
@@ -261,8 +265,8 @@ def shamir_reconstruct(points: Sequence[tuple[int, int]]) -> int:
     Uses all the points given; pass exactly ``threshold`` of them.
     """
     xs = tuple(x for x, _ in points)
-    if len(set(xs)) != len(xs) or not xs:
-        raise SecAggError("Shamir reconstruction needs distinct evaluation points")
+    if len(set(xs)) != len(xs) or not xs or any(not 0 < x < PRIME for x in xs):
+        raise SecAggError("Shamir reconstruction needs distinct, non-zero evaluation points")
     coeffs = _lagrange_at_zero(xs)
     return sum(c * y for c, (_, y) in zip(coeffs, points)) % PRIME
 
