@@ -94,7 +94,8 @@ Design choices
   streams are spawned in client-id order). Seeded runs are *not*
   cryptographically secure.
 * **Cost.** Per client: ``O(k)`` key agreements, encryptions and PRG
-  expansions, and ``O(k * t)`` field operations for the shares.
+  expansions, and ``O(k * t)`` field operations for the shares (a relay that
+  sums many clients' inputs skips the cancelling masks, see "Relays").
 
 Errors: :class:`SecAggAbort` (a :class:`~fedsim.errors.FedsimError`) when the
 protocol must stop and the round's update is discarded (too few shares to
