@@ -3,7 +3,6 @@ actor), and simulated client dropouts, stragglers and over-selection."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import dp_accounting
@@ -40,10 +39,7 @@ def test_past_the_retry_bound_a_clear_error_and_a_checkpoint(ray_local, tmp_path
                server=ServerConfig(weighting="uniform"))
     with pytest.raises(FedsimError, match=r"round 2: worker actors died 1 times .*resume="):
         run_simulation(cfg, tmp_path / "run")
-    assert load_checkpoint(tmp_path / "run")["round"] == 1
-    resumed = run_simulation(dataclasses.replace(cfg, resume=str(tmp_path / "run"),
-                                                 faults=FaultsConfig()))
-    assert [r["round"] for r in resumed.metrics] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "run")["round"] == 1  # (resuming: test_checkpoint.py)
 
 
 # -- simulated client faults: dropouts, stragglers, over-selection -------------------
