@@ -244,13 +244,15 @@ class Server:
             if self._sa_abort is not None:
                 raise self._sa_abort
             total = self._sa.unmask(itertools.chain(*(r for r, _ in responses)))
+            aborted = None
         except SecAggAbort as err:
+            aborted = err
+        # the slowest worker's protocol time plus the server's own
+        base["secagg_seconds"] = (self._sa_seconds + time.perf_counter() - t0
+                                  + max((s for _, s in responses), default=0.0))
+        if aborted is not None:
             return {**base, **self._training_stats(reports), "update_norm": 0.0,
-                    "secagg": "aborted", "secagg_error": str(err)}
-        finally:
-            # the slowest worker's protocol time plus the server's own
-            base["secagg_seconds"] = (self._sa_seconds + time.perf_counter() - t0
-                                      + max((s for _, s in responses), default=0.0))
+                    "secagg": "aborted", "secagg_error": str(aborted)}
         clear = Partial(np.zeros(0), 0.0, 0)
         for r in reports:
             clear = merge_partials(clear, r.partial)

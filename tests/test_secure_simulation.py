@@ -101,5 +101,6 @@ def test_dropouts_recovered_or_round_aborted_without_touching_model_or_budget(ra
             assert r["epsilon"] == prev["epsilon"]  # no release, no privacy spent
             assert r["eval_loss"] == prev["eval_loss"]  # the model did not move
     assert rows[-1]["round"] == 8  # training went on after the aborts
+    assert all(r["secagg_seconds"] > 0 for r in rows)  # aborted rounds' protocol time too
     assert res.summary["privacy"]["rounds_accounted"] == 8 - len(aborted)
 
