@@ -658,10 +658,9 @@ def _receive_shares(st: ClientState, delivery: SharesDelivery) -> None:
     st.mask_peers = frozenset(delivery.ciphertexts)
 
 
-def _check_input(x: object, bits: int, vector_len: int, who: str, copy: bool = True
-                 ) -> np.ndarray:
-    """The input as a vector of ``word_dtype(bits)`` (a fresh copy when ``copy``), after
-    checking its shape and range."""
+def _check_input(x: object, bits: int, vector_len: int, who: str) -> np.ndarray:
+    """The input as a fresh vector of ``word_dtype(bits)``, after checking its shape and
+    range."""
     x = np.asarray(x)
     if x.shape != (vector_len,):
         raise SecAggError(f"{who}: the input has shape {x.shape}, expected ({vector_len},)")
@@ -672,7 +671,7 @@ def _check_input(x: object, bits: int, vector_len: int, who: str, copy: bool = T
         raise SecAggError(f"{who}: the input has negative values; allowed is [0, 2^{bits})")
     if bits < 64 and x.size and int(x.max()) >> bits:
         raise SecAggError(f"{who}: the input has values >= 2^{bits}")
-    return x.astype(word_dtype(bits), copy=copy)
+    return x.astype(word_dtype(bits))
 
 
 def _begin_masking(states: Mapping[int, ClientState], deliveries: Mapping[int, SharesDelivery],
