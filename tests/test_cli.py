@@ -15,7 +15,7 @@ def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path):
     dp, secagg = "gaussian", "secagg_plus"
     run_dir = tmp_path / "run"
     proc = simulate("clients=20", "clients_per_round=5", "rounds=2", "model=logreg", f"dp={dp}",
-                    f"secagg={secagg}", "ray.num_cpus=2", "progress=false",
+                    f"secagg={secagg}", "ray.num_cpus=2", "ray.workers=1", "progress=false",
                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
