@@ -1,6 +1,6 @@
 """Which virtual clients take part in a round.
 
-Every round draws from its own RNG stream, ``default_rng([seed, SAMPLING, round])``,
+Every round draws from its own RNG stream, ``stream(seed, SAMPLING, round)``,
 so a round's cohort depends only on the seed and the round number (not on what
 ran before it), which keeps resumed and re-run simulations identical.
 """
@@ -22,8 +22,22 @@ STREAM_AUDIT = 9
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:
-    """The RNG for ``purpose`` (a ``STREAM_*`` id) at ``keys`` (round, client...)."""
-    return np.random.default_rng([int(seed), int(purpose), *[int(k) for k in keys]])
+    """The RNG for ``purpose`` (a ``STREAM_*`` id) at ``keys`` (round, client...).
+
+    The stream's entropy is the words ``[len(keys), seed, purpose, *keys]``, each
+    a fixed-width 64-bit word: a prefix-free encoding, so no two different
+    ``(seed, purpose, keys)`` share a stream. (numpy's ``SeedSequence`` pads
+    short entropy with zeros, so ``SeedSequence([s, 5, r])`` equals
+    ``SeedSequence([s, 5, r, 0])``: without the length word, the round's
+    secure-aggregation key stream ``(s, SECAGG, r)`` would be client 0's
+    encoding stream ``(s, SECAGG, r, 0)``.) Every value must lie in ``[0, 2^64)``.
+    """
+    words = [len(keys), seed, purpose, *keys]
+    for w in words:
+        if not 0 <= int(w) < 2**64:
+            raise ValueError(f"stream keys must be integers in [0, 2^64), got {w}")
+    return np.random.default_rng(np.random.SeedSequence(
+        np.array([int(w) for w in words], dtype=np.uint64)))
 
 
 def sample_clients(population: int, per_round: int, method: str,
