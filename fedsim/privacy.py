@@ -17,9 +17,16 @@ behalf of each client; ``merge`` and ``get_noised_result`` (noise, added once)
 in the server actor. Before that, non-finite updates and updates with L2 norm
 above ``zeroing_norm`` are replaced by zeros (TFF's zeroing factory).
 
-Noise is reproducible: TF Privacy's queries draw from TensorFlow's op-level
-RNG, so the server seeds it from the run's noise stream ``(seed, noise, round)``
-immediately before each round's single noisy release.
+Noise has true tails and is reproducible. TF Privacy's queries would draw
+float32 ``tf.random.normal`` noise, which never exceeds 5.678 standard
+deviations (:mod:`fedsim.noise`); here every Gaussian sum query in the tree
+(the update sum and, for adaptive clipping, the unclipped count) is a
+:class:`HostNoiseGaussianSumQuery`, which draws float64 noise from numpy
+(:func:`fedsim.noise.gaussian`) and adds it to the float64 sum. The server hands
+the round's noise stream ``(noise seed, NOISE, round)`` to the aggregator for
+the round's single noisy release; the sum's noise is drawn first, then the
+count's. Everything else (clipping, the clip's geometric update, the reported
+DpEvents) is TF Privacy's code.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_sum_query import
     QuantileAdaptiveClipSumQuery,
 )
 
+from tensorflow_privacy.privacy.dp_query.quantile_estimator_query import QuantileEstimatorQuery
+
+from fedsim import noise
 from fedsim.aggregation import Partial, merge_partials
 from fedsim.config import DPConfig, SimConfig
 
@@ -64,16 +74,118 @@ def adaptive_clip_noise_params(noise_multiplier: float, clients_per_round: float
     return z_sum, clipped_count_stddev
 
 
+class NoiseSource:
+    """The generator that this round's noisy release draws from.
+
+    One source is shared by all the host-noise queries of an aggregator; the
+    server sets it around the release with :meth:`drawing`. Asking for noise
+    outside that scope raises, so no release can fall back on an unseeded stream.
+    """
+
+    def __init__(self) -> None:
+        self._rng: np.random.Generator | None = None
+
+    def drawing(self, rng: np.random.Generator) -> "_Drawing":
+        return _Drawing(self, rng)
+
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            raise RuntimeError("privacy noise requested outside NoiseSource.drawing(rng)")
+        return self._rng
+
+
+class _Drawing:
+    def __init__(self, source: NoiseSource, rng: np.random.Generator) -> None:
+        self.source, self.rng = source, rng
+
+    def __enter__(self) -> None:
+        self.source._rng = self.rng
+
+    def __exit__(self, *exc: object) -> None:
+        self.source._rng = None
+
+
+def _host_noised(sample_state: Any, draw: Any) -> Any:
+    """Each leaf of ``sample_state`` as float64 plus ``draw(rng, shape)``, in its dtype."""
+    def one(v: tf.Tensor) -> tf.Tensor:
+        x = np.asarray(v, np.float64)
+        return tf.constant((x + draw(x.shape)).astype(v.dtype.as_numpy_dtype))
+
+    return tf.nest.map_structure(one, sample_state)
+
+
+class HostNoiseGaussianSumQuery(GaussianSumQuery):
+    """TF Privacy's ``GaussianSumQuery`` with float64 numpy noise of true tails.
+
+    Clipping, the state and the reported ``GaussianDpEvent(stddev / clip)`` are
+    the parent's. ``get_noised_result`` runs eagerly (in the server actor):
+    each leaf of the summed records gets :func:`fedsim.noise.gaussian` noise of
+    std ``global_state.stddev`` from ``source``'s generator, added in float64;
+    the result keeps the leaf's dtype (the update sum is packed as float64, so
+    it is cast to float32 only after normalization).
+    """
+
+    def __init__(self, source: NoiseSource, l2_norm_clip: float, stddev: float) -> None:
+        super().__init__(l2_norm_clip, stddev)
+        self._source = source
+
+    def get_noised_result(self, sample_state: Any, global_state: Any) -> Any:
+        rng, std = self._source.rng(), float(global_state.stddev)
+        result = _host_noised(sample_state, lambda shape: noise.gaussian(rng, shape, std))
+        event = dp_accounting.GaussianDpEvent(global_state.stddev / global_state.l2_norm_clip)
+        return result, global_state, event
+
+
+class HostNoiseQuantileEstimatorQuery(QuantileEstimatorQuery):
+    """TF Privacy's quantile estimator whose noised count is a host-noise query
+    (through the parent's own hook, ``_construct_below_estimate_query``)."""
+
+    def __init__(self, source: NoiseSource, *args: Any, **kwargs: Any) -> None:
+        self._source = source
+        super().__init__(*args, **kwargs)
+
+    def _construct_below_estimate_query(self, below_estimate_stddev: float,
+                                        expected_num_records: float) -> dp_query.DPQuery:
+        # As the parent: records are below-estimate indicators shifted by -0.5,
+        # so the count's sensitivity (its "clip") is 0.5.
+        return NormalizedQuery(
+            HostNoiseGaussianSumQuery(self._source, 0.5, below_estimate_stddev),
+            denominator=expected_num_records)
+
+
+class HostNoiseQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
+    """TF Privacy's ``QuantileAdaptiveClipSumQuery`` (TFF's ``gaussian_adaptive``)
+    with both of its Gaussian releases drawing host noise. The parent builds
+    its sum query and quantile estimator in ``__init__``; this subclass builds
+    the same two with the same arguments, drawing from ``source``."""
+
+    def __init__(self, source: NoiseSource, initial_l2_norm_clip: float,
+                 noise_multiplier: float, target_unclipped_quantile: float,
+                 learning_rate: float, clipped_count_stddev: float,
+                 expected_num_records: float, geometric_update: bool = True) -> None:
+        super().__init__(initial_l2_norm_clip, noise_multiplier, target_unclipped_quantile,
+                         learning_rate, clipped_count_stddev, expected_num_records,
+                         geometric_update)
+        self._quantile_estimator_query = HostNoiseQuantileEstimatorQuery(
+            source, initial_l2_norm_clip, target_unclipped_quantile, learning_rate,
+            clipped_count_stddev, expected_num_records, geometric_update)
+        self._sum_query = HostNoiseGaussianSumQuery(
+            source, initial_l2_norm_clip, noise_multiplier * initial_l2_norm_clip)
+
+
 class LaplaceSumQuery(dp_query.SumAggregationDPQuery):
     """Sum of records clipped to L1 norm ``l1_norm_clip``, plus Laplace noise.
 
     Every coordinate of the sum gets independent Laplace noise of scale ``scale``
-    (std ``sqrt(2) * scale``). Adding or removing one record changes the sum by
-    at most ``l1_norm_clip`` in L1, so a release is ``l1_norm_clip / scale``-DP;
-    the DpEvent is ``LaplaceDpEvent(scale / l1_norm_clip)``.
+    (std ``sqrt(2) * scale``), float64 from :func:`fedsim.noise.laplace` (drawn
+    from ``source``'s generator) added to the float64 sum. Adding or removing
+    one record changes the sum by at most ``l1_norm_clip`` in L1, so a release
+    is ``l1_norm_clip / scale``-DP; the DpEvent is
+    ``LaplaceDpEvent(scale / l1_norm_clip)``.
     """
 
-    def __init__(self, l1_norm_clip: float, scale: float) -> None:
+    def __init__(self, source: NoiseSource, l1_norm_clip: float, scale: float) -> None:
+        self._source = source
         self._l1_norm_clip = float(l1_norm_clip)
         self._scale = float(scale)
 
@@ -91,35 +203,31 @@ class LaplaceSumQuery(dp_query.SumAggregationDPQuery):
         return tf.nest.map_structure(lambda v: v * tf.cast(factor, v.dtype), record)
 
     def get_noised_result(self, sample_state: Any, global_state: Any) -> Any:
-        scale = global_state["scale"]
-
-        def add_noise(v: tf.Tensor) -> tf.Tensor:
-            # Laplace(b) = b * (E1 - E2) with E1, E2 ~ Exp(1), E = -log(1 - U), U in [0, 1).
-            e1 = -tf.math.log1p(-tf.random.uniform(tf.shape(v), dtype=tf.float32))
-            e2 = -tf.math.log1p(-tf.random.uniform(tf.shape(v), dtype=tf.float32))
-            return v + tf.cast(scale * (e1 - e2), v.dtype)
-
-        result = tf.nest.map_structure(add_noise, sample_state)
-        event = dp_accounting.LaplaceDpEvent(global_state["scale"] / global_state["l1_norm_clip"])
+        rng, scale = self._source.rng(), self._scale
+        result = _host_noised(sample_state, lambda shape: noise.laplace(rng, shape, scale))
+        event = dp_accounting.LaplaceDpEvent(self._scale / self._l1_norm_clip)
         return result, global_state, event
 
 
-def build_query(dp: DPConfig, clients_per_round: int) -> dp_query.DPQuery:
-    """The DPQuery that TFF's factory builds for ``dp`` (see module docstring)."""
+def build_query(dp: DPConfig, clients_per_round: int,
+                source: NoiseSource | None = None) -> dp_query.DPQuery:
+    """The DPQuery that TFF's factory builds for ``dp`` (see module docstring),
+    its noise drawn from ``source`` (a new one if None)."""
     cpr = float(clients_per_round)
+    source = source if source is not None else NoiseSource()
     if dp.mechanism == "gaussian":
-        inner: dp_query.DPQuery = GaussianSumQuery(
-            l2_norm_clip=dp.l2_norm_clip, stddev=dp.l2_norm_clip * dp.noise_multiplier)
+        inner: dp_query.DPQuery = HostNoiseGaussianSumQuery(
+            source, l2_norm_clip=dp.l2_norm_clip, stddev=dp.l2_norm_clip * dp.noise_multiplier)
     elif dp.mechanism == "gaussian_adaptive":
         z_sum, count_std = adaptive_clip_noise_params(dp.noise_multiplier, cpr,
                                                       dp.clipped_count_stddev)
-        inner = QuantileAdaptiveClipSumQuery(
-            initial_l2_norm_clip=dp.initial_l2_norm_clip, noise_multiplier=z_sum,
+        inner = HostNoiseQuantileAdaptiveClipSumQuery(
+            source, initial_l2_norm_clip=dp.initial_l2_norm_clip, noise_multiplier=z_sum,
             target_unclipped_quantile=dp.target_unclipped_quantile,
             learning_rate=dp.clip_learning_rate, clipped_count_stddev=count_std,
             expected_num_records=cpr, geometric_update=True)
     elif dp.mechanism == "laplace":
-        inner = LaplaceSumQuery(dp.sensitivity, dp.sensitivity / dp.epsilon)
+        inner = LaplaceSumQuery(source, dp.sensitivity, dp.sensitivity / dp.epsilon)
     else:
         raise ValueError(f"no DP query for dp.mechanism={dp.mechanism!r}")
     return NormalizedQuery(inner, denominator=cpr)
@@ -157,7 +265,8 @@ class DPQueryAggregator:
     def __init__(self, dp: DPConfig, clients_per_round: int) -> None:
         self.dp = dp
         self.clients_per_round = int(clients_per_round)
-        self.query = build_query(dp, clients_per_round)
+        self.noise_source = NoiseSource()
+        self.query = build_query(dp, clients_per_round, self.noise_source)
         self.zeroing_norm = dp.zeroing_norm
 
     # -- server side -----------------------------------------------------------------
@@ -217,14 +326,17 @@ class DPQueryAggregator:
     # -- server side, once per round -----------------------------------------------
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
-        """Add the noise (once) and normalize; returns the DpEvent in measurements."""
+        """Add the noise (once, from ``rng``) and normalize; returns the DpEvent in
+        measurements. The update sum stays float64 through the noise and the
+        division by clients_per_round, and is cast to float32 at the end."""
         template = self.query.initial_sample_state(tf.zeros(partial.total.shape, tf.float32))
         sample_state = tf.nest.pack_sequence_as(
-            template, [tf.constant(p, tf.float32) for p in (partial.total, *partial.extras)])
+            template, [tf.constant(partial.total, tf.float64)]
+            + [tf.constant(p, tf.float32) for p in partial.extras])
         clip = self.current_clip(state)
-        tf.random.set_seed(int(rng.integers(2**31 - 1)))
-        result, new_query_state, event = self.query.get_noised_result(sample_state,
-                                                                      state["query"])
+        with self.noise_source.drawing(rng):
+            result, new_query_state, event = self.query.get_noised_result(sample_state,
+                                                                          state["query"])
         measurements = {
             "clip": clip,
             "clipped_fraction": partial.stats.get("clipped", 0.0) / max(partial.count, 1),

@@ -48,7 +48,8 @@ How it maps onto fedsim's aggregation protocol (:mod:`fedsim.aggregation`):
   (``clients_per_round``). ``rng`` is not used either: the process runs in TFF's
   C++ runtime (a ``worker_binary`` child process), where TF Privacy's noise ops
   are unseeded (TFF traces them into a fresh ``tf.Graph`` without a graph seed),
-  so ``tf.random.set_seed`` -- what :mod:`fedsim.privacy` does -- has no effect.
+  so seeding TensorFlow's RNG has no effect (and their noise is TF's float32
+  sampler, not :mod:`fedsim.noise`).
   Noisy TFF rounds are therefore not reproducible; noise-free ones are
   deterministic. A factory that keeps its noise seed in its state (e.g.
   ``examples/laplace_factory.py``, or TFF's ``tree_aggregation(noise_seed=...)``)
