@@ -17,6 +17,13 @@ simulation really used:
   amplification (dp-accounting's RDP has no subsampled Laplace), an upper bound;
   under PLD with Poisson sampling they are amplified.
 
+- Under secure aggregation the clipped updates are fixed-point encoded with
+  stochastic rounding before they are summed, which can move an update by up
+  to one integer unit per coordinate: ``sqrt(d) / scale`` in L2 and
+  ``d / scale`` in L1, with ``scale = 2^precision_bits / clip``. The central
+  mechanisms' events are charged for that rounded sensitivity
+  (:func:`rounded_sensitivity_event`), as the Skellam bound already is.
+
 The default delta is ``clients ** -1.1``: below 1/clients, the usual ceiling for
 a meaningful guarantee over a population of that size.
 """
@@ -24,7 +31,7 @@ a meaningful guarantee over a population of that size.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import dp_accounting
 import numpy as np
@@ -34,7 +41,17 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedsim.config import DPConfig, SimConfig
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, FedsimError
+
+CALIBRATION_HEADROOM = 2e-5
+"""Relative extra noise of a calibrated noise multiplier: the accountant records
+noise multipliers rounded down to 6 significant digits (a relative 1e-5 at most)
+after TF's float32 state has jittered them, so this keeps every recorded event
+at least as noisy as the one calibrated to spend exactly the target."""
+
+
+class LedgerError(FedsimError):
+    """A ledger of events that this accountant cannot compose (one line)."""
 
 
 def default_delta(clients: int) -> float:
@@ -47,17 +64,20 @@ def target_delta(cfg: SimConfig) -> float:
 
 
 def mechanism_event(dp: DPConfig, clients_per_round: int, dim: int | None = None,
-                    precision_bits: int = 16) -> DpEvent:
+                    precision_bits: int = 16, *, noise_shares: int | None = None) -> DpEvent:
     """The DpEvent that one round's query will report, from the config alone
     (used to calibrate noise and to check a budget before a round runs).
-    ``dim`` (the model size) and ``precision_bits`` matter for distributed_skellam."""
+    ``dim`` (the model size) and ``precision_bits`` matter for distributed_skellam,
+    whose sum holds ``noise_shares`` clients' noise shares (default
+    ``clients_per_round``; :func:`fedsim.distributed_dp.worst_noise_shares` is
+    the fewest a completed round can hold)."""
     if dp.mechanism == "distributed_skellam":
         from fedsim.distributed_dp import SkellamAggregator
 
         if dim is None:
             raise ValueError("the distributed Skellam event depends on the model size (dim)")
         agg = SkellamAggregator(dp, precision_bits, clients_per_round)
-        return agg.event(clients_per_round, dim)
+        return agg.event(clients_per_round if noise_shares is None else noise_shares, dim)
     if dp.mechanism == "gaussian":
         return dp_accounting.GaussianDpEvent(dp.noise_multiplier)
     if dp.mechanism == "gaussian_adaptive":
@@ -84,6 +104,44 @@ def _scale_noise(event: DpEvent, factor: float) -> DpEvent:
     if isinstance(event, dp_accounting.SelfComposedDpEvent):
         return dp_accounting.SelfComposedDpEvent(_scale_noise(event.event, factor), event.count)
     return event
+
+
+def rounded_sensitivity_factors(dim: int, precision_bits: int) -> tuple[float, float]:
+    """(L2, L1) factors by which stochastic fixed-point rounding can raise a
+    clipped update's norm under secure aggregation.
+
+    With ``scale = 2^precision_bits / clip`` integer units per 1.0 (the update
+    segment's codec, :func:`fedsim.fixedpoint.FixedPointCodec.for_sum`), each
+    coordinate moves by less than one unit, so a vector of ``dim`` coordinates
+    clipped to L2 norm ``C`` has L2 norm below ``C + sqrt(dim) / scale = C (1 +
+    sqrt(dim) 2^-p)`` after rounding, and one clipped to L1 norm ``s`` has L1
+    norm below ``s (1 + dim 2^-p)``. The factors do not depend on the clip.
+    The adaptive clip's count segment (records of +-0.5, one coordinate) grows
+    by ``1 + 2^-p`` at most, below the update's L2 factor, which is used for both.
+    """
+    step = 2.0 ** -int(precision_bits)
+    return 1.0 + math.sqrt(int(dim)) * step, 1.0 + int(dim) * step
+
+
+def rounded_sensitivity_event(event: DpEvent, dim: int, precision_bits: int) -> DpEvent:
+    """``event`` charged for the rounded sensitivity of secure aggregation: every
+    Gaussian noise multiplier divided by the L2 factor, every Laplace one by the
+    L1 factor (:func:`rounded_sensitivity_factors`). Events that account for
+    rounding themselves (Skellam) are returned as they are."""
+    l2, l1 = rounded_sensitivity_factors(dim, precision_bits)
+
+    def scale(e: DpEvent) -> DpEvent:
+        if isinstance(e, dp_accounting.GaussianDpEvent):
+            return dp_accounting.GaussianDpEvent(e.noise_multiplier / l2)
+        if isinstance(e, dp_accounting.LaplaceDpEvent):
+            return dp_accounting.LaplaceDpEvent(e.noise_multiplier / l1)
+        if isinstance(e, dp_accounting.ComposedDpEvent):
+            return dp_accounting.ComposedDpEvent([scale(x) for x in e.events])
+        if isinstance(e, dp_accounting.SelfComposedDpEvent):
+            return dp_accounting.SelfComposedDpEvent(scale(e.event), e.count)
+        return e
+
+    return scale(event)
 
 
 def _has_laplace(event: DpEvent) -> bool:
@@ -161,7 +219,11 @@ class PrivacyAccountant:
     """
 
     def __init__(self, kind: str, sampling: str, clients: int, clients_per_round: int,
-                 delta: float) -> None:
+                 delta: float, secure_rounding: tuple[int, int] | None = None) -> None:
+        """secure_rounding: ``(model size, secagg.precision_bits)`` when updates are
+        fixed-point encoded for secure aggregation: :meth:`round_event` then
+        charges the rounded sensitivity (:func:`rounded_sensitivity_event`)."""
+        self.secure_rounding = secure_rounding
         self.kind = kind
         self.sampling = sampling
         self.clients = int(clients)
@@ -179,9 +241,12 @@ class PrivacyAccountant:
         return RdpAccountant(neighboring_relation=self.relation)
 
     def round_event(self, mechanism: DpEvent) -> DpEvent:
-        """Wrap one round's mechanism event in the round's sampling."""
+        """Charge one round's mechanism event for rounding under secure
+        aggregation, and wrap it in the round's sampling."""
         if isinstance(mechanism, dp_accounting.NoOpDpEvent):
             return mechanism
+        if self.secure_rounding is not None:
+            mechanism = rounded_sensitivity_event(mechanism, *self.secure_rounding)
         from fedsim.distributed_dp import SkellamDpEvent
 
         if isinstance(mechanism, SkellamDpEvent):
@@ -203,8 +268,36 @@ class PrivacyAccountant:
         return dp_accounting.PoissonSampledDpEvent(self.clients_per_round / self.clients,
                                                    mechanism)
 
-    def restore(self, ledger: list[list]) -> None:
-        """Continue from a checkpoint's ledger (epsilon never resets)."""
+    def composable(self, event: DpEvent) -> bool:
+        """Whether this accountant can compose ``event`` (dp-accounting's
+        ``supports``; Skellam releases under RDP through fedsim's own bound)."""
+        from fedsim.distributed_dp import SkellamDpEvent
+
+        if isinstance(event, SkellamDpEvent):
+            return self.kind == "rdp"
+        return self.fresh().supports(event)
+
+    def restore(self, ledger: list[list], saved_sampling: str | None = None,
+                saved_kind: str | None = None) -> None:
+        """Continue from a checkpoint's ledger (epsilon never resets).
+
+        Refused with :class:`LedgerError`, before anything changes, when the
+        checkpoint's events were accounted under another neighbouring relation
+        (``saved_sampling``: uniform is replace-one, poisson add/remove; epsilons
+        under the two are not composable) or when this accountant cannot compose
+        one of them (e.g. PLD and sampling without replacement)."""
+        saved = f"sampling={saved_sampling}, dp.accountant={saved_kind}"
+        fix = (f"resume with the checkpoint's {saved}" if saved_sampling else
+               "resume with the checkpoint's sampling and dp.accountant")
+        if saved_sampling is not None and saved_sampling != self.sampling:
+            raise LedgerError(f"resume: sampling={self.sampling} changes the neighbouring "
+                              f"relation of the checkpoint's privacy ledger ({saved}); "
+                              f"the rounds spent cannot be composed with new ones; {fix}")
+        for event, _ in ledger:
+            if not self.composable(event):
+                raise LedgerError(f"resume: dp.accountant={self.kind} cannot compose the "
+                                  f"checkpoint's privacy ledger ({saved}; e.g. "
+                                  f"{type(event).__name__}); {fix}")
         self.ledger = [[event, int(count)] for event, count in ledger]
 
     def record(self, event: DpEvent) -> None:
@@ -254,28 +347,73 @@ class PrivacyAccountant:
         """Epsilon spent so far at ``delta`` (0 before any release)."""
         return self._epsilon(self.ledger)
 
-    def epsilon_after(self, event: DpEvent) -> float:
-        """Epsilon if ``event`` were composed next (the ledger is unchanged)."""
-        return self._epsilon(self.ledger + [[round_down_noise(event), 1]])
+    def epsilon_after(self, event: DpEvent, count: int = 1) -> float:
+        """Epsilon if ``event`` were composed ``count`` more times (the ledger is
+        unchanged)."""
+        return self._epsilon(self.ledger + [[round_down_noise(event), int(count)]])
 
 
-def build_accountant(cfg: SimConfig) -> PrivacyAccountant:
+def build_accountant(cfg: SimConfig, dim: int | None = None) -> PrivacyAccountant:
     """The run's accountant. It charges for the *sampled* cohort: with
-    over-selection that is more than ``clients_per_round`` (:mod:`fedsim.faults`)."""
+    over-selection that is more than ``clients_per_round`` (:mod:`fedsim.faults`).
+    Under secure aggregation it needs the model size ``dim`` to charge for
+    fixed-point rounding (:func:`rounded_sensitivity_event`)."""
     from fedsim.faults import sample_size
 
+    rounding = None
+    if cfg.secagg.protocol != "none":
+        if dim is None:
+            raise ValueError("under secure aggregation the accountant needs the model size")
+        rounding = (int(dim), cfg.secagg.precision_bits)
     return PrivacyAccountant(cfg.dp.accountant, cfg.sampling, cfg.clients,
                              sample_size(cfg.clients_per_round, cfg.faults, cfg.clients),
-                             target_delta(cfg))
+                             target_delta(cfg), rounding)
 
 
-def calibrate(cfg: SimConfig) -> DPConfig:
-    """A copy of ``cfg.dp`` whose noise spends exactly ``dp.target_epsilon`` over
-    ``rounds`` rounds at the target delta (dp-accounting's calibration search)."""
+def check_ledger(cfg: SimConfig, ledger: list[list], saved_config: dict[str, Any]) -> None:
+    """Refuse (:class:`LedgerError`, one line) a checkpoint's ledger that ``cfg``'s
+    accountant cannot continue (:meth:`PrivacyAccountant.restore`); before any
+    actor starts."""
+    PrivacyAccountant(cfg.dp.accountant, cfg.sampling, cfg.clients, cfg.clients_per_round,
+                      target_delta(cfg)).restore(
+        ledger, saved_config.get("sampling"), (saved_config.get("dp") or {}).get("accountant"))
+
+
+def _round_up(value: float, digits: int = 6) -> float:
+    """``value`` rounded UP to ``digits`` significant digits (exactly representable
+    as its decimal string, so :func:`round_down_noise` leaves it unchanged)."""
+    r = float(f"{value:.{digits}g}")
+    if r < value:
+        r = float(f"{r + 10.0 ** (math.floor(math.log10(r)) - digits + 1):.{digits}g}")
+    return r
+
+
+def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int = 0,
+              dim: int | None = None) -> DPConfig:
+    """A copy of ``cfg.dp`` whose noise spends at most ``dp.target_epsilon`` (and
+    within a relative ``CALIBRATION_HEADROOM`` of it) over the whole run at the
+    target delta: the ``ledger`` already spent (a resumed run's ``rounds_done``
+    rounds) plus ``rounds - rounds_done`` rounds of the calibrated mechanism
+    (dp-accounting's calibration search). ``dim``: the model size, needed under
+    secure aggregation (rounding is charged). The noise multiplier is raised by
+    the headroom and rounded up to 6 significant digits, so that the events the
+    accountant records (rounded down to 6 digits) are never less noisy than the
+    calibrated one, and ``dp.max_epsilon = dp.target_epsilon`` lets the last
+    round run. Raises :class:`ConfigError` when the ledger alone already
+    reaches the target."""
     import dataclasses
 
     dp = cfg.dp
-    acct = build_accountant(cfg)
+    acct = build_accountant(cfg, dim)
+    remaining = cfg.rounds - rounds_done
+    spent = [[e, int(c)] for e, c in (ledger or [])]
+    if spent:
+        acct.restore(spent)
+        already = acct.epsilon()
+        if already >= dp.target_epsilon or remaining <= 0:
+            raise ConfigError("dp.target_epsilon", f"more than the epsilon {already:.4g} "
+                              f"that the checkpoint's {rounds_done} rounds already spent, with "
+                              "rounds left to run", dp.target_epsilon)
     # The parameter is the noise multiplier: 1 / per-round epsilon for Laplace; the
     # total z for Gaussian (adaptive clipping splits z between two Gaussians whose
     # composition is exactly one Gaussian of multiplier z).
@@ -283,13 +421,15 @@ def calibrate(cfg: SimConfig) -> DPConfig:
         dp_accounting.GaussianDpEvent
 
     def make(nm: float) -> DpEvent:
-        return dp_accounting.SelfComposedDpEvent(acct.round_event(base(nm)), cfg.rounds)
+        new = dp_accounting.SelfComposedDpEvent(acct.round_event(base(nm)), remaining)
+        return dp_accounting.ComposedDpEvent(
+            [dp_accounting.SelfComposedDpEvent(e, c) for e, c in spent] + [new])
 
     fresh: Callable[[], dp_accounting.PrivacyAccountant] = acct.fresh
     value = dp_accounting.calibrate_dp_mechanism(
         fresh, make, dp.target_epsilon, acct.delta,
         bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-6)
-    value = float(value)
+    value = _round_up(float(value) * (1.0 + CALIBRATION_HEADROOM))
     if dp.mechanism == "laplace":
         return dataclasses.replace(dp, epsilon=1.0 / value, target_epsilon=dp.target_epsilon)
     new = dataclasses.replace(dp, noise_multiplier=value)

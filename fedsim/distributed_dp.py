@@ -39,8 +39,10 @@ import dp_accounting
 import numpy as np
 
 from fedsim.aggregation import Partial, merge_partials
-from fedsim.config import DPConfig
+from fedsim.config import DPConfig, SimConfig
+from fedsim.faults import sample_size
 from fedsim.fixedpoint import round_stochastically
+from fedsim.secagg import fewest_survivors
 
 TAIL_STDDEVS = 20.0  # modulus headroom for the noise: P(|Skellam| > 20 std) is negligible
 
@@ -68,6 +70,23 @@ def skellam_rdp(event: SkellamDpEvent, orders: np.ndarray) -> np.ndarray:
             out[i] = a * d2 ** 2 / (2 * mu) + min(((2 * a - 1) * d2 ** 2 + 6 * d1) / (4 * mu ** 2),
                                                   3 * d1 / (2 * mu))
     return out
+
+
+def worst_noise_shares(cfg: SimConfig) -> int:
+    """The fewest clients' noise shares that the sum of a round that completes
+    can hold: the least noise, so the largest epsilon, of any round.
+
+    Clients lost before masking (``faults.client_dropout``, stragglers) take
+    their noise share with them; clients lost after masking
+    (``secagg.dropout``) do not (their masked input, noise included, is in the
+    sum). Without faults before masking every sampled client reports, up to
+    ``clients_per_round`` (over-selection); with them, as few as the protocol
+    accepts (:func:`fedsim.secagg.fewest_survivors`).
+    """
+    n = sample_size(cfg.clients_per_round, cfg.faults, cfg.clients)
+    if cfg.faults.client_dropout == 0 and cfg.faults.straggler_timeout is None:
+        return min(n, cfg.clients_per_round)
+    return fewest_survivors(cfg.secagg.protocol, n, cfg.secagg.threshold, cfg.secagg.neighbours)
 
 
 def scale_for(clip: float, precision_bits: int) -> float:

@@ -346,6 +346,22 @@ def default_threshold(m: int) -> int:
     return m // 2 + 1
 
 
+def fewest_survivors(protocol: str, n: int, threshold: int | None = None,
+                     neighbours: int | None = None) -> int:
+    """The fewest masked inputs with which a round of ``n`` clients can still
+    complete. Unmasking needs each survivor's self-mask seed from ``t`` holders
+    among its neighbours and itself, and only survivors answer, so at least
+    ``t`` clients must have sent a masked input (``t`` and the neighbourhood
+    size as :meth:`SecAggServer.receive_keys` picks them)."""
+    if protocol == "secagg":
+        m = n
+    else:
+        k = neighbours if neighbours is not None else default_neighbours(n)
+        m = min(k, n - 1) + 1
+    t = threshold if threshold is not None else default_threshold(m)
+    return max(1, min(t, n))
+
+
 def harary_graph(ids: Sequence[int], k: int, rng: np.random.Generator) -> dict[int, frozenset[int]]:
     """The Harary graph ``H(k, n)`` over a random permutation of ``ids``.
 

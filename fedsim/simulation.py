@@ -29,9 +29,10 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from fedsim.accounting import build_accountant, calibrate, default_delta, mechanism_event
+from fedsim.accounting import (build_accountant, calibrate, check_ledger, default_delta,
+                               mechanism_event)
 from fedsim.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
-from fedsim.config import RayConfig, SimConfig
+from fedsim.config import DPConfig, RayConfig, SimConfig
 from fedsim.data import FederatedData, load_federated_data
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.outputs import (MetricsLog, Progress, TensorBoardLog, memory_mib, plot_metrics,
@@ -295,6 +296,64 @@ def _prepare_output(output_dir: Optional[Path], resuming: bool = False) -> Optio
     return out
 
 
+def _worst_round_event(cfg: SimConfig, dim: int) -> Any:
+    """The mechanism event of the least noisy round that can still complete (what a
+    budget stop must check): under distributed_skellam the sum with the fewest
+    noise shares (:func:`fedsim.distributed_dp.worst_noise_shares`)."""
+    shares = None
+    if cfg.dp.mechanism == "distributed_skellam":
+        from fedsim.distributed_dp import worst_noise_shares
+
+        shares = worst_noise_shares(cfg)
+    return mechanism_event(cfg.dp, cfg.clients_per_round, dim, cfg.secagg.precision_bits,
+                           noise_shares=shares)
+
+
+def _model_size(cfg: SimConfig, data: FederatedData) -> int:
+    """The number of trainable parameters (builds the model here, in the driver)."""
+    from fedsim.models import build_model, count_parameters
+
+    return count_parameters(build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed))
+
+
+def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str, Any]]
+                ) -> tuple[SimConfig, dict[str, Any], bool]:
+    """``cfg`` with the noise that spends ``dp.target_epsilon`` over the whole run.
+
+    A resumed run keeps the checkpoint's calibrated noise when its ledger plus the
+    rounds left still meet the target (the same run continued: bit-identical);
+    otherwise (e.g. more ``rounds``) the rounds left are calibrated so that the
+    ledger plus them spend the target. Returns the config, what the summary
+    records, and whether the noise changed on resume.
+    """
+    dim = _model_size(cfg, data) if cfg.secagg.protocol != "none" else None
+    ledger = resumed["ledger"] if resumed else []
+    done = resumed["round"] if resumed else 0
+    if resumed:
+        saved = dict(resumed["config"]["dp"])
+        same = {**saved, "noise_multiplier": cfg.dp.noise_multiplier,
+                "epsilon": cfg.dp.epsilon} == dataclasses.asdict(cfg.dp)
+        if same and done < cfg.rounds:
+            kept = dataclasses.replace(cfg, dp=DPConfig(**saved))
+            acct = build_accountant(kept, dim)
+            acct.restore(ledger)
+            event = acct.round_event(mechanism_event(kept.dp, kept.clients_per_round))
+            if acct.epsilon_after(event, cfg.rounds - done) <= cfg.dp.target_epsilon:
+                return kept, {"noise_multiplier": kept.dp.noise_multiplier,
+                              "epsilon_per_round": kept.dp.epsilon,
+                              "from_checkpoint": True}, False
+    dp = calibrate(cfg, ledger, done, dim)
+    info: dict[str, Any] = {"noise_multiplier": dp.noise_multiplier,
+                            "epsilon_per_round": dp.epsilon,
+                            "rounds_calibrated": cfg.rounds - done}
+    changed = False
+    if resumed:
+        old = resumed["config"]["dp"]
+        changed = (old["noise_multiplier"], old["epsilon"]) != (dp.noise_multiplier, dp.epsilon)
+        info["ledger_rounds"] = done
+    return dataclasses.replace(cfg, dp=dp), info, changed
+
+
 def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None) -> SimulationResult:
     """Run a whole federated simulation and write its outputs to ``output_dir``.
 
@@ -306,26 +365,28 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
     check_compatible(cfg, data)
     privacy: dict[str, Any] = {}
-    if cfg.dp.mechanism != "none" and cfg.dp.target_epsilon is not None:
-        calibrated = calibrate(cfg)
-        privacy["calibrated"] = {"noise_multiplier": calibrated.noise_multiplier,
-                                 "epsilon_per_round": calibrated.epsilon}
-        cfg = dataclasses.replace(cfg, dp=calibrated)
-    # A TFF factory may report DpEvents of its own: they are accounted too.
-    accountant = (build_accountant(cfg)
-                  if cfg.dp.mechanism != "none" or cfg.aggregator.kind == "tff" else None)
     resumed: Optional[dict[str, Any]] = None
     kept: list[dict[str, Any]] = []
     if cfg.resume is not None:
         resumed = load_checkpoint(Path(cfg.resume))
-        privacy["changes_on_resume"] = check_resumable(resumed["config"], cfg)
-        if accountant:
-            accountant.restore(resumed["ledger"])
+    fresh_aggregator = False  # the noise changed on resume: the aggregator starts afresh
+    if cfg.dp.mechanism != "none" and cfg.dp.target_epsilon is not None:
+        cfg, privacy["calibrated"], fresh_aggregator = _calibrated(cfg, data, resumed)
+    if resumed is not None:
+        saved = resumed["config"]
+        if fresh_aggregator:  # recalibrated for the same target: not a change of budget
+            saved = {**saved, "dp": {**saved["dp"], "noise_multiplier": cfg.dp.noise_multiplier,
+                                     "epsilon": cfg.dp.epsilon}}
+        privacy["changes_on_resume"] = check_resumable(saved, cfg)
+        fresh_aggregator = fresh_aggregator or "dp" in privacy["changes_on_resume"]
+        if cfg.dp.mechanism != "none" or cfg.aggregator.kind == "tff":
+            check_ledger(cfg, resumed["ledger"], resumed["config"])
         output_dir = cfg.resume
         kept = _kept_rows(Path(cfg.resume), resumed["round"])
     out = _prepare_output(Path(output_dir) if output_dir is not None else None,
                           resuming=resumed is not None)
 
+    accountant = None
     started = connect_ray(cfg.ray)
     import ray
 
@@ -348,16 +409,20 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         pool = make_pool(cfg, data_ref, data.input_shape, data.num_classes, n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
+        # A TFF factory may report DpEvents of its own: they are accounted too.
+        accountant = (build_accountant(cfg, num_parameters)
+                      if cfg.dp.mechanism != "none" or cfg.aggregator.kind == "tff" else None)
         if resumed:
-            # Changed DP parameters (resume_force) start the aggregator afresh: its
-            # state carries the old ones (noise stddev, clip).
-            ray.get(server.set_state.remote(resumed["server"],
-                                            "dp" not in privacy["changes_on_resume"]))
+            if accountant:
+                accountant.restore(resumed["ledger"], resumed["config"].get("sampling"),
+                                   resumed["config"]["dp"].get("accountant"))
+            # Changed DP parameters (resume_force, or a recalibrated noise) start the
+            # aggregator afresh: its state carries the old ones (noise stddev, clip).
+            ray.get(server.set_state.remote(resumed["server"], not fresh_aggregator))
         placement = ray.get([w.where.remote() for w in workers])
         setup_seconds = time.perf_counter() - t_start
-        next_event = (accountant.round_event(mechanism_event(
-            cfg.dp, cfg.clients_per_round, num_parameters, cfg.secagg.precision_bits))
-            if accountant else None)
+        next_event = (accountant.round_event(_worst_round_event(cfg, num_parameters))
+                      if accountant else None)
         progress = Progress(cfg.rounds - first_round + 1, cfg.progress)
 
         def checkpoint(rnd: int) -> None:

@@ -150,3 +150,114 @@ def test_max_epsilon_stops_cleanly_before_exceeding(ray_local, tmp_path):
     assert "max_epsilon" in res.summary["stop_reason"]
     assert res.summary["status"] == "completed"
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("dp", [
+    dict(mechanism="gaussian", target_epsilon=4.0, max_epsilon=4.0),
+    dict(mechanism="gaussian_adaptive", target_epsilon=8.0, max_epsilon=8.0,
+         clipped_count_stddev=5.0),
+    dict(mechanism="laplace", target_epsilon=3.0, max_epsilon=3.0),
+])
+def test_target_epsilon_equal_to_max_epsilon_runs_every_round(dp):
+    """The budget check the simulation makes before each round (the predicted event
+    against the ledger of the events the query really reported) lets all rounds
+    of a run calibrated to exactly its budget run."""
+    import numpy as np
+
+    from fedsim.privacy import DPQueryAggregator
+
+    cfg = _sim(**dp)
+    cfg = dataclasses.replace(cfg, dp=calibrate(cfg))
+    agg = DPQueryAggregator(cfg.dp, cfg.clients_per_round)
+    state = agg.initial_state()
+    acct = PrivacyAccountant("rdp", "uniform", 200, 20, default_delta(200))
+    predicted = acct.round_event(mechanism_event(cfg.dp, 20))
+    for _ in range(cfg.rounds):
+        assert acct.epsilon_after(predicted) <= cfg.dp.max_epsilon
+        params = agg.client_params(state)
+        partial = agg.accumulate(params, agg.zero_partial(3), np.ones(3, np.float32), 1)
+        _, state, m = agg.finalize(state, partial, 20, np.random.default_rng(0))
+        acct.record(acct.round_event(m["dp_event"]))
+    assert dp["target_epsilon"] * (1 - 1e-3) <= acct.epsilon() <= dp["target_epsilon"]
+
+
+@pytest.mark.parametrize("mechanism", ["gaussian", "laplace"])
+def test_resumed_calibration_counts_the_ledger(mechanism):
+    """More rounds on resume: the rounds left are calibrated so that the ledger plus
+    them spend the target (ignoring the ledger overspends it)."""
+    first = _sim(mechanism=mechanism, target_epsilon=4.0)
+    dp1 = calibrate(first)
+    acct = PrivacyAccountant("rdp", "uniform", 200, 20, default_delta(200))
+    for _ in range(10):
+        acct.record(acct.round_event(mechanism_event(dp1, 20)))
+    longer = dataclasses.replace(first, rounds=60)
+    dp2 = calibrate(longer, acct.ledger, rounds_done=10)
+    after = acct.epsilon_after(acct.round_event(mechanism_event(dp2, 20)), 50)
+    assert 4.0 * (1 - 1e-3) <= after <= 4.0
+    naive = calibrate(longer)  # calibrated for 60 fresh rounds
+    assert acct.epsilon_after(acct.round_event(mechanism_event(naive, 20)), 50) > 4.0
+    with pytest.raises(ConfigError, match="already spent"):
+        calibrate(dataclasses.replace(first, dp=dataclasses.replace(first.dp,
+                                                                    target_epsilon=0.5)),
+                  acct.ledger, rounds_done=10)
+
+
+def test_secure_rounding_is_charged_to_central_mechanisms():
+    """Stochastic fixed-point rounding raises a clipped update's L2 norm by up to
+    sqrt(d) / scale: measured on the real codec, and charged by the accountant."""
+    import math
+
+    import numpy as np
+
+    from fedsim.accounting import (build_accountant, round_down_noise,
+                                   rounded_sensitivity_factors)
+    from fedsim.config import SecAggConfig
+    from fedsim.fixedpoint import FixedPointCodec
+
+    d, bits, clip = 400, 2, 1.0
+    l2, l1 = rounded_sensitivity_factors(d, bits)
+    assert l2 == pytest.approx(1 + math.sqrt(d) / 4) and l1 == pytest.approx(1 + d / 4)
+    codec = FixedPointCodec.for_sum(clip, 1, precision_bits=bits)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=d)
+    x *= clip / np.linalg.norm(x)
+    norms = [np.linalg.norm(codec.decode_sum(codec.encode(x, rng), 1)) for _ in range(50)]
+    assert max(norms) > 1.5 * clip  # rounding really moves it beyond the clip
+    assert max(norms) <= clip * l2 + 1e-9
+    plain = SimConfig(clients=100, clients_per_round=10, server=ServerConfig(weighting="uniform"),
+                      dp=DPConfig(mechanism="gaussian", noise_multiplier=0.5))
+    secure = dataclasses.replace(plain, secagg=SecAggConfig(protocol="secagg",
+                                                            precision_bits=bits))
+    event = mechanism_event(plain.dp, 10)
+    eps = {}
+    for name, cfg in [("plain", plain), ("secure", secure)]:
+        acct = build_accountant(cfg, d)
+        acct.record(acct.round_event(event))
+        eps[name] = acct.epsilon()
+    direct = RdpAccountant(neighboring_relation=REPLACE)
+    direct.compose(round_down_noise(dp_accounting.SampledWithoutReplacementDpEvent(
+        100, 10, dp_accounting.GaussianDpEvent(0.5 / 2 / l2))))  # as the ledger records it
+    assert eps["secure"] == pytest.approx(direct.get_epsilon(default_delta(100)), rel=1e-6)
+    assert eps["secure"] > 2 * eps["plain"]
+    with pytest.raises(ValueError, match="model size"):
+        build_accountant(secure)
+
+
+def test_a_ledger_under_another_relation_or_accountant_is_refused_in_one_line():
+    from fedsim.accounting import LedgerError, check_ledger
+
+    uniform = _sim(mechanism="gaussian")
+    acct = PrivacyAccountant("rdp", "uniform", 200, 20, default_delta(200))
+    acct.record(acct.round_event(mechanism_event(uniform.dp, 20)))
+    poisson = dataclasses.replace(uniform, sampling="poisson")
+    with pytest.raises(LedgerError, match="sampling=poisson changes the neighbouring") as err:
+        check_ledger(poisson, acct.ledger, dataclasses.asdict(uniform))
+    assert "\n" not in str(err.value)
+    adaptive = _sim(mechanism="gaussian_adaptive", clipped_count_stddev=5.0)
+    adaptive = dataclasses.replace(adaptive, sampling="poisson")
+    rdp = PrivacyAccountant("rdp", "poisson", 200, 20, default_delta(200))
+    rdp.record(rdp.round_event(mechanism_event(adaptive.dp, 20)))
+    to_pld = dataclasses.replace(adaptive, dp=dataclasses.replace(adaptive.dp, accountant="pld"))
+    with pytest.raises(LedgerError, match="dp.accountant=pld cannot compose"):
+        check_ledger(to_pld, rdp.ledger, dataclasses.asdict(adaptive))
+    check_ledger(adaptive, rdp.ledger, dataclasses.asdict(adaptive))  # unchanged: fine

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedsim.accounting import LedgerError
 from fedsim.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
 from fedsim.outputs import read_metrics
@@ -108,3 +109,9 @@ def test_changed_privacy_parameters_need_force_and_the_ledger_keeps_both(ray_loc
     assert [e["count"] for e in ledger] == [2, 1]  # both noise levels, never reset
     assert res.metrics[-1]["epsilon"] > res.metrics[1]["epsilon"]
     assert res.summary["resumed_from_round"] == 2
+    # Another neighbouring relation cannot continue the ledger: one line, nothing run
+    # (this was dp-accounting's UnsupportedEventError from deep inside the accountant).
+    with pytest.raises(LedgerError, match="sampling=poisson changes the neighbouring relation"):
+        run_simulation(dataclasses.replace(louder, rounds=4, resume_force=True,
+                                           sampling="poisson"))
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.accounting import PrivacyAccountant
-from fedsim.config import (DPConfig, ModelConfig, RayConfig, SecAggConfig, ServerConfig,
-                           SimConfig)
+from fedsim.accounting import PrivacyAccountant, default_delta
+from fedsim.config import (DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig,
+                           ServerConfig, SimConfig)
 from fedsim.distributed_dp import SkellamCodec, SkellamDpEvent, sensitivities, skellam_rdp
 from fedsim.errors import ConfigError
 
@@ -112,3 +112,40 @@ def test_simulation_accounts_the_clients_noise_shares(ray_local):
             acct.record(SkellamDpEvent(2 * l1, 2 * l2, central_var))
         assert r["epsilon"] == pytest.approx(acct.epsilon(), rel=1e-6)
     assert res.metrics[1]["epsilon"] > res.metrics[0]["epsilon"]
+
+
+def test_budget_stop_never_overshoots_when_clients_drop(ray_local):
+    """dp.max_epsilon checks the least noisy round that can still complete: the
+    fewest noise shares secure aggregation accepts (t = 3 of 5 here), not all
+    clients_per_round (5). Seed 12's rounds have 3 and 4 reporting clients: a
+    check against 5 shares lets round 2 run and overshoot the budget."""
+    from fedsim.distributed_dp import SkellamAggregator, worst_noise_shares
+    from fedsim.faults import plan_round
+    from fedsim.sampling import STREAM_CLIENT_FAULTS, STREAM_SAMPLING, sample_clients, stream
+    from fedsim.simulation import run_simulation
+
+    seed, dim = 12, 650  # logreg on the 64-pixel digits, 10 classes
+    base = dataclasses.replace(_cfg(noise_multiplier=1.2, l2_norm_clip=0.8), rounds=3,
+                               seed=seed, faults=FaultsConfig(client_dropout=0.3))
+    reporting = [len(plan_round(sample_clients(20, 5, "uniform", stream(seed, STREAM_SAMPLING, r)),
+                                5, base.faults, stream(seed, STREAM_CLIENT_FAULTS, r)).reporting)
+                 for r in (1, 2)]
+    assert reporting == [3, 4]
+    assert worst_noise_shares(base) == 3
+    agg = SkellamAggregator(base.dp, 16, 5)
+
+    def eps(*shares: int) -> float:
+        acct = PrivacyAccountant("rdp", "uniform", 20, 5, default_delta(20))
+        for c in shares:
+            acct.record(acct.round_event(agg.event(c, dim)))
+        return acct.epsilon()
+
+    budget = eps(3, 5) * 1.0001
+    assert eps(3, 4) > budget  # what the old check (5 shares predicted) let happen
+    res = run_simulation(dataclasses.replace(
+        base, dp=dataclasses.replace(base.dp, max_epsilon=budget)))
+    assert int(res.weights.size) == dim
+    assert [r["clients"] for r in res.metrics] == [3]
+    assert all(r["epsilon"] <= budget for r in res.metrics)
+    assert res.metrics[0]["epsilon"] == pytest.approx(eps(3), rel=1e-9)
+    assert "max_epsilon" in res.summary["stop_reason"]
