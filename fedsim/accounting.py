@@ -268,6 +268,27 @@ class PrivacyAccountant:
         return dp_accounting.PoissonSampledDpEvent(self.clients_per_round / self.clients,
                                                    mechanism)
 
+    def mechanism(self, event: DpEvent) -> DpEvent:
+        """The mechanism event that :meth:`round_event` wrapped into ``event``: its
+        inverse (up to the ledger's rounding down of noise, which stays on the
+        side of less noise)."""
+        from fedsim.distributed_dp import SkellamDpEvent
+
+        if isinstance(event, SkellamDpEvent):
+            if self.relation == NeighboringRelation.REPLACE_ONE:
+                return SkellamDpEvent(event.l1_sensitivity / 2, event.l2_sensitivity / 2,
+                                      event.variance)
+            return event
+        if isinstance(event, dp_accounting.NoOpDpEvent):
+            return event
+        if self.sampling == "uniform":
+            if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
+                event = event.event
+            return _scale_noise(event, 2.0)  # back to the add/remove sensitivity
+        if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+            return event.event
+        return event  # Laplace under RDP: composed unamplified, unwrapped
+
     def composable(self, event: DpEvent) -> bool:
         """Whether this accountant can compose ``event`` (dp-accounting's
         ``supports``; Skellam releases under RDP through fedsim's own bound)."""
@@ -351,6 +372,45 @@ class PrivacyAccountant:
         """Epsilon if ``event`` were composed ``count`` more times (the ledger is
         unchanged)."""
         return self._epsilon(self.ledger + [[round_down_noise(event), int(count)]])
+
+    def add_remove_twin(self, clients_per_round: int | None = None) -> "PrivacyAccountant":
+        """The add/remove, Poisson-sampled accountant of this ledger's mechanism events:
+        what they spend for a participant that joins each round independently with
+        probability ``clients_per_round / clients`` (default: this accountant's
+        cohort), as the canaries of :mod:`fedsim.audit` do. Same kind, delta and
+        rules (Laplace under RDP stays unamplified). Derived from the ledger, so it
+        covers the rounds before a resume too; with ``sampling=poisson`` and the
+        same cohort size it is this accountant."""
+        twin = PrivacyAccountant(self.kind, "poisson", self.clients,
+                                 clients_per_round or self.clients_per_round, self.delta)
+        for event, count in self.ledger:
+            wrapped = round_down_noise(twin.round_event(self.mechanism(event)))
+            for entry in twin.ledger:
+                if entry[0] == wrapped:
+                    entry[1] += count
+                    break
+            else:
+                twin.ledger.append([wrapped, int(count)])
+        return twin
+
+
+def audit_comparison(accountant: PrivacyAccountant | None,
+                     clients_per_round: int) -> dict[str, object]:
+    """The accountant figure a canary audit is set beside: the add/remove epsilon of
+    the run's mechanism events under Poisson sampling at ``clients_per_round /
+    clients``, how canaries join a run whatever the real clients' sampling (for
+    fixed-size cohorts the run's own epsilon is the replace-one one: a different
+    quantity, and a larger one)."""
+    if accountant is None:
+        return {"accountant_epsilon_add_remove": None, "accountant_delta_add_remove": None,
+                "compared_with": "nothing: the run has no DP mechanism, hence no accountant"}
+    twin = accountant.add_remove_twin(clients_per_round)
+    eps = twin.epsilon()
+    return {"accountant_epsilon_add_remove": eps if math.isfinite(eps) else "inf",
+            "accountant_delta_add_remove": twin.delta,
+            "compared_with": (f"the {twin.kind} accountant's epsilon of the run's mechanism "
+                              f"events for an add/remove neighbour Poisson-sampled with q = "
+                              f"{twin.clients_per_round}/{twin.clients}, as each canary joins")}
 
 
 def build_accountant(cfg: SimConfig, dim: int | None = None) -> PrivacyAccountant:

@@ -151,7 +151,10 @@ def summary_line(summary: Mapping[str, Any], output_dir: Any) -> str:
                   ", example-level epsilon inf (DP-SGD without noise)")
     audit = summary.get("audit")
     if audit:
-        spent += f", canary-audit epsilon {audit['epsilon']:.3g} (empirical)"
+        ref = audit.get("accountant_epsilon_add_remove")
+        ref = (f"; add/remove accountant {ref:.4g}" if isinstance(ref, float) else
+               f"; add/remove accountant {ref}" if ref is not None else "")
+        spent += f", canary-audit epsilon {audit['epsilon']:.3g} (empirical{ref})"
     accuracy = summary["final"].get("eval_accuracy")
     return (f"fedsim: {summary['rounds_completed']} rounds ({summary['stop_reason']}), test "
             f"accuracy {accuracy if accuracy is not None else float('nan'):.4f}{spent}, "

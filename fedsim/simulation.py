@@ -29,8 +29,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from fedsim.accounting import (build_accountant, calibrate, check_ledger, default_delta,
-                               mechanism_event)
+from fedsim.accounting import (audit_comparison, build_accountant, calibrate, check_ledger,
+                               default_delta, mechanism_event)
 from fedsim.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from fedsim.config import DPConfig, RayConfig, SimConfig
 from fedsim.data import FederatedData, load_federated_data
@@ -492,6 +492,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             rows[-1]["round"] if rows else 0,
             accountant.delta if accountant else default_delta(cfg.clients)))
             if cfg.audit.kind == "canary" else None)
+        if audit is not None:  # canaries join as Poisson-sampled add/remove neighbours
+            audit.update(audit_comparison(accountant, cfg.clients_per_round))
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
     finally:

@@ -10,7 +10,8 @@ import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.accounting import PrivacyAccountant, calibrate, default_delta, mechanism_event
+from fedsim.accounting import (PrivacyAccountant, audit_comparison, calibrate, default_delta,
+                               mechanism_event)
 from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
 from fedsim.errors import ConfigError
 
@@ -79,6 +80,51 @@ def test_epsilon_grows_and_what_if_does_not_record():
     acct.record(ev)
     assert acct.epsilon() == pytest.approx(first)
     assert acct.epsilon_after(ev) > first
+
+
+def test_add_remove_twin_is_the_poisson_accountant_of_the_same_mechanism_events():
+    # What a canary (an add/remove neighbour joining each round with probability
+    # m/n) is set beside, from a run whose real clients came in fixed-size cohorts.
+    n, m, delta = 200, 20, 1e-5
+    adaptive = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(1.1),
+                                              dp_accounting.GaussianDpEvent(8.0)])
+    events = [dp_accounting.GaussianDpEvent(0.9)] * 5 + [adaptive] * 3
+    uniform = PrivacyAccountant("rdp", "uniform", n, m, delta)
+    for ev in events:
+        uniform.record(uniform.round_event(ev))
+    twin = uniform.add_remove_twin()
+    assert twin.relation == dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    direct = RdpAccountant()
+    for ev, count in ((dp_accounting.GaussianDpEvent(0.9), 5), (adaptive, 3)):
+        direct.compose(dp_accounting.PoissonSampledDpEvent(m / n, ev), count)
+    assert twin.epsilon() == pytest.approx(direct.get_epsilon(delta), rel=1e-9)
+    assert twin.epsilon() < uniform.epsilon()  # replace-one costs more
+    # A resumed run's restored ledger gives the same twin; another cohort size, another q.
+    resumed = PrivacyAccountant("rdp", "uniform", n, m, delta)
+    resumed.restore([[e, c] for e, c in uniform.ledger])
+    assert resumed.add_remove_twin().ledger == twin.ledger
+    assert uniform.add_remove_twin(10).ledger[0][0].sampling_probability == 10 / n
+
+    # Under Poisson sampling the twin is the run's own accountant.
+    for kind in ("rdp", "pld"):
+        poisson = PrivacyAccountant(kind, "poisson", n, m, delta)
+        for ev in events:
+            poisson.record(poisson.round_event(ev))
+        assert poisson.add_remove_twin().ledger == poisson.ledger
+        assert poisson.add_remove_twin().epsilon() == poisson.epsilon()
+
+    # Laplace under RDP stays unamplified, at the add/remove sensitivity.
+    lap = PrivacyAccountant("rdp", "uniform", n, m, delta)
+    lap.record(lap.round_event(dp_accounting.LaplaceDpEvent(5.0)))
+    assert lap.add_remove_twin().ledger == [[dp_accounting.LaplaceDpEvent(5.0), 1]]
+
+    noiseless = PrivacyAccountant("rdp", "uniform", n, m, delta)
+    noiseless.record(noiseless.round_event(dp_accounting.GaussianDpEvent(0.0)))
+    assert audit_comparison(noiseless, m)["accountant_epsilon_add_remove"] == "inf"
+    assert audit_comparison(None, m)["accountant_epsilon_add_remove"] is None
+    out = audit_comparison(uniform, m)
+    assert out["accountant_epsilon_add_remove"] == twin.epsilon()
+    assert out["accountant_delta_add_remove"] == delta
 
 
 def _sim(**dp):
