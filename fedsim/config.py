@@ -285,6 +285,13 @@ class DPConfig:
       per-round ``epsilon`` (Laplace) before training so that all ``rounds``
       rounds spend exactly this epsilon.
     max_epsilon: if set, stop cleanly before a round that would exceed it.
+    noise_seed: root of every privacy-noise stream (the server's noise, the
+      clients' fixed-point rounding and Skellam shares, DP-SGD noise). ``run``:
+      the run's ``seed``, so a simulation's noise is reproducible (two runs with
+      the same seed reuse the same standard-normal draws, whatever their noise
+      multipliers); ``os``: fresh entropy from the operating system at every
+      start, recorded nowhere (for models that are released; a resumed run then
+      draws new noise); or an integer >= 0 kept by the user.
     """
 
     mechanism: str = "none"
@@ -301,9 +308,17 @@ class DPConfig:
     delta: Optional[float] = None
     target_epsilon: Optional[float] = None
     max_epsilon: Optional[float] = None
+    noise_seed: Any = "run"  # "run", "os" or an integer (OmegaConf has no int|str union)
 
     def __post_init__(self) -> None:
         _one_of("dp.mechanism", self.mechanism, DP_MECHANISMS)
+        if self.noise_seed not in ("run", "os"):
+            try:
+                ok = not isinstance(self.noise_seed, bool) and int(self.noise_seed) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            _check(ok, "dp.noise_seed", "run, os or an integer >= 0", self.noise_seed)
+            self.noise_seed = int(self.noise_seed)
         _check(self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier),
                "dp.noise_multiplier", "a finite number >= 0", self.noise_multiplier)
         _positive("dp.l2_norm_clip", self.l2_norm_clip)
@@ -615,6 +630,15 @@ class SimConfig:
             _check(self.audit.canary_norm is not None, "audit.canary_norm",
                    "a number with aggregator.kind=tff (fedsim does not know the factory's "
                    "clip)", self.audit.canary_norm)
+
+    def noise_root(self) -> int:
+        """The root of the privacy-noise streams (``dp.noise_seed``, resolved; the
+        driver replaces ``os`` by fresh entropy before the actors see it)."""
+        if self.dp.noise_seed == "run":
+            return self.seed
+        if self.dp.noise_seed == "os":
+            raise ValueError("dp.noise_seed=os must be resolved by the driver first")
+        return int(self.dp.noise_seed)
 
     def _check_dp(self) -> None:
         dp = self.dp

@@ -40,6 +40,16 @@ SKELLAM_SAMPLER = "numpy-int64-poisson-difference"
 """What ``summary.json`` names as the sampler of Skellam noise shares."""
 
 
+_SAMPLERS = {"gaussian": GAUSSIAN_SAMPLER, "gaussian_adaptive": GAUSSIAN_SAMPLER,
+             "laplace": LAPLACE_SAMPLER, "distributed_skellam": SKELLAM_SAMPLER}
+
+
+def sampler_for(mechanism: str) -> str:
+    """The name of the sampler that ``dp.mechanism`` draws its noise from, as
+    ``summary.json`` reports it (a TFF factory's noise is its own: TensorFlow's)."""
+    return _SAMPLERS.get(mechanism, "the aggregation factory's own (TensorFlow)")
+
+
 def gaussian(rng: np.random.Generator, shape: int | Sequence[int], std: float) -> np.ndarray:
     """float64 Gaussian noise of standard deviation ``std`` (>= 0), exact tails."""
     if not std >= 0:

@@ -138,7 +138,8 @@ class Server:
         if self.audit is not None:
             partial, canaries = self._add_canaries(round_num, partial)
         update, self.agg_state, measurements = self.aggregator.finalize(
-            self.agg_state, partial, num_sampled, stream(self.cfg.seed, STREAM_NOISE, round_num))
+            self.agg_state, partial, num_sampled,
+            stream(self.cfg.noise_root(), STREAM_NOISE, round_num))
         self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, update)
         out = self._training_stats(reports)
         out["update_norm"] = float(np.linalg.norm(update))

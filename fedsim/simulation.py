@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
+from fedsim import noise
 from fedsim.accounting import (audit_comparison, build_accountant, calibrate, check_ledger,
                                default_delta, mechanism_event)
 from fedsim.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
@@ -61,6 +63,11 @@ def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
                           f"shape {data.input_shape}; cnn needs images)", "cnn")
 
 
+NOT_PRIVATIZED = ("per-round metrics computed on the clients' exact data and released "
+                  "without noise: train_loss, num_examples, clients, clipped_fraction, "
+                  "zeroed, dropped, stragglers (and the evaluation on the central test split)")
+
+
 def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """What the run spent, and the assumptions the number rests on."""
     if accountant is None or (cfg.dp.mechanism == "none" and not accountant.ledger):
@@ -73,6 +80,12 @@ def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any]) -> d
            "neighboring_relation": accountant.relation.name, "sampling": cfg.sampling,
            "noise_multiplier": cfg.dp.noise_multiplier,
            "rounds_accounted": sum(c for _, c in accountant.ledger),
+           "noise_sampler": noise.sampler_for(cfg.dp.mechanism),
+           "noise_seed": cfg.dp.noise_seed,
+           "secure_rounding_charged": (
+               dict(zip(("model_size", "precision_bits"), accountant.secure_rounding))
+               if accountant.secure_rounding else None),
+           "not_privatized": NOT_PRIVATIZED,
            "ledger": [{"event": repr(e), "count": c} for e, c in accountant.ledger]}
     out.update(extra)
     return out
@@ -296,6 +309,16 @@ def _prepare_output(output_dir: Optional[Path], resuming: bool = False) -> Optio
     return out
 
 
+def actor_config(cfg: SimConfig) -> SimConfig:
+    """The config the actors get: ``dp.noise_seed=os`` resolved to 64 bits of fresh
+    entropy from the operating system (``secrets``), which is never written
+    anywhere (summary, metrics and checkpoints keep ``os``)."""
+    if cfg.dp.noise_seed != "os":
+        return cfg
+    return dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp,
+                                                           noise_seed=secrets.randbits(64)))
+
+
 def _worst_round_event(cfg: SimConfig, dim: int) -> Any:
     """The mechanism event of the least noisy round that can still complete (what a
     budget stop must check): under distributed_skellam the sum with the fewest
@@ -387,6 +410,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                           resuming=resumed is not None)
 
     accountant = None
+    actor_cfg = actor_config(cfg)
     started = connect_ray(cfg.ray)
     import ray
 
@@ -403,10 +427,10 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     try:
         data_ref = ray.put(data.train)
         server = ray.remote(num_cpus=0)(Server).remote(
-            cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
+            actor_cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
         resources = ray.cluster_resources()
         n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-        pool = make_pool(cfg, data_ref, data.input_shape, data.num_classes, n_workers)
+        pool = make_pool(actor_cfg, data_ref, data.input_shape, data.num_classes, n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
         # A TFF factory may report DpEvents of its own: they are accounted too.
@@ -445,7 +469,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                     break
                 except ray.exceptions.RayError as err:
                     dead = _replace_dead_workers(ray, workers, lambda i: make_worker(
-                        cfg, data_ref, data.input_shape, data.num_classes, i, pool))
+                        actor_cfg, data_ref, data.input_shape, data.num_classes, i, pool))
                     if not dead:
                         raise
                     if attempt == cfg.faults.max_retries:

@@ -127,7 +127,8 @@ class ClientWorker:
                 continue
             one = self.aggregator.record(params, result.delta, result.num_examples)
             t0 = time.perf_counter()
-            rng = stream(self.cfg.seed, STREAM_SECAGG, round_num, cid)
+            # rounding and (Skellam) noise shares: a privacy-noise stream
+            rng = stream(self.cfg.noise_root(), STREAM_SECAGG, round_num, cid)
             if skip:
                 secure.encode([one.total, *one.extras], rng, add_to=encoded)
             else:

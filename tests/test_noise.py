@@ -108,3 +108,46 @@ def test_server_noise_is_the_numpy_float64_stream(mechanism):
     expected = ((partial.total + drawn) / cpr).astype(np.float32)
     np.testing.assert_array_equal(result, expected)
     assert m["dp_event"] is not None
+
+
+def test_noise_seed_roots_the_servers_noise_and_os_entropy_is_never_the_run_seed():
+    """dp.noise_seed: run (the run's seed), an integer, or os (fresh entropy that
+    the driver resolves for the actors alone)."""
+
+
+    from fedsim.aggregation import Partial
+    from fedsim.config import ServerConfig, SimConfig
+    from fedsim.errors import ConfigError
+    from fedsim.server import Server
+    from fedsim.simulation import actor_config
+
+    def cfg(noise_seed):
+        return SimConfig(clients=10, clients_per_round=2, seed=3, progress=False,
+                         server=ServerConfig(weighting="uniform"),
+                         dp=DPConfig(mechanism="gaussian", noise_seed=noise_seed))
+
+    with pytest.raises(ConfigError, match="dp.noise_seed=often: allowed is run, os or an "
+                                          "integer >= 0"):
+        cfg("often")
+    assert cfg("run").noise_root() == 3 and cfg("17").noise_root() == 17
+    resolved = [actor_config(cfg("os")).dp.noise_seed for _ in range(2)]
+    assert all(isinstance(r, int) for r in resolved) and resolved[0] != resolved[1]
+    assert actor_config(cfg("run")) == cfg("run")
+    with pytest.raises(ValueError, match="resolved"):
+        cfg("os").noise_root()
+
+    x = np.zeros((4, 8), np.float32)
+    y = np.zeros(4, np.int32)
+
+    def one_step(c):
+        server = Server(c, (8,), 3, x, y)
+        dim = server.num_parameters()
+        partial = Partial(np.zeros(dim), 1.0, 1, {"clipped": 0.0, "zeroed": 0.0})
+        server._step(1, 2, partial, [])
+        return server.initial_weights - server.weights
+
+    run, same, other = one_step(cfg("run")), one_step(cfg(3)), one_step(cfg(4))
+    np.testing.assert_array_equal(run, same)
+    assert not np.array_equal(run, other)
+    # the update is the noise alone: z * C / clients_per_round per coordinate
+    assert abs(run.std() - 0.5 * 2.0 / 2) < 5 * 0.5 / math.sqrt(2 * run.size)
