@@ -278,6 +278,12 @@ def test_dp_sgd_clients_in_a_simulation_report_example_level_beside_user_level(r
     assert example["epsilon"] == pytest.approx(client_example_epsilon(
         worst["num_examples"], cfg.batch_size, 1.1, cfg.local_epochs, worst["participations"],
         cfg.client.delta))
+    # Poisson batches by default, and the steps charged are those run
+    assert example["batch_sampling"] == "poisson"
+    assert example["assumption"] == "Poisson sampling of each step's batch, as run"
+    per_round = math.ceil(cfg.local_epochs * worst["num_examples"] / cfg.batch_size)
+    assert worst["steps_per_round"] == per_round
+    assert worst["steps"] == per_round * worst["participations"]
     assert all(np.isfinite(r["train_loss"]) for r in res.metrics)
 
 
