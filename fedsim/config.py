@@ -30,6 +30,7 @@ SAMPLING = ("uniform", "poisson")
 WEIGHTINGS = ("num_examples", "uniform")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 CLIENT_OPTIMIZERS = ("sgd", "dp_sgd")
+BATCH_SAMPLING = ("poisson", "shuffle")
 AGGREGATORS = ("native", "tff")
 AUDITS = ("none", "canary")
 
@@ -178,7 +179,14 @@ class ClientConfig:
     noise_multiplier: dp_sgd only: Gaussian noise std on the summed microbatch
       gradients = noise_multiplier * l2_norm_clip.
     num_microbatches: dp_sgd only: microbatches per batch; null: one per
-      example (the batch size).
+      example (the batch size). Only null with batch_sampling ``poisson``.
+    batch_sampling: dp_sgd only: how each step's batch is drawn. ``poisson``
+      (default): every example joins independently with probability
+      q = min(batch_size / n, 1) for ceil(local_epochs / q) steps per round, so
+      the batch size varies; the example-level epsilon is TF Privacy's
+      amplified-by-sampling figure, for the steps run. ``shuffle``: each epoch
+      a permutation cut into fixed-size batches (microbatches allowed); the
+      epsilon is a bound without amplification (:mod:`fedsim.dp_sgd`).
     delta: dp_sgd only: the delta at which each client's example-level epsilon
       is reported.
     vectorize: train this many clients at once in one compiled call (their
@@ -192,6 +200,7 @@ class ClientConfig:
     l2_norm_clip: float = 1.0
     noise_multiplier: float = 1.1
     num_microbatches: Optional[int] = None
+    batch_sampling: str = "poisson"
     delta: float = 1e-5
     vectorize: int = 0
 
@@ -211,6 +220,12 @@ class ClientConfig:
         if self.num_microbatches is not None:
             _check(self.num_microbatches >= 1, "client.num_microbatches",
                    "an integer >= 1 (or null: one per example)", self.num_microbatches)
+        _one_of("client.batch_sampling", self.batch_sampling, BATCH_SAMPLING)
+        if self.optimizer == "dp_sgd" and self.batch_sampling == "poisson":
+            _check(self.num_microbatches is None, "client.num_microbatches",
+                   "null with client.batch_sampling=poisson (a Poisson batch has no fixed "
+                   "microbatch split), or set client.batch_sampling=shuffle",
+                   self.num_microbatches)
         _check(0 < self.delta < 1, "client.delta", "a number in (0, 1)", self.delta)
 
 

@@ -139,25 +139,35 @@ def example_level_privacy(cfg: SimConfig, data: FederatedData,
     Each client's epsilon composes its DP-SGD over the rounds it took part in
     (``participations``: client id -> rounds) and depends on its data size;
     reported is the largest over all clients that trained (the worst case),
-    with that client's size and participations.
+    with that client's size, participations and the DP-SGD steps charged
+    (per round and in all), which are exactly the steps its trainer ran.
+    ``batch_sampling`` names the batches (``client.batch_sampling``) and
+    ``assumption`` the analysis: amplification by Poisson sampling, or the
+    bound for shuffled fixed-size batches without amplification
+    (:func:`fedsim.dp_sgd.shuffle_round_event`).
     """
-    from fedsim.dp_sgd import client_example_epsilon, microbatch_size
+    from fedsim.dp_sgd import ASSUMPTIONS, client_example_epsilon, microbatch_size, round_steps
 
     c = cfg.client
-    used_microbatching = microbatch_size(cfg.batch_size, c.num_microbatches) > 1
-    worst: dict[str, Any] = {"epsilon": 0.0, "num_examples": None, "participations": 0}
+    m = microbatch_size(cfg.batch_size, c.num_microbatches)
+    worst: dict[str, Any] = {"epsilon": 0.0, "num_examples": None, "participations": 0,
+                             "steps_per_round": 0, "steps": 0}
     for n, rounds in sorted({(len(data.train.client(cid)[1]), k)
                              for cid, k in participations.items()}):
         eps = client_example_epsilon(n, cfg.batch_size, c.noise_multiplier, cfg.local_epochs,
-                                     rounds, c.delta, used_microbatching=used_microbatching)
+                                     rounds, c.delta, batch_sampling=c.batch_sampling,
+                                     microbatch_size=m)
         if eps > worst["epsilon"]:
-            worst = {"epsilon": eps, "num_examples": n, "participations": rounds}
+            per_round = round_steps(n, cfg.batch_size, cfg.local_epochs,
+                                    batch_sampling=c.batch_sampling, microbatch_size=m)
+            worst = {"epsilon": eps, "num_examples": n, "participations": rounds,
+                     "steps_per_round": per_round, "steps": per_round * rounds}
     return {"epsilon": worst["epsilon"] if math.isfinite(worst["epsilon"]) else "inf",
-            "delta": c.delta, "worst_client": {"num_examples": worst["num_examples"],
-                                               "participations": worst["participations"]},
+            "delta": c.delta, "worst_client": {k: worst[k] for k in (
+                "num_examples", "participations", "steps_per_round", "steps")},
             "l2_norm_clip": c.l2_norm_clip, "noise_multiplier": c.noise_multiplier,
-            "assumption": "Poisson sampling of each step's batch (as TF Privacy's "
-                          "compute_dp_sgd_privacy_statement); add/remove one example"}
+            "batch_sampling": c.batch_sampling, "assumption": ASSUMPTIONS[c.batch_sampling],
+            "adjacency": "add or remove one example"}
 
 
 def connect_ray(rc: RayConfig) -> bool:

@@ -1,17 +1,20 @@
 """The TF Privacy DP-SGD tutorial, centrally: ``uv run python scripts/dp_sgd.py``.
 
-Defaults are the tutorial's (l2_norm_clip 1.5, noise_multiplier 1.3, 250
-microbatches, learning rate 0.25, batch 250, 3 epochs, delta 1e-5). With
+Defaults are the tutorial's (l2_norm_clip 1.5, noise_multiplier 1.3, one
+example per microbatch, learning rate 0.25, batch 250, 3 epochs, delta 1e-5),
+with Poisson-sampled batches (``--batch-sampling poisson``, the batches TF
+Privacy's epsilon assumes; ``shuffle``: fixed-size batches from a shuffle, as
+the tutorial's Keras pipeline, with a bound without amplification). With
 ``--mnist PATH`` it trains the tutorial's CNN on a local Keras ``mnist.npz``
 (never downloaded); without it, a fedsim model (``--model``, default mlp) on
 the bundled 8x8 digits. Prints test accuracy and epsilon in one line; bad
-values exit 2 with one line. The work is :func:`fedsim.dp_sgd.train_central`.
+values exit 2 with one line. The epsilon accounts for exactly the steps run.
+The work is :func:`fedsim.dp_sgd.train_central`.
 
 Any row of TF Privacy's published MNIST table can be rerun, e.g.::
 
     uv run python scripts/dp_sgd.py --mnist mnist.npz --batch-size 256 \
-        --num-microbatches 256 --learning-rate 0.15 --noise-multiplier 1.1 \
-        --l2-norm-clip 1.0 --epochs 60
+        --learning-rate 0.15 --noise-multiplier 1.1 --l2-norm-clip 1.0 --epochs 60
 """
 
 from __future__ import annotations
@@ -60,8 +63,13 @@ def parser() -> argparse.ArgumentParser:
                    help="L2 clip of each microbatch gradient (default 1.5)")
     p.add_argument("--noise-multiplier", type=_number(float, 0.0, False, "a finite number >= 0"),
                    default=1.3, help="noise std / l2_norm_clip on the summed gradients (1.3)")
+    p.add_argument("--batch-sampling", choices=("poisson", "shuffle"), default="poisson",
+                   help="poisson: each example joins each step with probability "
+                        "batch/n; shuffle: fixed-size batches of a shuffle (poisson)")
     p.add_argument("--num-microbatches", type=_number(int, 1, False, "an integer >= 1"),
-                   default=250, help="microbatches per batch, a divisor of --batch-size (250)")
+                   default=None, help="microbatches per batch, a divisor of --batch-size "
+                                      "(default: one per example, as the tutorial's 250 of "
+                                      "250); with poisson only --batch-size")
     p.add_argument("--learning-rate", type=positive, default=0.25, help="SGD step size (0.25)")
     p.add_argument("--batch-size", type=_number(int, 1, False, "an integer >= 1"), default=250,
                    help="examples per step (250)")
@@ -83,9 +91,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.num_microbatches > args.batch_size or args.batch_size % args.num_microbatches:
-        p.error(f"argument --num-microbatches: {args.num_microbatches}: allowed is a divisor "
+    micro = args.num_microbatches
+    if micro is not None and args.batch_sampling == "poisson" and micro != args.batch_size:
+        p.error(f"argument --num-microbatches: {micro}: allowed is --batch-size="
+                f"{args.batch_size} (one example per microbatch) with --batch-sampling "
+                "poisson, or a divisor of --batch-size with --batch-sampling shuffle")
+    if micro is not None and (micro > args.batch_size or args.batch_size % micro):
+        p.error(f"argument --num-microbatches: {micro}: allowed is a divisor "
                 f"of --batch-size={args.batch_size}")
+    if micro == args.batch_size:
+        micro = None  # one example per microbatch
     if args.mnist is not None and not Path(args.mnist).expanduser().is_file():
         p.error(f"argument --mnist: {args.mnist}: allowed is a local Keras mnist.npz file "
                 "(not found; nothing is downloaded)")
@@ -99,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ClientConfig(optimizer="dp_sgd", learning_rate=args.learning_rate,
                            l2_norm_clip=args.l2_norm_clip,
                            noise_multiplier=args.noise_multiplier,
-                           num_microbatches=args.num_microbatches, delta=args.delta)
+                           num_microbatches=micro, batch_sampling=args.batch_sampling,
+                           delta=args.delta)
         model = (tutorial_cnn(data.x_train.shape[1:], data.num_classes, args.seed)
                  if args.mnist else None)
         result = train_central(
@@ -115,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dp_sgd: {data.name} ({result.num_train} train / {result.num_test} test), "
           f"{model_name}, {result.epochs} epochs ({result.steps} steps): test accuracy "
           f"{result.accuracy:.4f}, epsilon {result.epsilon:.3f} at delta {result.delta:g} "
-          f"({result.accountant}, Poisson sampling assumed), {result.seconds:.1f} s")
+          f"({result.accountant}; {result.assumption}), {result.seconds:.1f} s")
     if args.json:
         out = {**vars(args), "dataset": data.name, "model": model_name,
                "accuracy": result.accuracy, "epsilon": result.epsilon,
                "history": result.history, "num_train": result.num_train,
                "num_test": result.num_test, "steps": result.steps,
+               "assumption": result.assumption,
                "seconds": result.seconds}
         if math.isinf(out["epsilon"]):
             out["epsilon"] = "inf"
