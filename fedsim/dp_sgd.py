@@ -777,10 +777,14 @@ class DPSGDTrainer:
         return global_flat - self.flat.get(), total_loss, sizes, steps
 
     def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray,
-              rng: np.random.Generator) -> ClientResult:
+              rng: np.random.Generator,
+              noise_rng: Optional[np.random.Generator] = None) -> ClientResult:
         """Train one client from ``global_weights`` with DP-SGD.
 
-        ``rng`` gives the shuffles (shuffle mode), then the noise key. loss:
+        ``rng`` gives the shuffles (shuffle mode), then the noise key, which
+        ``noise_rng`` gives instead when set (the simulation passes the
+        client's stream under ``dp.noise_seed``: the noise and the Poisson
+        batches, whose secrecy the amplification assumes). loss:
         mean per-example training loss over the examples the steps used (NaN
         if they used none: a shuffle client with fewer examples than one
         microbatch takes no step, and its delta is zero).
@@ -789,10 +793,10 @@ class DPSGDTrainer:
         key_high = np.iinfo(np.int64).max
         if self.batch_sampling == "shuffle":
             order = epoch_order(n, self.local_epochs, rng)
-            key = rng.integers(0, key_high, size=2, dtype=np.int64)
+            key = (noise_rng or rng).integers(0, key_high, size=2, dtype=np.int64)
             delta, loss_sum, sizes, steps = self._train(global_weights, x, y, order, key)
         else:
-            key = rng.integers(0, key_high, size=2, dtype=np.int64)
+            key = (noise_rng or rng).integers(0, key_high, size=2, dtype=np.int64)
             q = sampling_probability(n, self.batch_size) if n else 1.0
             delta, loss_sum, sizes, steps = self._train(
                 global_weights, x, y, key, q, self.steps(n),

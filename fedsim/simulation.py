@@ -167,7 +167,8 @@ def example_level_privacy(cfg: SimConfig, data: FederatedData,
                 "num_examples", "participations", "steps_per_round", "steps")},
             "l2_norm_clip": c.l2_norm_clip, "noise_multiplier": c.noise_multiplier,
             "batch_sampling": c.batch_sampling, "assumption": ASSUMPTIONS[c.batch_sampling],
-            "adjacency": "add or remove one example"}
+            "adjacency": "add or remove one example", "noise_sampler": noise.GAUSSIAN_SAMPLER,
+            "noise_seed": cfg.dp.noise_seed}
 
 
 def connect_ray(rc: RayConfig) -> bool:

@@ -23,7 +23,7 @@ from fedsim.aggregation import Partial, merge_partials
 from fedsim.config import SimConfig
 from fedsim.data import ClientData
 from fedsim.outputs import memory_mib
-from fedsim.sampling import STREAM_SECAGG, STREAM_SHUFFLE, stream
+from fedsim.sampling import STREAM_NOISE, STREAM_SECAGG, STREAM_SHUFFLE, stream
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,12 @@ class ClientWorker:
                 results = self.trainer.train_many(
                     weights, [(*self.data.client(c), rng(c)) for c in chunk])
                 yield from zip(chunk, results)
+            return
+        if self.cfg.client.optimizer == "dp_sgd":  # DP-SGD's noise and batches
+            for cid in ids:
+                x, y = self.data.client(cid)
+                yield cid, self.trainer.train(weights, x, y, rng(cid), noise_rng=stream(
+                    self.cfg.noise_root(), STREAM_NOISE, round_num, cid))
             return
         for cid in ids:
             x, y = self.data.client(cid)

@@ -281,6 +281,7 @@ def test_dp_sgd_clients_in_a_simulation_report_example_level_beside_user_level(r
     # Poisson batches by default, and the steps charged are those run
     assert example["batch_sampling"] == "poisson"
     assert example["assumption"] == "Poisson sampling of each step's batch, as run"
+    assert example["noise_sampler"] == "numpy-float64-ziggurat"
     per_round = math.ceil(cfg.local_epochs * worst["num_examples"] / cfg.batch_size)
     assert worst["steps_per_round"] == per_round
     assert worst["steps"] == per_round * worst["participations"]
