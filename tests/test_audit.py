@@ -119,13 +119,15 @@ def test_null_directions_are_unit_and_uncorrelated():
 
 
 def test_estimate_fits_the_canaries_mean_and_spread_against_the_n01d_null():
-    # A model delta in which canary i shows with weight k_i ~ Binomial(6, 0.3) (their
-    # participations), over noise: the canaries' cosines spread wider than the null's.
+    # A model delta in which canary i shows with weight 1.5 k_i, k_i ~ Binomial(6, 0.3)
+    # (their participations), over noise: the canaries' cosines spread wider than the
+    # null's, by sqrt(1 + var(w)) / sqrt(1 + sum(w^2) / d) = 1.65 in expectation
+    # (the std of 200 cosines is estimated to about 5%).
     dim, k, delta = 5000, 200, 1e-5
     audit = CanaryAudit(AuditConfig(kind="canary", canaries=k, null_directions=300),
                         seed=3, dim=dim, population=100, per_round=30)
     rng = np.random.default_rng(0)
-    weights = rng.binomial(6, 0.3, k) * 0.6
+    weights = rng.binomial(6, 0.3, k) * 1.5
     model_delta = rng.standard_normal(dim) + sum(
         w * random_direction(3, i, dim) for i, w in enumerate(weights))
     out = audit.estimate(model_delta, rounds=6, delta=delta)
