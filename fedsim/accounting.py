@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import attr
 import dp_accounting
 import numpy as np
 from dp_accounting import DpEvent, NeighboringRelation
@@ -48,6 +49,24 @@ CALIBRATION_HEADROOM = 2e-5
 noise multipliers rounded down to 6 significant digits (a relative 1e-5 at most)
 after TF's float32 state has jittered them, so this keeps every recorded event
 at least as noisy as the one calibrated to spend exactly the target."""
+
+
+@attr.define(frozen=True)
+class DiscreteGaussianDpEvent(dp_accounting.DpEvent):
+    """One release of discrete Gaussian noise (:mod:`fedsim.discrete_dp`) of
+    ``noise_multiplier`` times the sum's L2 sensitivity (both in integer units),
+    composed without sampling amplification."""
+
+    noise_multiplier: float
+
+
+def discrete_gaussian_rdp(event: DiscreteGaussianDpEvent, orders: np.ndarray) -> np.ndarray:
+    """RDP of one release at ``orders``: ``alpha / (2 z^2)`` (inf without noise)."""
+    z = float(event.noise_multiplier)
+    orders = np.asarray(orders, np.float64)
+    if z <= 0:
+        return np.full(len(orders), np.inf)
+    return orders / (2.0 * z * z)
 
 
 class LedgerError(FedsimError):
@@ -78,6 +97,8 @@ def mechanism_event(dp: DPConfig, clients_per_round: int, dim: int | None = None
             raise ValueError("the distributed Skellam event depends on the model size (dim)")
         agg = SkellamAggregator(dp, precision_bits, clients_per_round)
         return agg.event(clients_per_round if noise_shares is None else noise_shares, dim)
+    if dp.mechanism == "gaussian" and dp.noise_sampler == "discrete_gaussian":
+        return DiscreteGaussianDpEvent(dp.noise_multiplier)
     if dp.mechanism == "gaussian":
         return dp_accounting.GaussianDpEvent(dp.noise_multiplier)
     if dp.mechanism == "gaussian_adaptive":
@@ -131,8 +152,8 @@ def rounded_sensitivity_event(event: DpEvent, dim: int, precision_bits: int) -> 
     l2, l1 = rounded_sensitivity_factors(dim, precision_bits)
 
     def scale(e: DpEvent) -> DpEvent:
-        if isinstance(e, dp_accounting.GaussianDpEvent):
-            return dp_accounting.GaussianDpEvent(e.noise_multiplier / l2)
+        if isinstance(e, (dp_accounting.GaussianDpEvent, DiscreteGaussianDpEvent)):
+            return type(e)(e.noise_multiplier / l2)
         if isinstance(e, dp_accounting.LaplaceDpEvent):
             return dp_accounting.LaplaceDpEvent(e.noise_multiplier / l1)
         if isinstance(e, dp_accounting.ComposedDpEvent):
@@ -249,6 +270,12 @@ class PrivacyAccountant:
             mechanism = rounded_sensitivity_event(mechanism, *self.secure_rounding)
         from fedsim.distributed_dp import SkellamDpEvent
 
+        if isinstance(mechanism, DiscreteGaussianDpEvent):
+            # No amplification claimed (fedsim.discrete_dp); replacing a client
+            # doubles the sensitivity.
+            if self.relation == NeighboringRelation.REPLACE_ONE:
+                return DiscreteGaussianDpEvent(mechanism.noise_multiplier / 2)
+            return mechanism
         if isinstance(mechanism, SkellamDpEvent):
             # No subsampled-Skellam RDP bound is implemented: compose unamplified.
             if self.relation == NeighboringRelation.REPLACE_ONE:
@@ -294,7 +321,7 @@ class PrivacyAccountant:
         ``supports``; Skellam releases under RDP through fedsim's own bound)."""
         from fedsim.distributed_dp import SkellamDpEvent
 
-        if isinstance(event, SkellamDpEvent):
+        if isinstance(event, (SkellamDpEvent, DiscreteGaussianDpEvent)):
             return self.kind == "rdp"
         return self.fresh().supports(event)
 
@@ -360,6 +387,8 @@ class PrivacyAccountant:
 
         if isinstance(event, SkellamDpEvent):
             return skellam_rdp(event, self._orders)
+        if isinstance(event, DiscreteGaussianDpEvent):
+            return discrete_gaussian_rdp(event, self._orders)
         one = RdpAccountant(self._orders, neighboring_relation=self.relation)
         one.compose(event)
         return one.rdp

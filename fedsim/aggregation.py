@@ -155,6 +155,10 @@ def build_aggregator(cfg: SimConfig) -> Aggregator:
         from fedsim.distributed_dp import SkellamAggregator
 
         return SkellamAggregator(cfg.dp, cfg.secagg.precision_bits, cfg.clients_per_round)
+    if cfg.dp.noise_sampler == "discrete_gaussian":
+        from fedsim.discrete_dp import DiscreteGaussianAggregator
+
+        return DiscreteGaussianAggregator(cfg.dp, cfg.clients_per_round)
     from fedsim.privacy import build_dp_aggregator
 
     return build_dp_aggregator(cfg)

@@ -25,6 +25,7 @@ DATASETS = ("digits", "synthetic", "mnist", "emnist", "tff_client_data")
 MODELS = ("logreg", "mlp", "cnn")
 DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam")
 ACCOUNTANTS = ("rdp", "pld")
+NOISE_SAMPLERS = ("float64", "discrete_gaussian")
 SECAGG_PROTOCOLS = ("none", "secagg", "secagg_plus")
 SAMPLING = ("uniform", "poisson")
 WEIGHTINGS = ("num_examples", "uniform")
@@ -300,6 +301,12 @@ class DPConfig:
       per-round ``epsilon`` (Laplace) before training so that all ``rounds``
       rounds spend exactly this epsilon.
     max_epsilon: if set, stop cleanly before a round that would exceed it.
+    noise_sampler: ``float64`` (numpy's float64 Gaussian and Laplace, true tails,
+      :mod:`fedsim.noise`) or ``discrete_gaussian`` (``gaussian`` under secure
+      aggregation only: the server adds exact discrete Gaussian noise, Canonne,
+      Kamath and Steinke 2020, to the unmasked INTEGER sum in fixed-point units,
+      before it is scaled back: no floating-point caveat; accounted without
+      sampling amplification, :mod:`fedsim.discrete_dp`).
     noise_seed: root of every privacy-noise stream (the server's noise, the
       clients' fixed-point rounding and Skellam shares, DP-SGD noise). ``run``:
       the run's ``seed``, so a simulation's noise is reproducible (two runs with
@@ -323,10 +330,12 @@ class DPConfig:
     delta: Optional[float] = None
     target_epsilon: Optional[float] = None
     max_epsilon: Optional[float] = None
+    noise_sampler: str = "float64"
     noise_seed: Any = "run"  # "run", "os" or an integer (OmegaConf has no int|str union)
 
     def __post_init__(self) -> None:
         _one_of("dp.mechanism", self.mechanism, DP_MECHANISMS)
+        _one_of("dp.noise_sampler", self.noise_sampler, NOISE_SAMPLERS)
         if self.noise_seed not in ("run", "os"):
             try:
                 ok = not isinstance(self.noise_seed, bool) and int(self.noise_seed) >= 0
@@ -657,6 +666,20 @@ class SimConfig:
 
     def _check_dp(self) -> None:
         dp = self.dp
+        if dp.noise_sampler == "discrete_gaussian":
+            _check(dp.mechanism == "gaussian" and self.secagg.protocol != "none",
+                   "dp.noise_sampler", "float64 unless dp=gaussian with secagg=secagg or "
+                   "secagg=secagg_plus (discrete Gaussian noise is added to the unmasked "
+                   "integer sum)", dp.noise_sampler)
+            _check(dp.accountant == "rdp", "dp.accountant",
+                   "rdp with dp.noise_sampler=discrete_gaussian (its bound is an RDP bound)",
+                   dp.accountant)
+            _check(dp.target_epsilon is None, "dp.target_epsilon",
+                   "null with dp.noise_sampler=discrete_gaussian (set dp.noise_multiplier)",
+                   dp.target_epsilon)
+            _check(self.audit.kind == "none", "audit.kind",
+                   "none with dp.noise_sampler=discrete_gaussian (the noise is in the secure "
+                   "sum before the canaries could join it)", self.audit.kind)
         if dp.mechanism == "none":
             return
         _check(self.server.weighting == "uniform", "server.weighting",

@@ -274,13 +274,16 @@ class FixedPointCodec:
                 np.add(out[piece], enc, out=out[piece], casting="unsafe")
         return out if add_to is not None else out.reshape(x.shape)
 
-    def decode_sum(self, s: np.ndarray, count: int) -> np.ndarray:
+    def decode_sum(self, s: np.ndarray, count: int,
+                   add_units: np.ndarray | None = None) -> np.ndarray:
         """Decode the modular sum ``s`` of ``count`` encoded vectors to a ``float64`` vector.
 
         ``(s - count*offset) mod 2^bits`` is read as a signed integer in
         ``[-2^(bits-1), 2^(bits-1))`` and divided by ``scale``. Exact (up to
         float64 rounding) as long as ``0 <= count <= num_clients``; larger
         counts could have wrapped and raise :class:`FixedPointError`.
+        ``add_units``: integers (int64) added to the signed integer sum before
+        the division (e.g. exact discrete noise, :mod:`fedsim.discrete_dp`).
         """
         if not isinstance(count, (int, np.integer)) or not 0 <= count <= self.num_clients:
             raise FixedPointError(
@@ -294,6 +297,8 @@ class FixedPointCodec:
         d = (s.astype(np.uint64) - shift) & mask  # uint64 arithmetic wraps modulo 2^64
         signed = d.astype(np.int64)
         signed[d >= np.uint64(self.modulus >> 1)] -= np.int64(self.modulus)
+        if add_units is not None:
+            signed += np.asarray(add_units, np.int64)
         return signed.astype(np.float64) / self.scale
 
     def error_bound(self, count: int) -> float:

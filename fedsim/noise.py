@@ -44,9 +44,16 @@ _SAMPLERS = {"gaussian": GAUSSIAN_SAMPLER, "gaussian_adaptive": GAUSSIAN_SAMPLER
              "laplace": LAPLACE_SAMPLER, "distributed_skellam": SKELLAM_SAMPLER}
 
 
-def sampler_for(mechanism: str) -> str:
-    """The name of the sampler that ``dp.mechanism`` draws its noise from, as
-    ``summary.json`` reports it (a TFF factory's noise is its own: TensorFlow's)."""
+
+
+def sampler_for(mechanism: str, noise_sampler: str = "float64") -> str:
+    """The name of the sampler that ``dp.mechanism`` with ``dp.noise_sampler`` draws
+    its noise from, as ``summary.json`` reports it (a TFF factory's noise is its
+    own: TensorFlow's)."""
+    if noise_sampler == "discrete_gaussian":
+        from fedsim.discrete_noise import DISCRETE_GAUSSIAN_SAMPLER
+
+        return DISCRETE_GAUSSIAN_SAMPLER
     return _SAMPLERS.get(mechanism, "the aggregation factory's own (TensorFlow)")
 
 

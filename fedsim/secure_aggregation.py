@@ -68,11 +68,16 @@ class SecureLayout:
             start += p.size
         return add_to
 
-    def decode_sum(self, total: np.ndarray, count: int) -> list[np.ndarray]:
-        """The unmasked sum of ``count`` encoded vectors -> the parts' float sums."""
+    def decode_sum(self, total: np.ndarray, count: int,
+                   update_units: Optional[np.ndarray] = None) -> list[np.ndarray]:
+        """The unmasked sum of ``count`` encoded vectors -> the parts' float sums.
+        ``update_units``: integers added to the update segment's integer sum
+        before it is scaled back (:meth:`FixedPointCodec.decode_sum`)."""
         out, start = [], 0
-        for codec, size in zip(self.codecs, self.sizes):
-            out.append(codec.decode_sum(total[start:start + size], count))
+        for i, (codec, size) in enumerate(zip(self.codecs, self.sizes)):
+            part = total[start:start + size]
+            out.append(codec.decode_sum(part, count, update_units) if i == 0
+                       and update_units is not None else codec.decode_sum(part, count))
             start += size
         return out
 

@@ -257,7 +257,12 @@ class Server:
         clear = Partial(np.zeros(0), 0.0, 0)
         for r in reports:
             clear = merge_partials(clear, r.partial)
-        parts = self._sa_layout.decode_sum(total, clear.count)
+        units = None
+        integer_noise = getattr(self.aggregator, "integer_noise", None)
+        if integer_noise is not None:  # exact noise on the integer sum, before decoding
+            units = integer_noise(stream(self.cfg.noise_root(), STREAM_NOISE, round_num),
+                                  self._sa_layout.sizes[0], self._sa_layout.codecs[0].scale)
+        parts = self._sa_layout.decode_sum(total, clear.count, units)
         partial = Partial(parts[0], clear.weight, clear.count, clear.stats, tuple(parts[1:]))
         out = self._step(round_num, num_sampled, partial, reports)
         out.update(base, secagg="ok")

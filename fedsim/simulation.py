@@ -80,7 +80,7 @@ def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any]) -> d
            "neighboring_relation": accountant.relation.name, "sampling": cfg.sampling,
            "noise_multiplier": cfg.dp.noise_multiplier,
            "rounds_accounted": sum(c for _, c in accountant.ledger),
-           "noise_sampler": noise.sampler_for(cfg.dp.mechanism),
+           "noise_sampler": noise.sampler_for(cfg.dp.mechanism, cfg.dp.noise_sampler),
            "noise_seed": cfg.dp.noise_seed,
            "secure_rounding_charged": (
                dict(zip(("model_size", "precision_bits"), accountant.secure_rounding))
