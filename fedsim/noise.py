@@ -9,6 +9,13 @@ float64, from numpy's ``Generator``:
   cut-off at a few standard deviations);
 - Laplace: ``Generator.laplace`` (inversion of a float64 uniform in (0, 1)).
 
+Both are bounded only by float64's resolution: the ziggurat's tail draws
+``x = -log(1 - U1) / r`` and accepts when ``-2 log(1 - U2) > x^2``, both from
+53-bit uniforms, so values stop near ``r + sqrt(2 * 53 ln 2) = 12.2``
+standard deviations (the Gaussian mass beyond is below 1e-33), and the Laplace
+inversion stops near ``53 ln 2 = 36.7`` scales (mass ``e^-36.7``, about
+1e-16): deltas far below any delta a run targets, which the README states.
+
 TensorFlow's float32 ``tf.random.normal`` is not used for privacy noise: its
 Box-Muller transform clamps the uniform at 1e-7 and never returns a value beyond
 ``sqrt(-2 ln 1e-7) = 5.678`` standard deviations, which leaves a probability
