@@ -88,7 +88,7 @@ def make_data(data_dir: Path, seed: int) -> None:
             and (data_dir / "seed").read_text() == str(seed):
         return
     from fedsim.config import DataConfig
-    from fedsim.data import load_federated_data
+    from fedsim.data.loaders import load_federated_data
 
     data_dir.mkdir(parents=True, exist_ok=True)
     arrays = W.generate(seed)

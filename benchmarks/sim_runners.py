@@ -94,7 +94,7 @@ def _stop_worker_binaries():
     try:
         yield
     finally:
-        from fedsim.tff_interop import stop_tff_worker_binaries
+        from fedsim.interop.tff import stop_tff_worker_binaries
 
         stop_tff_worker_binaries()
 
@@ -163,9 +163,9 @@ def run_tff(a: argparse.Namespace) -> dict[str, Any]:
 def run_loop(a: argparse.Namespace, vectorized: bool) -> dict[str, Any]:
     import tensorflow as tf
 
-    from fedsim.client import LocalTrainer
+    from fedsim.client.local import LocalTrainer
     from fedsim.config import ClientConfig
-    from fedsim.vectorized import VectorizedTrainer
+    from fedsim.client.vectorized import VectorizedTrainer
 
     clients = W.Clients(Path(a.data) / "clients.npz")
     args = (W.model_config(a.model), ClientConfig(learning_rate=W.CLIENT_LR), W.IMAGE_SHAPE,
@@ -191,7 +191,7 @@ def run_loop(a: argparse.Namespace, vectorized: bool) -> dict[str, Any]:
         round_seconds.append(W.now() - t0)
         train_seconds.append(t1 - t0)
     sampler.__exit__()
-    from fedsim.models import FlatWeights
+    from fedsim.models.keras import FlatWeights
 
     model = W.build_keras_model(a.model)
     FlatWeights(model.trainable_variables).assign(tf.constant(weights))

@@ -2,7 +2,7 @@
 
 Imported by runners in fedsim's venv AND in the Flower venv, so it needs only
 numpy, psutil and (for the model) TensorFlow; the Keras model comes from
-``fedsim.models.build_model`` (pure Python + TF; the repository root is put on
+``fedsim.models.keras.build_model`` (pure Python + TF; the repository root is put on
 ``sys.path``), so every simulator trains the very same architecture from the
 very same initial weights.
 
@@ -74,7 +74,7 @@ def model_config(model: str):
 
 def build_keras_model(model: str):
     """The model fedsim builds for ``model``, with fedsim's seeded initial weights."""
-    from fedsim.models import build_model
+    from fedsim.models.keras import build_model
 
     return build_model(model_config(model), IMAGE_SHAPE, NUM_CLASSES, MODEL_SEED)
 

@@ -36,7 +36,7 @@ epsilon``: epsilon-DP per round under add/remove of one client. The DpEvent,
 ``dp_event`` (the named-tuple form TFF uses), which fedsim's accountant composes.
 The idiomatic alternative is a TF Privacy ``DPQuery`` wrapped in
 ``tff.aggregators.DifferentiallyPrivateFactory(NormalizedQuery(query, n))``;
-fedsim's :class:`fedsim.privacy.LaplaceSumQuery` is such a query.
+fedsim's :class:`fedsim.privacy.queries.LaplaceSumQuery` is such a query.
 """
 
 from __future__ import annotations

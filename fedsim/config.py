@@ -59,7 +59,7 @@ class DataConfig:
       ``mnist`` (Keras ``mnist.npz`` at ``path``), ``emnist`` (TFF's federated EMNIST
       h5 files in the directory ``path``), ``tff_client_data`` (a TFF ``ClientData``:
       a ``SqlClientData`` sqlite file, or a TFF dataset from TFF's cache; see
-      :mod:`fedsim.tff_data`).
+      :mod:`fedsim.data.tff`).
     path: local file or directory for ``mnist``/``emnist``; never downloaded. For
       ``tff_client_data``: the ``SqlClientData`` sqlite file, or with
       ``tff_dataset`` TFF's cache directory (null: ``~/.tff``) or the file itself.
@@ -187,11 +187,11 @@ class ClientConfig:
       the batch size varies; the example-level epsilon is TF Privacy's
       amplified-by-sampling figure, for the steps run. ``shuffle``: each epoch
       a permutation cut into fixed-size batches (microbatches allowed); the
-      epsilon is a bound without amplification (:mod:`fedsim.dp_sgd`).
+      epsilon is a bound without amplification (:mod:`fedsim.client.dp_sgd`).
     delta: dp_sgd only: the delta at which each client's example-level epsilon
       is reported.
     vectorize: train this many clients at once in one compiled call (their
-      weights stacked; :mod:`fedsim.vectorized`), the same per-client
+      weights stacked; :mod:`fedsim.client.vectorized`), the same per-client
       mathematics as one at a time; 0 or 1: one client per call. sgd only.
     """
 
@@ -291,7 +291,7 @@ class DPConfig:
         clips to L2 norm ``l2_norm_clip``, rounds to integers and adds its share of
         Skellam noise, so the unmasked sum carries noise of std ``noise_multiplier
         * l2_norm_clip`` (when all clients_per_round report) and the server never
-        sees an un-noised sum (:mod:`fedsim.distributed_dp`).
+        sees an un-noised sum (:mod:`fedsim.privacy.skellam`).
     zeroing_norm: updates whose L2 norm exceeds this, or that are not finite, are
       replaced by zeros before clipping (TFF's zeroing factory) and counted.
     accountant: ``rdp`` (dp-accounting's RdpAccountant) or ``pld``
@@ -302,11 +302,11 @@ class DPConfig:
       rounds spend exactly this epsilon.
     max_epsilon: if set, stop cleanly before a round that would exceed it.
     noise_sampler: ``float64`` (numpy's float64 Gaussian and Laplace, true tails,
-      :mod:`fedsim.noise`) or ``discrete_gaussian`` (``gaussian`` under secure
+      :mod:`fedsim.privacy.noise`) or ``discrete_gaussian`` (``gaussian`` under secure
       aggregation only: the server adds exact discrete Gaussian noise, Canonne,
       Kamath and Steinke 2020, to the unmasked INTEGER sum in fixed-point units,
       before it is scaled back: no floating-point caveat; accounted without
-      sampling amplification, :mod:`fedsim.discrete_dp`).
+      sampling amplification, :mod:`fedsim.privacy.discrete_gaussian`).
     noise_seed: root of every privacy-noise stream (the server's noise, the
       clients' fixed-point rounding and Skellam shares, DP-SGD noise). ``run``:
       the run's ``seed``, so a simulation's noise is reproducible (two runs with
@@ -476,7 +476,7 @@ class FaultsConfig:
     crash_worker_at_round: fault injection for tests and demos: in that round
       worker 0's process exits (a real crash, ``os._exit``) on the first attempt.
     client_dropout: probability that a sampled client goes offline before it
-      uploads its update (simulated, seeded; see :mod:`fedsim.faults`).
+      uploads its update (simulated, seeded; see :mod:`fedsim.cohort.faults`).
     device_speed_sigma: spread of the simulated device times: a client's time
       is ``exp(sigma * N(0, 1))`` times the median device's (0: all equal).
     straggler_timeout: deadline in units of the median device time (e.g. 2.0);

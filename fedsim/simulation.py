@@ -30,15 +30,14 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from fedsim import noise
-from fedsim.accounting import (audit_comparison, build_accountant, calibrate, check_ledger,
-                               default_delta, mechanism_event)
-from fedsim.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from fedsim.privacy import noise
+from fedsim.privacy.accounting import (audit_comparison, build_accountant, calibrate, check_ledger, default_delta, mechanism_event)
+from fedsim.results.checkpoint import (CheckpointError, check_resumable, load_checkpoint, save_checkpoint)
 from fedsim.config import DPConfig, RayConfig, SimConfig
-from fedsim.data import FederatedData, load_federated_data
+from fedsim.data.base import FederatedData
+from fedsim.data.loaders import load_federated_data
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.outputs import (MetricsLog, Progress, TensorBoardLog, memory_mib, plot_metrics,
-                            read_metrics, versions, write_json_atomic)
+from fedsim.results.outputs import (MetricsLog, Progress, TensorBoardLog, memory_mib, plot_metrics, read_metrics, versions, write_json_atomic)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Never shipped to cluster nodes with the working directory: earlier runs' outputs.
@@ -144,9 +143,9 @@ def example_level_privacy(cfg: SimConfig, data: FederatedData,
     ``batch_sampling`` names the batches (``client.batch_sampling``) and
     ``assumption`` the analysis: amplification by Poisson sampling, or the
     bound for shuffled fixed-size batches without amplification
-    (:func:`fedsim.dp_sgd.shuffle_round_event`).
+    (:func:`fedsim.client.dp_sgd.shuffle_round_event`).
     """
-    from fedsim.dp_sgd import ASSUMPTIONS, client_example_epsilon, microbatch_size, round_steps
+    from fedsim.client.dp_sgd import (ASSUMPTIONS, client_example_epsilon, microbatch_size, round_steps)
 
     c = cfg.client
     m = microbatch_size(cfg.batch_size, c.num_microbatches)
@@ -333,10 +332,10 @@ def actor_config(cfg: SimConfig) -> SimConfig:
 def _worst_round_event(cfg: SimConfig, dim: int) -> Any:
     """The mechanism event of the least noisy round that can still complete (what a
     budget stop must check): under distributed_skellam the sum with the fewest
-    noise shares (:func:`fedsim.distributed_dp.worst_noise_shares`)."""
+    noise shares (:func:`fedsim.privacy.skellam.worst_noise_shares`)."""
     shares = None
     if cfg.dp.mechanism == "distributed_skellam":
-        from fedsim.distributed_dp import worst_noise_shares
+        from fedsim.privacy.skellam import worst_noise_shares
 
         shares = worst_noise_shares(cfg)
     return mechanism_event(cfg.dp, cfg.clients_per_round, dim, cfg.secagg.precision_bits,
@@ -345,7 +344,7 @@ def _worst_round_event(cfg: SimConfig, dim: int) -> Any:
 
 def _model_size(cfg: SimConfig, data: FederatedData) -> int:
     """The number of trainable parameters (builds the model here, in the driver)."""
-    from fedsim.models import build_model, count_parameters
+    from fedsim.models.keras import build_model, count_parameters
 
     return count_parameters(build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed))
 
@@ -425,8 +424,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     started = connect_ray(cfg.ray)
     import ray
 
-    from fedsim.server import Server
-    from fedsim.worker import make_pool, make_worker, pool_size
+    from fedsim.engine.server import Server
+    from fedsim.engine.worker import make_pool, make_worker, pool_size
 
     metrics = MetricsLog(out / "metrics.jsonl", kept) if out else None
     board = TensorBoardLog(out / "tb") if out and cfg.tensorboard else None

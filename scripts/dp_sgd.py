@@ -9,7 +9,7 @@ the tutorial's Keras pipeline, with a bound without amplification). With
 (never downloaded); without it, a fedsim model (``--model``, default mlp) on
 the bundled 8x8 digits. Prints test accuracy and epsilon in one line; bad
 values exit 2 with one line. The epsilon accounts for exactly the steps run.
-The work is :func:`fedsim.dp_sgd.train_central`.
+The work is :func:`fedsim.client.dp_sgd.train_central`.
 
 Any row of TF Privacy's published MNIST table can be rerun, e.g.::
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(not found; nothing is downloaded)")
 
     from fedsim.config import ClientConfig, ModelConfig
-    from fedsim.dp_sgd import load_central, train_central, tutorial_cnn
+    from fedsim.client.dp_sgd import load_central, train_central, tutorial_cnn
     from fedsim.errors import FedsimError
 
     try:

@@ -5,7 +5,7 @@
 
 A sweep directory gets sweep_summary.md, sweep_summary.csv, sweep_points.csv and
 privacy_utility.png; a run directory gets run_summary.md and a redrawn
-metrics.png (see :mod:`fedsim.sweep`). A missing or unrecognised directory is
+metrics.png (see :mod:`fedsim.results.sweep`). A missing or unrecognised directory is
 one line on stderr and exit code 2.
 """
 
@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from fedsim.errors import FedsimError
-from fedsim.sweep import write_report
+from fedsim.results.sweep import write_report
 
 EXIT_USAGE = 2
 

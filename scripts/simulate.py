@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fedsim.cli import register_configs, run_cli, to_sim_config, user_errors  # noqa: E402
-from fedsim.outputs import summary_line  # noqa: E402
+from fedsim.results.outputs import summary_line  # noqa: E402
 from fedsim.simulation import run_simulation  # noqa: E402
 
 register_configs()

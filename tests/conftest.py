@@ -32,6 +32,6 @@ def ray_local():
 def stop_tff_worker_binaries():
     """Terminate TFF's worker_binary children at the end of the session."""
     yield
-    from fedsim.tff_interop import stop_tff_worker_binaries
+    from fedsim.interop.tff import stop_tff_worker_binaries
 
     stop_tff_worker_binaries()

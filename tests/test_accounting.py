@@ -10,8 +10,7 @@ import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.accounting import (PrivacyAccountant, audit_comparison, calibrate, default_delta,
-                               mechanism_event)
+from fedsim.privacy.accounting import (PrivacyAccountant, audit_comparison, calibrate, default_delta, mechanism_event)
 from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
 from fedsim.errors import ConfigError
 
@@ -210,7 +209,7 @@ def test_target_epsilon_equal_to_max_epsilon_runs_every_round(dp):
     of a run calibrated to exactly its budget run."""
     import numpy as np
 
-    from fedsim.privacy import DPQueryAggregator
+    from fedsim.privacy.queries import DPQueryAggregator
 
     cfg = _sim(**dp)
     cfg = dataclasses.replace(cfg, dp=calibrate(cfg))
@@ -255,10 +254,9 @@ def test_secure_rounding_is_charged_to_central_mechanisms():
 
     import numpy as np
 
-    from fedsim.accounting import (build_accountant, round_down_noise,
-                                   rounded_sensitivity_factors)
+    from fedsim.privacy.accounting import (build_accountant, round_down_noise, rounded_sensitivity_factors)
     from fedsim.config import SecAggConfig
-    from fedsim.fixedpoint import FixedPointCodec
+    from fedsim.secure.fixedpoint import FixedPointCodec
 
     d, bits, clip = 400, 2, 1.0
     l2, l1 = rounded_sensitivity_factors(d, bits)
@@ -290,7 +288,7 @@ def test_secure_rounding_is_charged_to_central_mechanisms():
 
 
 def test_a_ledger_under_another_relation_or_accountant_is_refused_in_one_line():
-    from fedsim.accounting import LedgerError, check_ledger
+    from fedsim.privacy.accounting import LedgerError, check_ledger
 
     uniform = _sim(mechanism="gaussian")
     acct = PrivacyAccountant("rdp", "uniform", 200, 20, default_delta(200))

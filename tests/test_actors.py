@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.client import LocalTrainer
+from fedsim.client.local import LocalTrainer
 from fedsim.config import ModelConfig, RayConfig, SimConfig
-from fedsim.data import load_federated_data
-from fedsim.sampling import STREAM_SHUFFLE, stream
-from fedsim.server import Server
-from fedsim.worker import ClientWorker
+from fedsim.data.loaders import load_federated_data
+from fedsim.rng import STREAM_SHUFFLE, stream
+from fedsim.engine.server import Server
+from fedsim.engine.worker import ClientWorker
 
 
 def test_one_round_on_ray_equals_hand_computed_fedavg(ray_local):

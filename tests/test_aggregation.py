@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.aggregation import MeanAggregator, Partial
+from fedsim.aggregation.base import MeanAggregator, Partial
 from fedsim.config import ServerConfig
-from fedsim.optimizers import ServerOptimizer
+from fedsim.algorithms.optimizers import ServerOptimizer
 
 
 def _random_updates(k: int, d: int, seed: int = 0):

@@ -14,8 +14,7 @@ import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from scipy import integrate, special
 
-from fedsim.audit import (CanaryAudit, cosine_null_log_sf, epsilon_closed_form_null_gaussian_alt,
-                          epsilon_two_gaussians, random_direction)
+from fedsim.privacy.audit import (CanaryAudit, cosine_null_log_sf, epsilon_closed_form_null_gaussian_alt, epsilon_two_gaussians, random_direction)
 from fedsim.config import AuditConfig, DPConfig, ModelConfig, ServerConfig
 from fedsim.simulation import run_simulation
 from helpers import small_config

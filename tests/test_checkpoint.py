@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsim.accounting import LedgerError
-from fedsim.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
+from fedsim.privacy.accounting import LedgerError
+from fedsim.results.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
-from fedsim.outputs import read_metrics
+from fedsim.results.outputs import read_metrics
 from fedsim.simulation import run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.client import LocalTrainer, epoch_order
+from fedsim.client.local import LocalTrainer, epoch_order
 from fedsim.config import ClientConfig, ModelConfig
 
 
 def _keras_reference(model_cfg, client_cfg, input_shape, w0, x, y, batch_size, epochs, rng):
     import tensorflow as tf
 
-    from fedsim.models import FlatWeights, build_model
+    from fedsim.models.keras import FlatWeights, build_model
 
     model = build_model(model_cfg, input_shape, 10, seed=123)
     flat = FlatWeights(model.trainable_variables)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ray.cluster_utils import Cluster
 
-from fedsim.checkpoint import load_checkpoint
+from fedsim.results.checkpoint import load_checkpoint
 from fedsim.config import RayConfig
 from fedsim.simulation import run_simulation
 from helpers import ROOT, simulate, small_config, without_timings

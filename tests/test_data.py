@@ -1,4 +1,4 @@
-"""Tests of fedsim.data: the four loaders, on bundled data and small files written here."""
+"""Tests of fedsim.data.loaders: the four loaders, on bundled data and small files written here."""
 
 from __future__ import annotations
 
@@ -12,12 +12,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from fedsim.config import DataConfig
-from fedsim.data import (
-    FederatedData,
-    PartitionedClientData,
-    SyntheticClientData,
-    load_federated_data,
-)
+from fedsim.data.base import FederatedData
+from fedsim.data.loaders import PartitionedClientData, SyntheticClientData, load_federated_data
 from fedsim.errors import ConfigError, DataError
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.accounting import PrivacyAccountant, build_accountant, default_delta, mechanism_event
+from fedsim.privacy.accounting import (PrivacyAccountant, build_accountant, default_delta, mechanism_event)
 from fedsim.config import (AuditConfig, DPConfig, ModelConfig, RayConfig, SecAggConfig,
                            ServerConfig, SimConfig)
-from fedsim.accounting import DiscreteGaussianDpEvent
-from fedsim.discrete_dp import DiscreteGaussianAggregator
+from fedsim.privacy.accounting import DiscreteGaussianDpEvent
+from fedsim.privacy.discrete_gaussian import DiscreteGaussianAggregator
 from fedsim.errors import ConfigError
-from fedsim.secure_aggregation import make_layout
+from fedsim.secure.layout import make_layout
 
 
 def _cfg(**dp) -> SimConfig:

@@ -13,7 +13,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from fedsim import discrete_noise as dn
+from fedsim.privacy import discrete_noise as dn
 
 mpmath.mp.dps = 50
 M64 = 2**64

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.accounting import PrivacyAccountant, default_delta
+from fedsim.privacy.accounting import PrivacyAccountant, default_delta
 from fedsim.config import (DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig,
                            ServerConfig, SimConfig)
-from fedsim.distributed_dp import SkellamCodec, SkellamDpEvent, sensitivities, skellam_rdp
+from fedsim.privacy.skellam import SkellamCodec, SkellamDpEvent, sensitivities, skellam_rdp
 from fedsim.errors import ConfigError
 
 
@@ -119,9 +119,10 @@ def test_budget_stop_never_overshoots_when_clients_drop(ray_local):
     fewest noise shares secure aggregation accepts (t = 3 of 5 here), not all
     clients_per_round (5). Seed 12's rounds have 3 and 4 reporting clients: a
     check against 5 shares lets round 2 run and overshoot the budget."""
-    from fedsim.distributed_dp import SkellamAggregator, worst_noise_shares
-    from fedsim.faults import plan_round
-    from fedsim.sampling import STREAM_CLIENT_FAULTS, STREAM_SAMPLING, sample_clients, stream
+    from fedsim.privacy.skellam import SkellamAggregator, worst_noise_shares
+    from fedsim.cohort.faults import plan_round
+    from fedsim.rng import STREAM_CLIENT_FAULTS, STREAM_SAMPLING, stream
+    from fedsim.cohort.sampling import sample_clients
     from fedsim.simulation import run_simulation
 
     seed, dim = 12, 650  # logreg on the 64-pixel digits, 10 classes

@@ -1,6 +1,6 @@
 """Example-level DP-SGD in clients: TF Privacy's accounting numbers, clipping,
 reproducible noise, equivalence with plain SGD, and the tutorial script;
-Poisson-sampled batches, noise from fedsim.noise, and accounting that charges
+Poisson-sampled batches, noise from fedsim.privacy.noise, and accounting that charges
 exactly the steps the trainer runs (Poisson: amplified; shuffle: no
 amplification). Real TensorFlow, TF Privacy and dp-accounting throughout."""
 
@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import fedsim.dp_sgd as dps
+import fedsim.client.dp_sgd as dps
 
-from fedsim.client import LocalTrainer, epoch_order
+from fedsim.client.local import LocalTrainer, epoch_order
 from fedsim.config import ClientConfig, DPConfig, ModelConfig, ServerConfig, SimConfig
-from fedsim.dp_sgd import (DPSGDTrainer, client_example_epsilon, dp_sgd_epsilon, dp_sgd_event,
-                           microbatch_size)
+from fedsim.client.dp_sgd import (DPSGDTrainer, client_example_epsilon, dp_sgd_epsilon, dp_sgd_event, microbatch_size)
 from fedsim.errors import ConfigError
 from fedsim.simulation import run_simulation
 from helpers import small_config
@@ -115,7 +114,7 @@ def _stock_dp_step(model_cfg, w0, x, y, batches, clip, lr):
     import tensorflow as tf
     import tensorflow_privacy
 
-    from fedsim.models import FlatWeights, build_model
+    from fedsim.models.keras import FlatWeights, build_model
 
     model = build_model(model_cfg, SHAPE, 10, seed=0)
     flat = FlatWeights(model.trainable_variables)
@@ -289,7 +288,7 @@ def test_dp_sgd_clients_in_a_simulation_report_example_level_beside_user_level(r
 
 
 # --------------------------------------------------------------------------- batch sampling
-# Poisson batches, noise from fedsim.noise, and accounting that charges the steps run.
+# Poisson batches, noise from fedsim.privacy.noise, and accounting that charges the steps run.
 
 KEY_HIGH = np.iinfo(np.int64).max
 
@@ -421,7 +420,7 @@ def test_poisson_step_equals_a_direct_computation(momentum):
                                                                               batches]
     assert 0 in trainer.last_batch_sizes  # an empty batch: the step still happens
 
-    from fedsim.models import FlatWeights, build_model
+    from fedsim.models.keras import FlatWeights, build_model
 
     model = build_model(mc, SHAPE, 10, seed=0)
     flat = FlatWeights(model.trainable_variables)
@@ -512,9 +511,9 @@ def test_shuffle_epsilon_is_the_unamplified_derivation(n, batch, micro, epochs, 
 def test_dp_sgd_noise_is_the_seeded_fedsim_noise_stream(sampling):
     """C tiny and z huge (noise std z C = 1, clipped gradients <= 1e-6 each): the
     delta is lr * sum over steps of noise / denominator, with the noise drawn by
-    fedsim.noise.gaussian from the documented numpy stream of (key, step, variable),
+    fedsim.privacy.noise.gaussian from the documented numpy stream of (key, step, variable),
     empty Poisson batches included."""
-    from fedsim import noise as fnoise
+    from fedsim.privacy import noise as fnoise
 
     n, batch, lr = 20, 8, 0.1
     x, y = _data(n, seed=16)

@@ -9,10 +9,10 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from fedsim.accounting import PrivacyAccountant
-from fedsim.checkpoint import load_checkpoint
+from fedsim.privacy.accounting import PrivacyAccountant
+from fedsim.results.checkpoint import load_checkpoint
 from fedsim.config import DPConfig, FaultsConfig, SecAggConfig, ServerConfig
-from fedsim.faults import plan_round, sample_size
+from fedsim.cohort.faults import plan_round, sample_size
 from fedsim.errors import FedsimError
 from fedsim.simulation import run_simulation
 from helpers import small_config, without_timings

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedsim.errors import FedsimError
-from fedsim.fixedpoint import MAX_BITS, FixedPointCodec, FixedPointError
+from fedsim.secure.fixedpoint import MAX_BITS, FixedPointCodec, FixedPointError
 
 
 def _clipped_vectors(rng: np.random.Generator, n: int, d: int, clip: float) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedsim import noise
+from fedsim.privacy import noise
 from fedsim.config import DPConfig
-from fedsim.privacy import DPQueryAggregator
+from fedsim.privacy.queries import DPQueryAggregator
 
 M64 = 2**64
 TF_FLOAT32_CUTOFF = math.sqrt(-2 * math.log(1e-7))  # 5.678: Box-Muller's clamp in TF
@@ -84,7 +84,7 @@ def test_gaussian_and_laplace_moments_ks_and_tail_frequency():
 
 @pytest.mark.parametrize("mechanism", ["gaussian", "gaussian_adaptive", "laplace"])
 def test_server_noise_is_the_numpy_float64_stream(mechanism):
-    """The aggregator's noise is exactly fedsim.noise's draws from the round's
+    """The aggregator's noise is exactly fedsim.privacy.noise's draws from the round's
     stream, added to the float64 sum (TF's float32 RNG is not used)."""
     d, cpr, seed = 1000, 4, 5
     dp = DPConfig(mechanism=mechanism, noise_multiplier=0.8, l2_norm_clip=1.5,
@@ -100,7 +100,7 @@ def test_server_noise_is_the_numpy_float64_stream(mechanism):
     if mechanism == "laplace":
         drawn = noise.laplace(rng, d, dp.sensitivity / dp.epsilon)
     else:
-        from fedsim.privacy import adaptive_clip_noise_params
+        from fedsim.privacy.queries import adaptive_clip_noise_params
 
         z = dp.noise_multiplier if mechanism == "gaussian" else adaptive_clip_noise_params(
             dp.noise_multiplier, cpr, dp.clipped_count_stddev)[0]
@@ -115,10 +115,10 @@ def test_noise_seed_roots_the_servers_noise_and_os_entropy_is_never_the_run_seed
     the driver resolves for the actors alone)."""
 
 
-    from fedsim.aggregation import Partial
+    from fedsim.aggregation.base import Partial
     from fedsim.config import ServerConfig, SimConfig
     from fedsim.errors import ConfigError
-    from fedsim.server import Server
+    from fedsim.engine.server import Server
     from fedsim.simulation import actor_config
 
     def cfg(noise_seed):

@@ -1,4 +1,4 @@
-"""Tests of fedsim.partition: validity, determinism, skew and scale."""
+"""Tests of fedsim.data.partition: validity, determinism, skew and scale."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from fedsim.errors import ConfigError
-from fedsim.partition import (
-    Partition,
-    _donations,
-    dirichlet_partition,
-    iid_partition,
-    label_skew,
-)
+from fedsim.data.partition import (Partition, _donations, dirichlet_partition, iid_partition, label_skew)
 
 
 @pytest.fixture(scope="module")

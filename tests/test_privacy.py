@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from fedsim.config import DPConfig
-from fedsim.privacy import DPQueryAggregator, adaptive_clip_noise_params
+from fedsim.privacy.queries import DPQueryAggregator, adaptive_clip_noise_params
 
 
 def _aggregate(agg, state, updates, rng_seed=0):

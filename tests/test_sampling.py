@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.sampling import STREAM_NOISE, STREAM_SECAGG, STREAM_SHUFFLE, stream
+from fedsim.rng import STREAM_NOISE, STREAM_SECAGG, STREAM_SHUFFLE, stream
 
 
 def first_words(*args: int) -> tuple[int, ...]:

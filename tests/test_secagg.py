@@ -12,24 +12,8 @@ import pytest
 from scipy import special
 
 from fedsim.errors import FedsimError
-from fedsim.fixedpoint import FixedPointCodec
-from fedsim.secagg import (
-    PRIME,
-    SecAggAbort,
-    SecAggError,
-    SecAggServer,
-    SharesDelivery,
-    UnmaskRequest,
-    clients_advertise,
-    clients_mask,
-    clients_share_keys,
-    clients_unmask,
-    default_neighbours,
-    harary_graph,
-    run_secure_sum,
-    shamir_reconstruct,
-    shamir_split,
-)
+from fedsim.secure.fixedpoint import FixedPointCodec
+from fedsim.secure.protocol import (PRIME, SecAggAbort, SecAggError, SecAggServer, SharesDelivery, UnmaskRequest, clients_advertise, clients_mask, clients_share_keys, clients_unmask, default_neighbours, harary_graph, run_secure_sum, shamir_reconstruct, shamir_split)
 
 ABORT = re.compile(r"secure aggregation aborted in round \d: only \d+ of the t=\d+ shares needed "
                    r"to recover client \d+ are available; the round's update is discarded")
@@ -354,8 +338,7 @@ def test_server_steps_out_of_order_are_refused() -> None:
 
 def test_relayed_sums_of_masked_inputs_unmask_to_the_same_sum():
     """A worker may add its clients' masked inputs before sending (MaskedSum)."""
-    from fedsim.secagg import (SecAggError, SecAggServer, clients_advertise, clients_mask,
-                               clients_share_keys, clients_unmask, sum_masked)
+    from fedsim.secure.protocol import (SecAggError, SecAggServer, clients_advertise, clients_mask, clients_share_keys, clients_unmask, sum_masked)
 
     rng = np.random.default_rng(5)
     bits, d, ids = 20, 64, list(range(9))
@@ -382,8 +365,7 @@ def test_clients_mask_sum_equals_the_sum_of_per_client_masked_inputs(bits):
     """A worker's relayed sum skips the pairwise masks that cancel inside it; the
     server must receive exactly what summing the clients' own masked inputs gives,
     also when a neighbour dropped before masking (its masks stay in)."""
-    from fedsim.secagg import (SecAggServer, clients_advertise, clients_mask, clients_mask_sum,
-                               clients_share_keys, clients_unmask, sum_masked)
+    from fedsim.secure.protocol import (SecAggServer, clients_advertise, clients_mask, clients_mask_sum, clients_share_keys, clients_unmask, sum_masked)
 
     rng = np.random.default_rng(8)
     d, ids, dropped = 48, list(range(0, 30, 2)), {6, 20}
@@ -414,7 +396,7 @@ def test_clients_mask_sum_equals_the_sum_of_per_client_masked_inputs(bits):
 def test_placement_follows_the_ring_that_receive_keys_draws():
     """SecAgg+: the relays' groups are runs of the graph's ring, so most
     neighbour pairs share a relay; the graph is the one receive_keys then draws."""
-    from fedsim.secagg import SecAggServer, clients_advertise
+    from fedsim.secure.protocol import SecAggServer, clients_advertise
 
     ids = list(range(3, 303, 3))  # n = 100, k = 14
     server = SecAggServer(24, 8, "secagg_plus", graph_seed=7)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedsim.config import DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig, ServerConfig, SimConfig
-from fedsim.fixedpoint import FixedPointCodec
+from fedsim.secure.fixedpoint import FixedPointCodec
 from fedsim.simulation import run_simulation
 
 
@@ -50,10 +50,10 @@ def test_a_worker_sends_the_same_masked_sum_whether_it_skips_cancelling_masks():
     dropping before masking. The first worker's MaskedSum, which is all the
     server receives from it, is the same bit for bit whether it skips the
     masks that cancel inside it or every client masks in full."""
-    from fedsim.data import load_federated_data
-    from fedsim.secagg import SecAggServer
-    from fedsim.server import Server
-    from fedsim.worker import ClientWorker
+    from fedsim.data.loaders import load_federated_data
+    from fedsim.secure.protocol import SecAggServer
+    from fedsim.engine.server import Server
+    from fedsim.engine.worker import ClientWorker
 
     sent = []
     for skip in (True, False):

@@ -10,7 +10,7 @@ import pytest
 
 from fedsim.config import DataConfig, ModelConfig
 from fedsim.errors import FedsimError
-from fedsim.outputs import read_metrics
+from fedsim.results.outputs import read_metrics
 from fedsim.simulation import run_simulation
 from helpers import small_config, without_timings
 
@@ -81,9 +81,9 @@ def test_vectorized_clients_give_the_same_round_as_one_at_a_time():
     """In process (the actors' classes, no Ray): a worker training its shard
     ``vectorize`` clients per call reports what it reports one at a time."""
     from fedsim.config import ClientConfig
-    from fedsim.data import load_federated_data
-    from fedsim.server import Server
-    from fedsim.worker import ClientWorker
+    from fedsim.data.loaders import load_federated_data
+    from fedsim.engine.server import Server
+    from fedsim.engine.worker import ClientWorker
 
     reports = []
     for vectorize in (1, 4):

@@ -1,4 +1,4 @@
-"""Multirun grids summarised (fedsim.sweep, its Hydra callback, scripts/report.py) and
+"""Multirun grids summarised (fedsim.results.sweep, its Hydra callback, scripts/report.py) and
 grid points run in parallel as Ray tasks (hydra/launcher=ray).
 
 The grids run through the real command line in subprocesses: real Hydra, Ray and TF.
@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsim.sweep import (COMPLETED, FAILED, INCOMPLETE, NOT_STARTED, collect_runs,
-                          plot_privacy_utility, summarize, write_sweep_report)
+from fedsim.results.sweep import (COMPLETED, FAILED, INCOMPLETE, NOT_STARTED, collect_runs, plot_privacy_utility, summarize, write_sweep_report)
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATE = ROOT / "scripts" / "simulate.py"

@@ -1,5 +1,5 @@
 """TFF interoperability: TFF aggregation factories as fedsim aggregators
-(fedsim.tff_interop) and TFF ClientData as the client population (fedsim.tff_data)."""
+(fedsim.interop.tff) and TFF ClientData as the client population (fedsim.data.tff)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ LAPLACE = "examples.laplace_factory:LaplaceFactory"
 def _live_worker_binaries() -> set[int]:
     """Pids of live TFF worker_binary processes among this process's descendants
     (Ray's local actors included)."""
-    from fedsim.tff_interop import _worker_binaries
+    from fedsim.interop.tff import _worker_binaries
 
     return {p.pid for p in _worker_binaries()}
 
@@ -34,7 +34,7 @@ def _live_worker_binaries() -> set[int]:
 def _no_worker_binary_left():
     """Every worker_binary this module starts is stopped by the code under test
     (other modules' binaries, e.g. TFF's default context's, are left alone)."""
-    from fedsim.tff_interop import stop_tff_worker_binaries
+    from fedsim.interop.tff import stop_tff_worker_binaries
 
     before = _live_worker_binaries()
     yield
@@ -82,7 +82,7 @@ def test_workers_build_and_stack_without_importing_tensorflow():
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "from fedsim.aggregation import build_aggregator\n"
+        "from fedsim.aggregation.base import build_aggregator\n"
         "from fedsim.config import AggregatorConfig, SimConfig\n"
         f"cfg = SimConfig(aggregator=AggregatorConfig(kind='tff', factory={ADAPTIVE!r}))\n"
         "agg = build_aggregator(cfg)\n"
@@ -97,8 +97,8 @@ def test_workers_build_and_stack_without_importing_tensorflow():
 
 
 def test_gaussian_adaptive_matches_native_aggregator_and_reports_dp_events():
-    from fedsim.privacy import DPQueryAggregator
-    from fedsim.tff_interop import TFFAggregator
+    from fedsim.privacy.queries import DPQueryAggregator
+    from fedsim.interop.tff import TFFAggregator
 
     d, k = 60, 5
     native = DPQueryAggregator(DPConfig(mechanism="gaussian_adaptive", noise_multiplier=0.0), k)
@@ -125,8 +125,8 @@ def test_gaussian_adaptive_matches_native_aggregator_and_reports_dp_events():
 def test_dp_event_with_noise_is_the_native_event_and_checkpoints_resume_exactly():
     import dp_accounting
 
-    from fedsim.privacy import DPQueryAggregator
-    from fedsim.tff_interop import TFFAggregator, TFFState
+    from fedsim.privacy.queries import DPQueryAggregator
+    from fedsim.interop.tff import TFFAggregator, TFFState
 
     d, k = 30, 10
     args = {"noise_multiplier": 0.5, "clients_per_round": k}
@@ -154,8 +154,8 @@ def test_dp_event_with_noise_is_the_native_event_and_checkpoints_resume_exactly(
 
 
 def test_weighted_mean_factory_matches_fedavg_mean_and_resumes_from_checkpoint():
-    from fedsim.aggregation import MeanAggregator
-    from fedsim.tff_interop import TFFAggregator
+    from fedsim.aggregation.base import MeanAggregator
+    from fedsim.interop.tff import TFFAggregator
 
     d = 20
     rng = np.random.default_rng(2)
@@ -180,7 +180,7 @@ def test_flat_values_are_clipped_like_the_per_layer_structure():
     flat float32[d] value is clipped exactly like the model's list of tensors."""
     import tensorflow_federated as tff
 
-    from fedsim.tff_interop import TFFAggregator
+    from fedsim.interop.tff import TFFAggregator
 
     factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(0.0, 4.0)
     shapes = [(3, 2), (4,), (2, 2, 2)]
@@ -206,7 +206,7 @@ def test_flat_values_are_clipped_like_the_per_layer_structure():
 def test_laplace_example_factory_is_reproducible_noisy_and_reports_its_event(monkeypatch):
     import dp_accounting
 
-    from fedsim.tff_interop import TFFAggregator
+    from fedsim.interop.tff import TFFAggregator
 
     monkeypatch.syspath_prepend(str(ROOT))
     d, k, clip, eps = 20000, 4, 1.0, 2.0
@@ -241,7 +241,7 @@ def test_laplace_example_factory_is_reproducible_noisy_and_reports_its_event(mon
     (ADAPTIVE, {"clients_per_round": 5, "no_such_arg": 1}, "aggregator.args", "no_such_arg"),
 ])
 def test_bad_factories_are_config_errors_naming_the_option(factory, args, option, fragment):
-    from fedsim.tff_interop import TFFAggregator
+    from fedsim.interop.tff import TFFAggregator
 
     with pytest.raises(ConfigError) as err:
         TFFAggregator(factory, args).initial_state()
@@ -259,7 +259,7 @@ def test_secure_aggregation_and_native_dp_are_refused_with_tff_aggregators():
 
 
 def test_close_stops_the_worker_binary_and_a_later_round_restarts_it():
-    from fedsim.tff_interop import TFFAggregator
+    from fedsim.interop.tff import TFFAggregator
 
     agg = TFFAggregator(MEAN)
     rng = np.random.default_rng(4)
@@ -311,8 +311,8 @@ def sql_file(tmp_path_factory):
 def test_sql_client_data_is_lazy_small_and_decodes_like_tff(sql_file):
     import tensorflow_federated as tff
 
-    from fedsim.data import load_federated_data
-    from fedsim.tff_data import SqlTFFClientData
+    from fedsim.data.loaders import load_federated_data
+    from fedsim.data.tff import SqlTFFClientData
 
     path, data = sql_file
     cfg = DataConfig(name="tff_client_data", path=str(path), x_shape=[28, 28, 1],
@@ -352,8 +352,8 @@ def test_emnist_from_tffs_cache_layout_tests_on_the_same_writers(tmp_path):
     import tensorflow as tf
     import tensorflow_federated as tff
 
-    from fedsim.data import load_federated_data
-    from fedsim.tff_data import TFF_CACHE_DIR, tff_cache_file
+    from fedsim.data.loaders import load_federated_data
+    from fedsim.data.tff import TFF_CACHE_DIR, tff_cache_file
 
     rng = np.random.default_rng(6)
     parts = {}
@@ -384,7 +384,7 @@ def test_emnist_from_tffs_cache_layout_tests_on_the_same_writers(tmp_path):
 
 
 def test_missing_tff_cache_file_names_the_expected_file(tmp_path):
-    from fedsim.data import load_federated_data
+    from fedsim.data.loaders import load_federated_data
 
     cfg = DataConfig(name="tff_client_data", tff_dataset="emnist_only_digits",
                      path=str(tmp_path))
@@ -404,7 +404,7 @@ def test_missing_tff_cache_file_names_the_expected_file(tmp_path):
 
 
 def test_wrong_feature_names_are_data_errors(sql_file):
-    from fedsim.data import load_federated_data
+    from fedsim.data.loaders import load_federated_data
 
     cfg = DataConfig(name="tff_client_data", path=str(sql_file[0]), x_key="image",
                      test_split="test")
@@ -415,7 +415,7 @@ def test_wrong_feature_names_are_data_errors(sql_file):
 def test_test_client_data_object_with_held_out_clients():
     import tensorflow_federated as tff
 
-    from fedsim.tff_data import ObjectTFFClientData, load_tff_client_data
+    from fedsim.data.tff import ObjectTFFClientData, load_tff_client_data
 
     rng = np.random.default_rng(5)
     arrays = {}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.client import LocalTrainer
+from fedsim.client.local import LocalTrainer
 from fedsim.config import ClientConfig, ModelConfig
-from fedsim.vectorized import VectorizedTrainer, batch_plan
+from fedsim.client.vectorized import VectorizedTrainer, batch_plan
 
 # Unequal clients: a partial last batch (23, 7, 12), fewer examples than a batch
 # (3, 1), exactly two batches (10).

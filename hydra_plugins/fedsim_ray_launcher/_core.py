@@ -54,9 +54,9 @@ def sim_config(cfg: DictConfig, num: int, overrides: Sequence[str]) -> "SimConfi
 
 def pool_bundles(sim: "SimConfig", cluster: dict[str, float]) -> list[dict[str, float]]:
     """One placement-group bundle per worker actor the run will start: the same pool
-    size and bundle as :func:`fedsim.worker.make_pool`, which then finds itself in
+    size and bundle as :func:`fedsim.engine.worker.make_pool`, which then finds itself in
     this placement group and uses its bundles instead of reserving its own."""
-    from fedsim.worker import pool_size, worker_bundle
+    from fedsim.engine.worker import pool_size, worker_bundle
 
     size = pool_size(sim, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
     return [worker_bundle(sim) for _ in range(size)]

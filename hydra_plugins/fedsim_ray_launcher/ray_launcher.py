@@ -15,7 +15,7 @@ Resources: the task itself takes no CPU; the worker actors its run starts
 (``ray.workers`` of ``ray.cpus_per_worker`` CPUs and ``ray.gpus_per_worker``
 GPUs each, or with ``ray.workers=auto`` as many as the whole cluster holds) are
 reserved up front, all at once, as one Ray placement group per grid point that
-captures the run's actors (:func:`fedsim.worker.make_pool` sees it and uses its
+captures the run's actors (:func:`fedsim.engine.worker.make_pool` sees it and uses its
 bundles rather than reserving a second group). A point starts only when its
 whole pool fits, so parallel points never deadlock holding parts of their
 pools; the rest wait in line. On 2 CPUs, ``ray.workers=1`` runs two points at a

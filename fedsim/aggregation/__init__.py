@@ -1,0 +1,1 @@
+"""Stage 4, aggregation: the Aggregator protocol over partial sums (:mod:`.base`)."""

@@ -1,0 +1,116 @@
+"""Local training of one virtual client: the ``client_update`` of FedAvg.
+
+A :class:`LocalTrainer` owns one Keras model and trains any number of clients
+with it, one after another: it loads the global weights, runs ``local_epochs``
+passes of minibatch SGD over the client's examples in ONE compiled
+``tf.function`` call (a graph loop over all steps, traced once per input shape),
+and returns the client's update as TFF defines it::
+
+    delta = global_weights - local_weights      (a pseudo-gradient)
+
+together with the number of examples and the mean training loss. Usable
+without Ray; :mod:`fedsim.engine.worker` wraps it in an actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fedsim.config import ClientConfig, ModelConfig
+from fedsim.models.keras import FlatWeights, build_model
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """One client's contribution before aggregation.
+
+    delta: float32 vector, global minus locally trained weights.
+    num_examples: examples the client holds (the FedAvg weight).
+    loss: mean training loss over the client's local steps, each step weighted
+      by its batch size (so it is the mean per example seen).
+    """
+
+    delta: np.ndarray
+    num_examples: int
+    loss: float
+
+
+def epoch_order(num_examples: int, epochs: int, rng: np.random.Generator) -> np.ndarray:
+    """Concatenated per-epoch permutations of ``range(num_examples)`` (int32)."""
+    return np.concatenate([rng.permutation(num_examples) for _ in range(epochs)]).astype(np.int32)
+
+
+class LocalTrainer:
+    """Trains clients of one model architecture with SGD (optionally momentum).
+
+    SGD with momentum m: ``v <- m * v + g; w <- w - lr * v``, with ``v`` reset to
+    zero for every client (clients keep no state between rounds, as in TFF).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, client_cfg: ClientConfig,
+                 input_shape: Sequence[int], num_classes: int, batch_size: int,
+                 local_epochs: int, seed: int = 0) -> None:
+        self.model = build_model(model_cfg, input_shape, num_classes, seed)
+        self.flat = FlatWeights(self.model.trainable_variables)
+        self.batch_size = int(batch_size)
+        self.local_epochs = int(local_epochs)
+        self._lr = tf.constant(client_cfg.learning_rate, tf.float32)
+        self._momentum = tf.constant(client_cfg.momentum, tf.float32)
+        self._use_momentum = client_cfg.momentum > 0
+        self._velocity = [tf.Variable(tf.zeros_like(v), trainable=False)
+                          for v in self.model.trainable_variables]
+        self._loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
+        x_spec = tf.TensorSpec([None, *input_shape], tf.float32)
+        self._train = tf.function(
+            self._train_graph,
+            input_signature=[tf.TensorSpec([None], tf.float32), x_spec,
+                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)],
+        )
+
+    @property
+    def num_parameters(self) -> int:
+        return self.flat.size
+
+    def _train_graph(self, global_flat: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                     order: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        self.flat.assign(global_flat)
+        for v in self._velocity:
+            v.assign(tf.zeros_like(v))
+        n = tf.shape(x)[0]
+        bs = tf.constant(self.batch_size, tf.int32)
+        steps_per_epoch = (n + bs - 1) // bs
+        total_loss = tf.constant(0.0, tf.float32)
+        variables = self.model.trainable_variables
+        for step in tf.range(steps_per_epoch * self.local_epochs):
+            epoch = step // steps_per_epoch
+            start = epoch * n + (step % steps_per_epoch) * bs
+            stop = tf.minimum(start + bs, (epoch + 1) * n)
+            idx = order[start:stop]
+            xb = tf.gather(x, idx)
+            yb = tf.gather(y, idx)
+            with tf.GradientTape() as tape:
+                loss_sum = self._loss_fn(yb, self.model(xb, training=True))
+                loss = loss_sum / tf.cast(stop - start, tf.float32)
+            grads = tape.gradient(loss, variables)
+            for var, g, vel in zip(variables, grads, self._velocity):
+                if self._use_momentum:
+                    vel.assign(self._momentum * vel + g)
+                    var.assign_sub(self._lr * vel)
+                else:
+                    var.assign_sub(self._lr * g)
+            total_loss += loss_sum
+        delta = global_flat - self.flat.get()
+        seen = tf.cast(n * self.local_epochs, tf.float32)
+        return delta, total_loss / tf.maximum(seen, 1.0)
+
+    def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray,
+              rng: np.random.Generator) -> ClientResult:
+        """Train one client from ``global_weights``; ``rng`` shuffles its examples."""
+        order = epoch_order(len(x), self.local_epochs, rng)
+        delta, loss = self._train(global_weights, x, y, order)
+        return ClientResult(delta=delta.numpy(), num_examples=int(len(x)), loss=float(loss))

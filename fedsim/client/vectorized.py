@@ -1,0 +1,373 @@
+"""Many virtual clients trained in ONE compiled call: the vectorized ``client_update``.
+
+:class:`fedsim.client.local.LocalTrainer` runs one client's SGD steps per call; with
+batches of 10 examples each step is a few tiny matmuls, and a 2-core machine
+spends most of its time dispatching ops. :class:`VectorizedTrainer` trains K
+clients at once: their copies of the weights are stacked along a leading client
+axis (every variable of shape ``s`` becomes ``(K, *s)``) and every SGD step of
+all K clients is one set of batched ops:
+
+* dense layers: batched matmuls, ``einsum('kbi,kio->kbo')``;
+* conv layers (``conv="grouped"``, the default): ONE grouped convolution, the K
+  clients being K channel groups of a ``(B, H, W, K*C)`` tensor and their
+  kernels the groups of a ``(3, 3, C, K*O)`` filter (``feature_group_count`` =
+  K; TF 2.14 runs it, forward and backward, on CPU through oneDNN). Bias, ReLU
+  and max pooling act per channel, so they run on that layout unchanged.
+  ``conv="vmap"`` instead runs a per-client functional forward pass under
+  ``tf.vectorized_map`` (measured slower on CPU; kept for comparison).
+
+The mathematics is exactly each client's own: client k's loss depends only on
+its weights and its batch, so the gradient of the sum of the clients' losses
+with respect to the stacked weights is, slice by slice, each client's gradient.
+
+Clients may hold different numbers of examples, hence different numbers of
+steps and short last batches. A call pads every client to the longest client's
+step count and to ``batch_size`` examples per step:
+
+* each (client, step, slot) carries an example weight, ``1 / count`` for the
+  ``count`` real examples of that step's batch and ``0`` for padding, so the
+  loss of a step is the mean over its real examples, as in LocalTrainer;
+* each (client, step) carries an active flag; on inactive (padding) steps the
+  gradient is exactly zero and, with momentum, the weights are left as they are
+  (``tf.where``), so padding steps are no-ops.
+
+Shuffling is :func:`fedsim.client.local.epoch_order` with the client's own ``rng``,
+batches are cut exactly as LocalTrainer cuts them (``ceil(n / batch_size)``
+steps per epoch, the last one short), so ``train_many(w, [(x, y, rng), ...])``
+equals ``[LocalTrainer.train(w, x, y, rng), ...]`` up to float rounding (the
+order of floating-point sums differs). The flat weight layout is
+:class:`fedsim.models.keras.FlatWeights`'s, so deltas are interchangeable.
+
+One ``tf.function`` serves every call: the client count K, the step count and
+the number of examples are ``None`` dimensions of its input signature, so it is
+traced once. Clients are sorted by size and trained in chunks of at most
+``max_clients_per_call`` (similar sizes share a chunk, so little is padded);
+results come back in the caller's order. Results are bit-for-bit repeatable for
+the same chunks; a different chunk composition (e.g. another worker count) can
+change the last bits.
+
+Measured (2-core AMD EPYC with AVX-512, TF 2.14.1, 100 clients of 50 28x28x1
+examples, batch 10, 1 epoch; client updates per second, quiet machine):
+
+============  =======  ============  ===========================
+model         threads  LocalTrainer  VectorizedTrainer, K = 16
+============  =======  ============  ===========================
+cnn, 98k      1        84            80-84
+cnn, 98k      2        74-88         135-150
+mlp, 102k     1        380-396       405-550
+mlp, 102k     2        309-314       600-745
+============  =======  ============  ===========================
+
+Per core the CNN gains nothing: its batch-10 steps are already compute-bound in
+oneDNN (about 47 GFLOP/s on one core). What stacking buys is the use of several
+cores by one process (LocalTrainer's small ops do not parallelize). The MLP
+gains 1.2-1.4x per core; vectorized, it is bound by memory traffic (every
+client's own copy of the weights is read and written at every step).
+Inside fedsim (``client.vectorize=16``, two 1-CPU workers, 100 clients per round,
+``benchmarks/compare_simulators.py`` on a loaded machine) the MLP went from 479
+to 653 client updates/s and the CNN from 95 to 72 (no gain, within the noise).
+``conv="vmap"`` measured about 2x slower than ``grouped``; XLA
+(``jit_compile``) made the MLP 1.1-1.4x faster but the grouped convolution
+about 25x slower on CPU, and needs a fixed shape per compilation: not used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fedsim.client.local import ClientResult, epoch_order
+from fedsim.config import ClientConfig, ModelConfig
+from fedsim.models.keras import FlatWeights, build_model
+
+CONV_BACKENDS = ("grouped", "vmap")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One Keras layer of the model, as the functional forward pass needs it."""
+
+    kind: str  # conv, pool, flatten, dense
+    relu: bool = False
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "VALID"
+    pool_size: tuple[int, int] = (1, 1)
+
+
+def _describe(model: tf.keras.Model) -> list[_Layer]:
+    """The model's layers as :class:`_Layer` records; refuses what is not supported."""
+    layers: list[_Layer] = []
+    ordered: list[tf.Variable] = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.InputLayer):
+            continue
+        act = getattr(layer, "activation", None)
+        relu = act is tf.keras.activations.relu
+        if act is not None and not relu and act is not tf.keras.activations.linear:
+            raise NotImplementedError(f"vectorized training: activation {act.__name__} "
+                                      f"of layer {layer.name}")
+        if isinstance(layer, tf.keras.layers.Conv2D) and type(layer) is tf.keras.layers.Conv2D:
+            if (tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1 or not layer.use_bias
+                    or layer.data_format != "channels_last"):
+                raise NotImplementedError(f"vectorized training: conv layer {layer.name}")
+            layers.append(_Layer("conv", relu, tuple(layer.strides), layer.padding.upper()))
+        elif isinstance(layer, tf.keras.layers.MaxPool2D):
+            layers.append(_Layer("pool", strides=tuple(layer.strides),
+                                 padding=layer.padding.upper(),
+                                 pool_size=tuple(layer.pool_size)))
+        elif isinstance(layer, tf.keras.layers.Flatten):
+            layers.append(_Layer("flatten"))
+        elif isinstance(layer, tf.keras.layers.Dense):
+            if not layer.use_bias:
+                raise NotImplementedError(f"vectorized training: dense layer {layer.name}")
+            layers.append(_Layer("dense", relu))
+        else:
+            raise NotImplementedError(f"vectorized training: layer {type(layer).__name__}")
+        ordered.extend(layer.trainable_variables)
+    if [id(v) for v in ordered] != [id(v) for v in model.trainable_variables]:
+        raise NotImplementedError("vectorized training: unexpected variable order")
+    return layers
+
+
+def batch_plan(sizes: Sequence[int], batch_size: int, local_epochs: int,
+               orders: Sequence[np.ndarray], offsets: Sequence[int]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gather indices, example weights and step flags for clients of ``sizes``.
+
+    Client k's examples are rows ``offsets[k] .. offsets[k] + sizes[k] - 1`` of the
+    concatenated data and ``orders[k]`` its :func:`epoch_order`. Returns
+    ``idx`` int32 ``(K, S, B)`` (rows into the concatenated data; padding points
+    at row 0), ``weights`` float32 ``(K, S, B)`` (``1 / count`` for the ``count``
+    examples of a step's batch, 0 for padding) and ``active`` float32 ``(K, S)``,
+    with S the largest step count. Batches are cut as LocalTrainer cuts them.
+    """
+    bs = int(batch_size)
+    steps = [local_epochs * (-(-n // bs)) for n in sizes]
+    k, s = len(sizes), max(steps, default=0)
+    idx = np.zeros((k, s, bs), np.int32)
+    weights = np.zeros((k, s, bs), np.float32)
+    active = np.zeros((k, s), np.float32)
+    for c, (n, order, off) in enumerate(zip(sizes, orders, offsets)):
+        if n == 0:
+            continue
+        spe = -(-n // bs)
+        # Pad each epoch's permutation to spe * bs slots: the last batch is short.
+        padded = np.full((local_epochs, spe * bs), -1, np.int64)
+        padded[:, :n] = np.asarray(order, np.int64).reshape(local_epochs, n)
+        padded = padded.reshape(local_epochs * spe, bs)
+        valid = padded >= 0
+        counts = valid.sum(axis=1, keepdims=True)
+        idx[c, :len(padded)] = np.where(valid, padded + off, 0)
+        weights[c, :len(padded)] = np.where(valid, 1.0 / counts, 0.0)
+        active[c, :len(padded)] = 1.0
+    return idx, weights, active
+
+
+class VectorizedTrainer:
+    """Trains many clients of one architecture at once; same results as LocalTrainer.
+
+    Same constructor as :class:`fedsim.client.local.LocalTrainer`, plus:
+
+    max_clients_per_call: clients per compiled call (K); more clients are
+      trained in several calls. Memory grows as K x (parameters + activations of
+      one batch); on the 2-core CPU of the module docstring K = 16-32 was best,
+      larger K slower (the stacked weights leave the caches).
+    conv: ``grouped`` (grouped convolution) or ``vmap`` (``tf.vectorized_map``).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, client_cfg: ClientConfig,
+                 input_shape: Sequence[int], num_classes: int, batch_size: int,
+                 local_epochs: int, seed: int = 0, max_clients_per_call: int = 16,
+                 conv: str = "grouped") -> None:
+        if getattr(client_cfg, "optimizer", "sgd") != "sgd":
+            raise NotImplementedError(
+                f"vectorized training: client.optimizer={client_cfg.optimizer} (sgd only)")
+        if conv not in CONV_BACKENDS:
+            raise ValueError(f"conv must be one of {CONV_BACKENDS}, not {conv!r}")
+        if max_clients_per_call < 1:
+            raise ValueError("max_clients_per_call must be >= 1")
+        self.model = build_model(model_cfg, input_shape, num_classes, seed)
+        self.flat = FlatWeights(self.model.trainable_variables)
+        self.layers = _describe(self.model)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.batch_size = int(batch_size)
+        self.local_epochs = int(local_epochs)
+        self.max_clients_per_call = int(max_clients_per_call)
+        self.conv = conv
+        self._lr = tf.constant(client_cfg.learning_rate, tf.float32)
+        self._momentum = tf.constant(client_cfg.momentum, tf.float32)
+        self._use_momentum = client_cfg.momentum > 0
+        bs = self.batch_size
+        self._train = tf.function(self._train_graph, input_signature=[
+            tf.TensorSpec([None], tf.float32),                       # global weights
+            tf.TensorSpec([None, *self.input_shape], tf.float32),    # x of the chunk
+            tf.TensorSpec([None], tf.int32),                         # y of the chunk
+            tf.TensorSpec([None, None, bs], tf.int32),               # idx (K, S, B)
+            tf.TensorSpec([None, None, bs], tf.float32),             # example weights
+            tf.TensorSpec([None, None], tf.float32),                 # active (K, S)
+            tf.TensorSpec([None], tf.float32),                       # examples seen (K,)
+        ])
+
+    @property
+    def num_parameters(self) -> int:
+        return self.flat.size
+
+    # -- the functional model over stacked weights --------------------------------
+    def _forward(self, params: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+        """Logits ``(K, B, classes)`` of K clients on their batches ``x`` ``(K, B, ...)``."""
+        if self.conv == "vmap" and any(layer.kind == "conv" for layer in self.layers):
+            return tf.vectorized_map(lambda a: self._forward_one(a[0], a[1]),
+                                     (list(params), x))
+        bs = self.batch_size
+        h, grouped, i = x, False, 0
+        for layer in self.layers:
+            if layer.kind == "conv":
+                kernel, bias = params[i], params[i + 1]
+                i += 2
+                if not grouped:  # (K, B, H, W, C) -> (B, H, W, K*C)
+                    shape = tf.shape(h)
+                    h = tf.transpose(h, [1, 2, 3, 0, 4])
+                    h = tf.reshape(h, [bs, shape[2], shape[3], -1])
+                    grouped = True
+                kh, kw, cin = kernel.shape[1:4]  # (K, kh, kw, C, O) -> (kh, kw, C, K*O)
+                filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, cin, -1])
+                h = tf.nn.conv2d(h, filt, layer.strides, layer.padding)
+                h = tf.nn.bias_add(h, tf.reshape(bias, [-1]))
+            elif layer.kind == "pool":
+                if grouped:
+                    h = tf.nn.max_pool2d(h, layer.pool_size, layer.strides, layer.padding)
+                else:
+                    shape = tf.shape(h)
+                    flat = tf.reshape(h, tf.concat([[-1], shape[2:]], 0))
+                    flat = tf.nn.max_pool2d(flat, layer.pool_size, layer.strides,
+                                            layer.padding)
+                    h = tf.reshape(flat, tf.concat([shape[:2], tf.shape(flat)[1:]], 0))
+            elif layer.kind == "flatten":
+                if grouped:  # (B, H, W, K*C) -> (K, B, H*W*C), row-major like Keras
+                    k = tf.shape(params[0])[0]
+                    shape = tf.shape(h)
+                    h = tf.reshape(h, [bs, shape[1], shape[2], k, -1])
+                    h = tf.transpose(h, [3, 0, 1, 2, 4])
+                    h = tf.reshape(h, [k, bs, -1])
+                    grouped = False
+                else:
+                    shape = tf.shape(h)
+                    h = tf.reshape(h, [shape[0], shape[1], -1])
+            elif layer.kind == "dense":
+                kernel, bias = params[i], params[i + 1]
+                i += 2
+                h = tf.einsum("kbi,kio->kbo", h, kernel) + bias[:, None, :]
+            if layer.relu:
+                h = tf.nn.relu(h)
+        return h
+
+    def _forward_one(self, params: Sequence[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+        """One client's logits ``(B, classes)`` (the body of ``conv="vmap"``)."""
+        h, i = x, 0
+        for layer in self.layers:
+            if layer.kind == "conv":
+                h = tf.nn.bias_add(tf.nn.conv2d(h, params[i], layer.strides, layer.padding),
+                                   params[i + 1])
+                i += 2
+            elif layer.kind == "pool":
+                h = tf.nn.max_pool2d(h, layer.pool_size, layer.strides, layer.padding)
+            elif layer.kind == "flatten":
+                h = tf.reshape(h, [tf.shape(h)[0], -1])
+            elif layer.kind == "dense":
+                h = tf.matmul(h, params[i]) + params[i + 1]
+                i += 2
+            if layer.relu:
+                h = tf.nn.relu(h)
+        return h
+
+    # -- the compiled training loop -----------------------------------------------
+    def _train_graph(self, global_flat: tf.Tensor, x: tf.Tensor, y: tf.Tensor, idx: tf.Tensor,
+                     weights: tf.Tensor, active: tf.Tensor,
+                     seen: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        k = tf.shape(idx)[0]
+        num_steps = tf.shape(idx)[1]
+        params = [tf.tile(tf.reshape(p, [1, *s]), [k] + [1] * len(s))
+                  for p, s in zip(tf.split(global_flat, self.flat.sizes), self.flat.shapes)]
+        velocity = [tf.zeros_like(p) for p in params]
+        total_loss = tf.zeros([k], tf.float32)
+        momentum = self._momentum
+        for step in tf.range(num_steps):
+            rows = idx[:, step]                                   # (K, B)
+            w = weights[:, step]                                  # (K, B): 1/count or 0
+            xb = tf.gather(x, rows)                               # (K, B, ...)
+            yb = tf.gather(y, rows)
+            with tf.GradientTape() as tape:
+                tape.watch(params)
+                logits = self._forward(params, xb)
+                ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)
+                # lr * (sum over clients of their mean losses): the gradient is then
+                # already the SGD step lr * g, which saves a pass over K x params.
+                objective = tf.reduce_sum(ce * (w * self._lr))
+            steps = tape.gradient(objective, params)
+            total_loss += tf.reduce_sum(tf.where(w > 0, ce, 0.0), axis=1)
+            if self._use_momentum:
+                # u = lr * v:  u <- m * u + lr * g;  w <- w - u  (LocalTrainer's
+                # v <- m * v + g; w <- w - lr * v, scaled). Inactive (padding)
+                # steps leave the weights as they are; they come after a client's
+                # last real step, so its velocity no longer matters.
+                on = active[:, step] > 0
+                new_params, new_velocity = [], []
+                for p, g, u in zip(params, steps, velocity):
+                    mask = tf.reshape(on, [-1] + [1] * (len(p.shape) - 1))
+                    u_next = momentum * u + g
+                    new_velocity.append(u_next)
+                    new_params.append(tf.where(mask, p - u_next, p))
+                params, velocity = new_params, new_velocity
+            else:  # padding steps have all-zero example weights, hence zero gradients
+                params = [p - g for p, g in zip(params, steps)]
+        local = tf.concat([tf.reshape(p, [k, -1]) for p in params], axis=1)
+        delta = global_flat[None, :] - local
+        return delta, total_loss / tf.maximum(seen, 1.0)
+
+    # -- Python API -----------------------------------------------------------------
+    def train_many(self, global_weights: np.ndarray,
+                   clients: Iterable[tuple[np.ndarray, np.ndarray, np.random.Generator]]
+                   ) -> list[ClientResult]:
+        """Train every ``(x, y, rng)`` from ``global_weights``; results in input order.
+
+        Client i's result equals ``LocalTrainer.train(global_weights, x, y, rng)``
+        (same shuffling, batches, steps and loss) up to float rounding.
+        """
+        clients = list(clients)
+        # Draw every client's shuffling first, in input order (rngs may be shared).
+        orders = [epoch_order(len(x), self.local_epochs, rng) for x, _, rng in clients]
+        sizes = [len(x) for x, _, _ in clients]
+        by_size = sorted(range(len(clients)), key=lambda i: -sizes[i])
+        results: list[ClientResult | None] = [None] * len(clients)
+        gw = np.asarray(global_weights, np.float32)
+        for start in range(0, len(by_size), self.max_clients_per_call):
+            chunk = by_size[start:start + self.max_clients_per_call]
+            for i, res in zip(chunk, self._train_chunk(gw, [clients[i] for i in chunk],
+                                                       [orders[i] for i in chunk])):
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray,
+              rng: np.random.Generator) -> ClientResult:
+        """One client (LocalTrainer's signature)."""
+        return self.train_many(global_weights, [(x, y, rng)])[0]
+
+    def _train_chunk(self, gw: np.ndarray, clients: Sequence[tuple], orders: Sequence[np.ndarray]
+                     ) -> list[ClientResult]:
+        sizes = [len(x) for x, _, _ in clients]
+        if sum(sizes) == 0:
+            return [ClientResult(np.zeros_like(gw), 0, 0.0) for _ in clients]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+        idx, weights, active = batch_plan(sizes, self.batch_size, self.local_epochs, orders,
+                                          offsets)
+        x = np.concatenate([np.asarray(c[0], np.float32).reshape(-1, *self.input_shape)
+                            for c in clients])
+        y = np.concatenate([np.asarray(c[1], np.int32).reshape(-1) for c in clients])
+        seen = np.asarray(sizes, np.float32) * self.local_epochs
+        delta, loss = self._train(gw, x, y, idx, weights, active, seen)
+        delta, loss = delta.numpy(), loss.numpy()
+        return [ClientResult(delta=delta[i], num_examples=int(n), loss=float(loss[i]))
+                for i, n in enumerate(sizes)]

@@ -1,0 +1,318 @@
+"""The server: global model, server optimizer, aggregator state, cohort sampling.
+
+:class:`Server` is plain Python (usable without Ray); the simulation runs it as
+a Ray actor. Per round it:
+
+1. samples the cohort (:func:`fedsim.cohort.sampling.sample_clients`, seeded per round);
+2. hands out the global weights (one flat float32 vector) and the aggregator's
+   client parameters (e.g. the clip norm);
+3. merges the workers' partial sums, lets the aggregator finalize them (noise is
+   added there, once), and applies the server optimizer to the result;
+4. evaluates the global model on the centralized test split when asked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fedsim.aggregation.base import Partial, merge_partials
+from fedsim.engine.parts import build_aggregator
+from fedsim.privacy.audit import CanaryAudit
+from fedsim.config import SimConfig
+from fedsim.algorithms.optimizers import ServerOptimizer
+from fedsim.results.outputs import memory_mib
+from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
+from fedsim.rng import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING, STREAM_SECAGG_GRAPH, stream)
+from fedsim.cohort.sampling import sample_clients
+from fedsim.secure.layout import SecureLayout, make_layout
+from fedsim.engine.worker import WorkerReport, configure_tensorflow
+
+
+def _one_per_return(per_worker: list) -> Any:
+    """A method called with Ray's ``num_returns=n`` returns n values; with n = 1
+    Ray stores the return value itself, so the one worker's message goes bare."""
+    return per_worker[0] if len(per_worker) == 1 else per_worker
+
+
+class Server:
+    def __init__(self, cfg: SimConfig, input_shape: Sequence[int], num_classes: int,
+                 x_test: np.ndarray, y_test: np.ndarray, num_cpus: float = 1.0) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        configure_tensorflow(num_cpus)
+        import tensorflow as tf
+
+        from fedsim.models.keras import FlatWeights, build_model
+
+        self.cfg = cfg
+        self.model = build_model(cfg.model, input_shape, num_classes, cfg.seed)
+        self._flat = FlatWeights(self.model.trainable_variables)
+        self.weights = self._flat.get().numpy()
+        self.optimizer = ServerOptimizer(cfg.server)
+        self.opt_state = self.optimizer.initial_state(self.weights.size)
+        self.aggregator = build_aggregator(cfg)
+        self.agg_state = self.aggregator.initial_state()
+        self.initial_weights = self.weights.copy()  # w_0: the same on resume (seeded)
+        self.audit = (CanaryAudit(cfg.audit, cfg.seed, self.weights.size, cfg.clients,
+                                  cfg.clients_per_round) if cfg.audit.kind == "canary" else None)
+        self.x_test = x_test
+        self.y_test = y_test
+        loss = tf.keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
+
+        def _eval_batch(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            logits = self.model(x, training=False)
+            correct = tf.reduce_sum(tf.cast(tf.equal(
+                tf.argmax(logits, axis=1, output_type=tf.int32), y), tf.float32))
+            return loss(y, logits), correct
+
+        self._eval_batch = tf.function(_eval_batch, input_signature=[
+            tf.TensorSpec([None, *input_shape], tf.float32), tf.TensorSpec([None], tf.int32)])
+
+    def num_parameters(self) -> int:
+        return int(self.weights.size)
+
+    def sample(self, round_num: int) -> np.ndarray:
+        """The cohort sampled in ``round_num`` (sorted client ids; over-selection included)."""
+        per_round = sample_size(self.cfg.clients_per_round, self.cfg.faults, self.cfg.clients)
+        return sample_clients(self.cfg.clients, per_round, self.cfg.sampling,
+                              stream(self.cfg.seed, STREAM_SAMPLING, round_num))
+
+    def plan(self, round_num: int) -> RoundPlan:
+        """The sampled cohort and which of its clients drop, straggle or report."""
+        return plan_round(self.sample(round_num), self.cfg.clients_per_round, self.cfg.faults,
+                          stream(self.cfg.seed, STREAM_CLIENT_FAULTS, round_num))
+
+    def global_weights(self) -> np.ndarray:
+        return self.weights
+
+    def client_params(self) -> dict[str, Any]:
+        return self.aggregator.client_params(self.agg_state)
+
+    def apply(self, round_num: int, num_sampled: int, *reports: WorkerReport) -> dict[str, Any]:
+        """Merge the workers' partial sums and take one server optimizer step.
+
+        Returns the round's training measurements: ``train_loss`` (mean per
+        example over the cohort's local training), ``num_examples``,
+        ``clients`` (that reported) and the aggregator's own measurements.
+        """
+        partial = self.aggregator.zero_partial(self.weights.size)
+        for r in reports:
+            partial = self.aggregator.merge(partial, r.partial)
+        return self._step(round_num, num_sampled, partial, reports)
+
+    @staticmethod
+    def _training_stats(reports: Sequence[WorkerReport]) -> dict[str, Any]:
+        """train_loss (mean per example of the cohort's local training), examples, clients."""
+        loss_sum = sum(r.loss_sum for r in reports)
+        examples = sum(r.num_examples for r in reports)
+        return {"train_loss": loss_sum / examples if examples else float("nan"),
+                "num_examples": examples, "clients": sum(r.num_clients for r in reports)}
+
+    def _add_canaries(self, round_num: int, partial: Partial) -> tuple[Partial, int]:
+        """Fold this round's canary updates into the sum, through the aggregator's
+        own ``accumulate`` (clipped and counted like any client's update)."""
+        ids = self.audit.participants(round_num)
+        params = self.aggregator.client_params(self.agg_state)
+        norm = self.cfg.audit.canary_norm or (
+            self.aggregator.current_clip(self.agg_state) if self.cfg.dp.mechanism != "none"
+            else 1.0)
+        weight = partial.weight / partial.count if partial.count else 1.0
+        for i in ids:
+            partial = self.aggregator.accumulate(params, partial, self.audit.update(i, norm),
+                                                 weight)
+        return partial, len(ids)
+
+    def audit_estimate(self, rounds: int, delta: float) -> dict[str, Any]:
+        """The canary audit's empirical epsilon for the model as it is now."""
+        # Updates are pseudo-gradients (w <- w - lr * update), so the canaries'
+        # directions show in w_0 - w_T, the sum of the applied updates.
+        return self.audit.estimate(self.initial_weights - self.weights, rounds, delta)
+
+    def _step(self, round_num: int, num_sampled: int, partial: Partial,
+              reports: Sequence[WorkerReport]) -> dict[str, Any]:
+        canaries = None
+        if self.audit is not None:
+            partial, canaries = self._add_canaries(round_num, partial)
+        update, self.agg_state, measurements = self.aggregator.finalize(
+            self.agg_state, partial, num_sampled,
+            stream(self.cfg.noise_root(), STREAM_NOISE, round_num))
+        self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, update)
+        out = self._training_stats(reports)
+        out["update_norm"] = float(np.linalg.norm(update))
+        out.update(measurements)
+        if canaries is not None:
+            out["canaries"] = canaries
+        return out
+
+    # -- secure aggregation: the server's side of each protocol round ------------------
+    def secagg_begin(self, round_num: int, sampled: Sequence[int],
+                     workers: int) -> tuple[SecureLayout, list[list[int]]]:
+        """Start a round's protocol for the ``sampled`` clients; returns the
+        fixed-point layout the clients use and each worker's shard of clients
+        (some may be empty). With ``secagg.skip_cancelling_masks`` the shards
+        follow the SecAgg+ graph's ring (:meth:`fedsim.secure.protocol.SecAggServer.placement`)."""
+        from fedsim.secure.protocol import SecAggServer
+
+        t0 = time.perf_counter()
+        sa = self.cfg.secagg
+        zero = self.aggregator.zero_partial(self.weights.size)
+        sizes = [zero.total.size] + [e.size for e in zero.extras]
+        clip = (self.aggregator.current_clip(self.agg_state) if self.cfg.dp.mechanism != "none"
+                else sa.clip)
+        skellam = (self.aggregator.client_variance
+                   if self.cfg.dp.mechanism == "distributed_skellam" else None)
+        self._sa_layout = make_layout(sa, clip, sizes, len(sampled), skellam)
+        graph_seed = int(stream(self.cfg.seed, STREAM_SECAGG_GRAPH, round_num).integers(2**62))
+        self._sa = SecAggServer(self._sa_layout.bits, self._sa_layout.vector_len, sa.protocol,
+                                threshold=sa.threshold, graph_seed=graph_seed,
+                                neighbours=sa.neighbours)
+        if sa.skip_cancelling_masks:
+            shards = self._sa.placement(sampled, workers)
+        else:
+            shards = [part.tolist() for part in np.array_split(np.sort(np.asarray(sampled)),
+                                                                 workers)]
+        active = [shard for shard in shards if shard]  # the workers that take part
+        self._sa_owner = {int(c): i for i, shard in enumerate(active) for c in shard}
+        self._sa_workers = len(active)
+        self._sa_seconds = time.perf_counter() - t0
+        return self._sa_layout, shards
+
+    def _route(self, by_client: Mapping[int, Any]) -> list[dict[int, Any]]:
+        """Split messages addressed to clients into one dict per worker."""
+        out: list[dict[int, Any]] = [{} for _ in range(self._sa_workers)]
+        for cid, msg in by_client.items():
+            out[self._sa_owner[cid]][cid] = msg
+        return out
+
+    def secagg_keys(self, *adverts: list) -> Any:
+        """Round 0: collect the public keys, send each client its neighbours' keys
+        (one dict per worker: call with ``num_returns`` = workers)."""
+        t0 = time.perf_counter()
+        out = self._route(self._sa.receive_keys(itertools.chain(*adverts)))
+        self._sa_seconds += time.perf_counter() - t0
+        return _one_per_return(out)
+
+    def secagg_route(self, *shares: list) -> Any:
+        """Round 1: route the encrypted shares to their receivers (one dict per worker)."""
+        t0 = time.perf_counter()
+        out = self._route(self._sa.route_shares(itertools.chain(*shares)))
+        self._sa_seconds += time.perf_counter() - t0
+        return _one_per_return(out)
+
+    def secagg_collect(self, round_num: int, *reports: WorkerReport) -> Any:
+        """Round 2: collect the masked inputs; ask the clients still online to unmask
+        (one dict of requests per worker).
+
+        Simulated dropouts: each client goes silent after masking with
+        probability ``secagg.dropout`` (stream ``(seed, DROPOUT, round)``).
+        """
+        from fedsim.secure.protocol import SecAggAbort
+
+        t0 = time.perf_counter()
+        self._sa_reports = reports
+        self._sa_dropped, self._sa_abort = set(), None
+        try:
+            requests = self._sa.collect_masked(itertools.chain(*(r.masked for r in reports)))
+        except SecAggAbort as err:  # too many dropped before masking: nothing to unmask
+            self._sa_abort = err
+            requests = {}
+        rng = stream(self.cfg.seed, STREAM_DROPOUT, round_num)
+        self._sa_dropped = {c for c in sorted(requests) if rng.random() < self.cfg.secagg.dropout}
+        out = self._route({c: r for c, r in requests.items() if c not in self._sa_dropped})
+        self._sa_seconds += time.perf_counter() - t0
+        return _one_per_return(out)
+
+    def secagg_finish(self, round_num: int, num_sampled: int,
+                      *responses: tuple[list, float]) -> dict[str, Any]:
+        """Round 3: unmask the sum, decode it, then aggregate and step as ``apply`` does.
+
+        ``responses``: each worker's (unmask responses, seconds it spent on the
+        protocol). If too few shares arrive the protocol aborts: the round's
+        update is discarded, the model, optimizer and aggregator states stay as
+        they were, no privacy is spent, and the measurements say why.
+        """
+        from fedsim.secure.protocol import SecAggAbort
+
+        t0 = time.perf_counter()
+        reports = self._sa_reports
+        base = {"secagg_dropped": len(self._sa_dropped), "secagg_bits": self._sa_layout.bits,
+                "secagg_neighbours": self._sa.neighbourhood_size}
+        try:
+            if self._sa_abort is not None:
+                raise self._sa_abort
+            total = self._sa.unmask(itertools.chain(*(r for r, _ in responses)))
+            aborted = None
+        except SecAggAbort as err:
+            aborted = err
+        # the slowest worker's protocol time plus the server's own
+        base["secagg_seconds"] = (self._sa_seconds + time.perf_counter() - t0
+                                  + max((s for _, s in responses), default=0.0))
+        if aborted is not None:
+            return {**base, **self._training_stats(reports), "update_norm": 0.0,
+                    "secagg": "aborted", "secagg_error": str(aborted)}
+        clear = Partial(np.zeros(0), 0.0, 0)
+        for r in reports:
+            clear = merge_partials(clear, r.partial)
+        units = None
+        integer_noise = getattr(self.aggregator, "integer_noise", None)
+        if integer_noise is not None:  # exact noise on the integer sum, before decoding
+            units = integer_noise(stream(self.cfg.noise_root(), STREAM_NOISE, round_num),
+                                  self._sa_layout.sizes[0], self._sa_layout.codecs[0].scale)
+        parts = self._sa_layout.decode_sum(total, clear.count, units)
+        partial = Partial(parts[0], clear.weight, clear.count, clear.stats, tuple(parts[1:]))
+        out = self._step(round_num, num_sampled, partial, reports)
+        out.update(base, secagg="ok")
+        return out
+
+    def memory(self) -> dict[str, float]:
+        return memory_mib()
+
+    def close(self) -> None:
+        """Release what the aggregator holds outside Python (a TFF aggregator's
+        C++ ``worker_binary`` child process)."""
+        close = getattr(self.aggregator, "close", None)
+        if close is not None:
+            close()
+
+    def get_state(self) -> dict[str, Any]:
+        """Weights, optimizer and aggregator state, as numpy (for checkpoints)."""
+        import tensorflow as tf
+
+        # The aggregator state is stored as its flat list of leaves: TF Privacy's
+        # states are namedtuples nested in classes, which pickle cannot name.
+        return {"weights": self.weights.copy(), "opt_state": dict(self.opt_state),
+                "agg_state": [np.asarray(v) for v in tf.nest.flatten(self.agg_state)]}
+
+    def set_state(self, state: Mapping[str, Any], aggregator: bool = True) -> None:
+        """Restore what :meth:`get_state` returned (exactly: dtypes are kept).
+
+        ``aggregator=False`` keeps the aggregator's fresh state instead (the DP
+        parameters changed, and its state carries them, e.g. the noise stddev)."""
+        import tensorflow as tf
+
+        if state["weights"].shape != self.weights.shape:
+            raise ValueError(f"checkpoint weights have shape {state['weights'].shape}, the "
+                             f"model has {self.weights.shape}")
+        self.weights = np.array(state["weights"], np.float32)
+        self.opt_state = dict(state["opt_state"])
+        if not aggregator:
+            return
+        template = self.aggregator.initial_state()
+        self.agg_state = tf.nest.pack_sequence_as(
+            template, [tf.constant(v) if tf.is_tensor(t) else v.item() if np.ndim(v) == 0
+                       else v for t, v in zip(tf.nest.flatten(template), state["agg_state"])])
+
+    def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
+        """Loss (mean per example) and accuracy of the global model on the test split."""
+        self._flat.assign(self.weights)
+        loss, correct, n = 0.0, 0.0, len(self.x_test)
+        for s in range(0, n, batch_size):
+            lb, cb = self._eval_batch(self.x_test[s:s + batch_size], self.y_test[s:s + batch_size])
+            loss += float(lb)
+            correct += float(cb)
+        return {"eval_loss": loss / n, "eval_accuracy": correct / n}

@@ -1,0 +1,332 @@
+"""Client worker actors: each one simulates many virtual clients.
+
+A fixed pool of :class:`ClientWorker` actors (never one actor per client) is
+created once. Each worker builds its Keras model once, gets its shard of the
+round's cohort plus ONE object-store reference to the global weights per round,
+trains its clients one after another with :class:`fedsim.client.local.LocalTrainer`,
+and folds each update into a partial sum with the aggregator's ``accumulate``
+(clipping happens there, in the worker). It returns that single
+:class:`fedsim.aggregation.base.Partial` plus training statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from fedsim.aggregation.base import Partial, merge_partials
+from fedsim.config import SimConfig
+from fedsim.data.base import ClientData
+from fedsim.results.outputs import memory_mib
+from fedsim.rng import STREAM_NOISE, STREAM_SECAGG, STREAM_SHUFFLE, stream
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a worker sends back for one round.
+
+    partial: the aggregator's partial sum over this worker's clients.
+    loss_sum: sum over clients of (mean training loss * num_examples).
+    num_examples: examples trained on (each counted once, not per epoch).
+    num_clients: clients trained.
+    masked: with secure aggregation, one ``fedsim.secure.protocol.MaskedSum`` of this
+      worker's clients' masked inputs; ``partial`` then carries only the
+      plaintext counts and statistics (its ``total`` is empty).
+    """
+
+    partial: Partial
+    loss_sum: float
+    num_examples: int
+    num_clients: int
+    masked: tuple = ()
+
+
+def configure_tensorflow(num_cpus: float) -> None:
+    """Size TF's thread pools to the CPUs Ray gives this process, and let it
+    share GPUs (memory growth), before TF runs any op."""
+    import tensorflow as tf
+
+    threads = max(1, int(num_cpus))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:  # TF already initialised in this process (e.g. a test)
+        pass
+
+
+class ClientWorker:
+    """Simulates virtual clients; plain Python, wrapped by Ray in :func:`make_pool`."""
+
+    def __init__(self, cfg: SimConfig, client_data: ClientData, input_shape: Sequence[int],
+                 num_classes: int, num_cpus: float = 1.0, index: int = 0) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        configure_tensorflow(num_cpus)
+        from fedsim.engine.parts import build_aggregator
+
+        self.cfg = cfg
+        self.data = client_data
+        self.aggregator = build_aggregator(cfg)
+        args = (cfg.model, cfg.client, input_shape, num_classes, cfg.batch_size,
+                cfg.local_epochs)
+        if cfg.client.optimizer == "dp_sgd":
+            from fedsim.client.dp_sgd import DPSGDTrainer
+
+            self.trainer = DPSGDTrainer(*args, seed=cfg.seed)
+        elif cfg.client.vectorize > 1:
+            from fedsim.client.vectorized import VectorizedTrainer
+
+            self.trainer = VectorizedTrainer(*args, seed=cfg.seed,
+                                             max_clients_per_call=cfg.client.vectorize)
+        else:
+            from fedsim.client.local import LocalTrainer
+
+            self.trainer = LocalTrainer(*args, seed=cfg.seed)
+        self._secagg_states: dict[int, Any] = {}
+        self._secagg_input: Any = None  # (report, client ids, bits, encodings) of train_round
+        self._secagg_seconds = 0.0  # spent on this round's protocol steps so far
+        self.index = index
+
+    def train_round(self, round_num: int, weights: np.ndarray, params: Mapping[str, Any],
+                    client_ids: Sequence[int], secure: Any = None,
+                    attempt: int = 0) -> WorkerReport | None:
+        """Train ``client_ids`` from ``weights`` and return their partial sum.
+
+        Client ``c`` shuffles with the stream ``(seed, SHUFFLE, round, c)``, so its
+        update does not depend on which worker trains it. With ``secure`` (the
+        round's :class:`fedsim.secure.layout.SecureLayout`) each client's
+        record is fixed-point encoded into a running sum instead, and the
+        report comes from :meth:`secagg_mask` (so that training need not wait
+        for the protocol's share routing); this returns None.
+        """
+        if (self.cfg.faults.crash_worker_at_round == round_num and attempt == 0
+                and self.index == 0):
+            os._exit(1)  # injected fault: this worker process dies mid-round
+        size = self.trainer.num_parameters
+        # Secure aggregation: only counts and statistics are summed in the clear;
+        # the clients' encoded records are summed as they come.
+        partial = (self.aggregator.zero_partial(size) if secure is None
+                   else Partial(np.zeros(0), 0.0, 0))
+        skip = self.cfg.secagg.skip_cancelling_masks
+        encoded: Any = None  # the encoded input sum, or (not skip) client id -> encoding
+        if secure is not None:
+            encoded = np.zeros(secure.vector_len, secure.word_dtype) if skip else {}
+        loss_sum, examples, encode_seconds = 0.0, 0, 0.0
+        for cid, result in self._train_clients(round_num, weights, client_ids):
+            loss_sum += result.loss * result.num_examples
+            examples += result.num_examples
+            if secure is None:
+                partial = self.aggregator.accumulate(params, partial, result.delta,
+                                                     result.num_examples)
+                continue
+            one = self.aggregator.record(params, result.delta, result.num_examples)
+            t0 = time.perf_counter()
+            # rounding and (Skellam) noise shares: a privacy-noise stream
+            rng = stream(self.cfg.noise_root(), STREAM_SECAGG, round_num, cid)
+            if skip:
+                secure.encode([one.total, *one.extras], rng, add_to=encoded)
+            else:
+                encoded[cid] = secure.encode([one.total, *one.extras], rng)
+            encode_seconds += time.perf_counter() - t0
+            partial = merge_partials(partial, Partial(np.zeros(0), one.weight, one.count,
+                                                      one.stats))
+        report = WorkerReport(partial, loss_sum, examples, len(client_ids))
+        if secure is None:
+            return report
+        self._secagg_input = (report, [int(c) for c in client_ids], secure.bits, encoded)
+        self._secagg_seconds += encode_seconds
+        return None
+
+    def _train_clients(self, round_num: int, weights: np.ndarray,
+                       client_ids: Sequence[int]) -> Iterator[tuple[int, Any]]:
+        """``(client id, ClientResult)`` for each client, in order. Client ``c``
+        shuffles with the stream ``(seed, SHUFFLE, round, c)``. Vectorized, the
+        shard is trained in chunks of ``client.vectorize`` clients per call."""
+        def rng(cid: int) -> np.random.Generator:
+            return stream(self.cfg.seed, STREAM_SHUFFLE, round_num, cid)
+
+        ids = [int(c) for c in client_ids]
+        if self.cfg.client.vectorize > 1:  # (SimConfig allows it with sgd only)
+            # Chunks bound the memory of the clients' data held at once.
+            step = self.cfg.client.vectorize * 4
+            for s in range(0, len(ids), step):
+                chunk = ids[s:s + step]
+                results = self.trainer.train_many(
+                    weights, [(*self.data.client(c), rng(c)) for c in chunk])
+                yield from zip(chunk, results)
+            return
+        if self.cfg.client.optimizer == "dp_sgd":  # DP-SGD's noise and batches
+            for cid in ids:
+                x, y = self.data.client(cid)
+                yield cid, self.trainer.train(weights, x, y, rng(cid), noise_rng=stream(
+                    self.cfg.noise_root(), STREAM_NOISE, round_num, cid))
+            return
+        for cid in ids:
+            x, y = self.data.client(cid)
+            yield cid, self.trainer.train(weights, x, y, rng(cid))
+
+    # -- secure aggregation, on behalf of this worker's clients of the round -------
+    def secagg_advertise(self, round_num: int, client_ids: Sequence[int]) -> list:
+        """Round 0: the clients' key pairs; returns their AdvertiseKeys messages.
+
+        Keys are drawn from the run's seed (stream ``(seed, SECAGG, round)``) so
+        simulations are reproducible; a deployment would use the OS's RNG.
+        """
+        from fedsim.secure.protocol import clients_advertise
+
+        t0 = time.perf_counter()
+        key_seed = int(stream(self.cfg.seed, STREAM_SECAGG, round_num).integers(2**62))
+        self._secagg_states, msgs = clients_advertise([int(c) for c in client_ids], key_seed)
+        self._secagg_seconds = time.perf_counter() - t0
+        return msgs
+
+    def secagg_share_keys(self, setups: Mapping[int, Any]) -> list:
+        """Round 1: encrypted Shamir shares of each client's secrets for its neighbours."""
+        from fedsim.secure.protocol import clients_share_keys
+
+        t0 = time.perf_counter()
+        out = clients_share_keys(self._secagg_states, setups)
+        self._secagg_seconds += time.perf_counter() - t0
+        return out
+
+    def secagg_mask(self, deliveries: Mapping[int, Any]) -> WorkerReport:
+        """Round 2, after :meth:`train_round` with a layout: the clients' masked
+        inputs, summed into one ``MaskedSum``, in the round's report.
+
+        With ``secagg.skip_cancelling_masks`` the pairwise masks between this
+        worker's own clients, which cancel in the sum, are skipped
+        (:func:`fedsim.secure.protocol.clients_mask_sum`); otherwise every client masks
+        its own input in full (:func:`fedsim.secure.protocol.clients_mask`)."""
+        from fedsim.secure.protocol import clients_mask, clients_mask_sum, sum_masked
+
+        t0 = time.perf_counter()
+        report, ids, bits, encoded = self._secagg_input
+        self._secagg_input = None
+        if isinstance(encoded, dict):
+            masked = sum_masked(clients_mask(self._secagg_states, deliveries, encoded), bits)
+        else:
+            masked = clients_mask_sum(self._secagg_states, deliveries, ids, encoded)
+        self._secagg_seconds += time.perf_counter() - t0
+        return dataclasses.replace(report, masked=(masked,))
+
+    def secagg_unmask(self, requests: Mapping[int, Any]) -> tuple[list, float]:
+        """Round 3: the shares the server asks for (the clients' states are then
+        dropped), and the seconds this worker spent on the round's protocol."""
+        from fedsim.secure.protocol import clients_unmask
+
+        t0 = time.perf_counter()
+        responses = clients_unmask(self._secagg_states, requests)
+        self._secagg_states = {}
+        seconds = self._secagg_seconds + time.perf_counter() - t0
+        self._secagg_seconds = 0.0
+        return responses, seconds
+
+    def ping(self) -> bool:
+        return True
+
+    def where(self) -> dict[str, str]:
+        """The Ray node this worker runs on, and where its fedsim code came from
+        (on a cluster: the working_dir that Ray shipped)."""
+        import ray
+
+        import fedsim
+
+        return {"node": ray.get_runtime_context().get_node_id(),
+                "code": os.path.dirname(os.path.abspath(fedsim.__file__))}
+
+    def memory(self) -> dict[str, float]:
+        return memory_mib()
+
+
+def pool_size(cfg: SimConfig, cluster_cpus: float, cluster_gpus: float = 0.0) -> int:
+    """Workers to start: ``ray.workers``, or (``auto``) as many as the cluster's CPUs
+    (and GPUs, when each worker asks for some) hold, at least 1."""
+    if cfg.ray.workers != "auto":
+        return int(cfg.ray.workers)
+    fit = cluster_cpus // cfg.ray.cpus_per_worker
+    if cfg.ray.gpus_per_worker > 0:
+        fit = min(fit, cluster_gpus // cfg.ray.gpus_per_worker)
+    return max(1, int(fit))
+
+
+def worker_bundle(cfg: SimConfig) -> dict[str, float]:
+    """The Ray resources of one worker actor (one placement-group bundle)."""
+    bundle = {"CPU": float(cfg.ray.cpus_per_worker)}
+    if cfg.ray.gpus_per_worker > 0:
+        bundle["GPU"] = float(cfg.ray.gpus_per_worker)
+    return bundle
+
+
+@dataclass
+class WorkerPool:
+    """The worker actors and where they are scheduled.
+
+    placement_group: the SPREAD placement group reserved for the pool (one
+    bundle per worker, so a restarted worker gets its bundle back), or None when
+    the pool lives inside a placement group that the caller already holds (e.g.
+    the Hydra Ray launcher's), whose bundles the actors then use.
+    """
+
+    actors: list
+    placement_group: Any = None
+
+
+def _strategy(pool: WorkerPool, index: int) -> Any:
+    if pool.placement_group is None:
+        return None
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(pool.placement_group,
+                                            placement_group_bundle_index=index)
+
+
+def make_worker(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
+                index: int, pool: WorkerPool | None = None) -> Any:
+    """Start worker actor ``index`` with the configured CPU/GPU resources (in its
+    bundle of ``pool``'s placement group, if it has one)."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": cfg.ray.cpus_per_worker,
+                               "num_gpus": cfg.ray.gpus_per_worker}
+    strategy = _strategy(pool, index) if pool is not None else None
+    if strategy is not None:
+        options["scheduling_strategy"] = strategy
+    actor_cls = ray.remote(ClientWorker).options(**options)
+    return actor_cls.remote(cfg, data_ref, tuple(input_shape), num_classes,
+                            cfg.ray.cpus_per_worker, index)
+
+
+def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
+              size: int, timeout_s: float = 300.0) -> WorkerPool:
+    """Start ``size`` worker actors, spread over the cluster's nodes.
+
+    Reserves a placement group of ``size`` bundles with the SPREAD strategy
+    (workers on as many nodes as possible) and waits up to ``timeout_s`` for it;
+    if the cluster cannot hold it, raises FedsimError naming ``ray.workers``.
+    """
+    import ray
+    from ray.util.placement_group import get_current_placement_group, placement_group
+
+    from fedsim.errors import FedsimError
+
+    pool = WorkerPool([])
+    if get_current_placement_group() is None:
+        pg = placement_group([worker_bundle(cfg)] * size, strategy="SPREAD")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(pg)
+            raise FedsimError(
+                f"ray.workers={cfg.ray.workers}: the cluster cannot hold {size} workers of "
+                f"{worker_bundle(cfg)} each (resources: {ray.cluster_resources()}); lower "
+                "ray.workers or the per-worker resources") from None
+        pool.placement_group = pg
+    pool.actors = [make_worker(cfg, data_ref, input_shape, num_classes, i, pool)
+                   for i in range(size)]
+    return pool

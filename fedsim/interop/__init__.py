@@ -1,0 +1,1 @@
+"""TensorFlow Federated interop: TFF aggregation factories inside fedsim, and fedsim's parity with TFF."""

@@ -1,0 +1,1 @@
+"""The models clients train: Keras builders and the flat-vector view of their weights (:mod:`.keras`)."""

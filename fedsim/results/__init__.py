@@ -1,0 +1,1 @@
+"""Stage 8, results: metrics files, plots and TensorBoard (:mod:`.outputs`), checkpoints, and sweep summaries."""
