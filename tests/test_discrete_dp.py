@@ -14,7 +14,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from fedsim.privacy.accounting import (PrivacyAccountant, build_accountant, default_delta, mechanism_event)
 from fedsim.config import (AuditConfig, DPConfig, ModelConfig, RayConfig, SecAggConfig,
                            ServerConfig, SimConfig)
-from fedsim.privacy.accounting import DiscreteGaussianDpEvent
+from fedsim.privacy.events import DiscreteGaussianDpEvent
 from fedsim.privacy.discrete_gaussian import DiscreteGaussianAggregator
 from fedsim.errors import ConfigError
 from fedsim.secure.layout import make_layout

@@ -13,7 +13,8 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from fedsim.privacy.accounting import PrivacyAccountant, default_delta
 from fedsim.config import (DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig,
                            ServerConfig, SimConfig)
-from fedsim.privacy.skellam import SkellamCodec, SkellamDpEvent, sensitivities, skellam_rdp
+from fedsim.privacy.events import SkellamDpEvent, skellam_rdp
+from fedsim.privacy.skellam import SkellamCodec, sensitivities
 from fedsim.errors import ConfigError
 
 

@@ -43,30 +43,14 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedsim.config import DPConfig, SimConfig
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.privacy.events import (DiscreteGaussianDpEvent, SkellamDpEvent,
+                                   discrete_gaussian_rdp, skellam_rdp)
 
 CALIBRATION_HEADROOM = 2e-5
 """Relative extra noise of a calibrated noise multiplier: the accountant records
 noise multipliers rounded down to 6 significant digits (a relative 1e-5 at most)
 after TF's float32 state has jittered them, so this keeps every recorded event
 at least as noisy as the one calibrated to spend exactly the target."""
-
-
-@attr.define(frozen=True)
-class DiscreteGaussianDpEvent(dp_accounting.DpEvent):
-    """One release of discrete Gaussian noise (:mod:`fedsim.privacy.discrete_gaussian`) of
-    ``noise_multiplier`` times the sum's L2 sensitivity (both in integer units),
-    composed without sampling amplification."""
-
-    noise_multiplier: float
-
-
-def discrete_gaussian_rdp(event: DiscreteGaussianDpEvent, orders: np.ndarray) -> np.ndarray:
-    """RDP of one release at ``orders``: ``alpha / (2 z^2)`` (inf without noise)."""
-    z = float(event.noise_multiplier)
-    orders = np.asarray(orders, np.float64)
-    if z <= 0:
-        return np.full(len(orders), np.inf)
-    return orders / (2.0 * z * z)
 
 
 class LedgerError(FedsimError):
@@ -268,7 +252,6 @@ class PrivacyAccountant:
             return mechanism
         if self.secure_rounding is not None:
             mechanism = rounded_sensitivity_event(mechanism, *self.secure_rounding)
-        from fedsim.privacy.skellam import SkellamDpEvent
 
         if isinstance(mechanism, DiscreteGaussianDpEvent):
             # No amplification claimed (fedsim.privacy.discrete_gaussian); replacing a client
@@ -299,7 +282,6 @@ class PrivacyAccountant:
         """The mechanism event that :meth:`round_event` wrapped into ``event``: its
         inverse (up to the ledger's rounding down of noise, which stays on the
         side of less noise)."""
-        from fedsim.privacy.skellam import SkellamDpEvent
 
         if isinstance(event, SkellamDpEvent):
             if self.relation == NeighboringRelation.REPLACE_ONE:
@@ -319,7 +301,6 @@ class PrivacyAccountant:
     def composable(self, event: DpEvent) -> bool:
         """Whether this accountant can compose ``event`` (dp-accounting's
         ``supports``; Skellam releases under RDP through fedsim's own bound)."""
-        from fedsim.privacy.skellam import SkellamDpEvent
 
         if isinstance(event, (SkellamDpEvent, DiscreteGaussianDpEvent)):
             return self.kind == "rdp"
@@ -383,7 +364,6 @@ class PrivacyAccountant:
     def _event_rdp(self, event: DpEvent) -> np.ndarray:
         """The RDP curve of one event at the default orders: dp-accounting's, or
         the Skellam bound (fedsim.privacy.skellam) for Skellam releases."""
-        from fedsim.privacy.skellam import SkellamDpEvent, skellam_rdp
 
         if isinstance(event, SkellamDpEvent):
             return skellam_rdp(event, self._orders)

@@ -42,34 +42,10 @@ from fedsim.aggregation.base import Partial, merge_partials
 from fedsim.config import DPConfig, SimConfig
 from fedsim.cohort.faults import sample_size
 from fedsim.secure.fixedpoint import round_stochastically
+from fedsim.privacy.events import SkellamDpEvent
 from fedsim.secure.protocol import fewest_survivors
 
 TAIL_STDDEVS = 20.0  # modulus headroom for the noise: P(|Skellam| > 20 std) is negligible
-
-
-@attr.define(frozen=True)
-class SkellamDpEvent(dp_accounting.DpEvent):
-    """One release of the Skellam mechanism: integer-valued sum with L1/L2
-    sensitivities ``l1_sensitivity``/``l2_sensitivity`` plus Skellam noise of total
-    ``variance`` per coordinate (all in integer units)."""
-
-    l1_sensitivity: float
-    l2_sensitivity: float
-    variance: float
-
-
-def skellam_rdp(event: SkellamDpEvent, orders: np.ndarray) -> np.ndarray:
-    """RDP of one Skellam release at ``orders`` (inf at non-integer orders, where
-    the bound does not apply, and for zero variance)."""
-    mu, d1, d2 = event.variance, event.l1_sensitivity, event.l2_sensitivity
-    out = np.full(len(orders), np.inf)
-    if mu <= 0:
-        return out
-    for i, a in enumerate(orders):
-        if a > 1 and float(a).is_integer():
-            out[i] = a * d2 ** 2 / (2 * mu) + min(((2 * a - 1) * d2 ** 2 + 6 * d1) / (4 * mu ** 2),
-                                                  3 * d1 / (2 * mu))
-    return out
 
 
 def worst_noise_shares(cfg: SimConfig) -> int:
