@@ -15,6 +15,8 @@ allowed.
 
 from __future__ import annotations
 
+import importlib
+
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -25,6 +27,7 @@ DATASETS = ("digits", "synthetic", "mnist", "emnist", "tff_client_data")
 MODELS = ("logreg", "mlp", "cnn")
 DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam")
 ACCOUNTANTS = ("rdp", "pld")
+ALGORITHMS = ("fedavg",)
 NOISE_SAMPLERS = ("float64", "discrete_gaussian")
 SECAGG_PROTOCOLS = ("none", "secagg", "secagg_plus")
 SAMPLING = ("uniform", "poisson")
@@ -334,7 +337,8 @@ class DPConfig:
     noise_seed: Any = "run"  # "run", "os" or an integer (OmegaConf has no int|str union)
 
     def __post_init__(self) -> None:
-        _one_of("dp.mechanism", self.mechanism, DP_MECHANISMS)
+        if ":" not in self.mechanism:  # module:callable: a user's mechanism (checked when built)
+            _one_of("dp.mechanism", self.mechanism, DP_MECHANISMS)
         _one_of("dp.noise_sampler", self.noise_sampler, NOISE_SAMPLERS)
         if self.noise_seed not in ("run", "os"):
             try:
@@ -577,6 +581,8 @@ class SimConfig:
     resume: a run directory to continue from its checkpoint (outputs go there).
     resume_force: allow resuming with changed privacy parameters (dp, sampling,
       clients, clients_per_round); the ledger then records both.
+    algorithm: the server algorithm, ``fedavg`` (with ``server.optimizer``) or a
+      user's ``module:callable`` (:func:`fedsim.algorithms.base.resolve_algorithm`).
     """
 
     clients: int = 100
@@ -592,6 +598,7 @@ class SimConfig:
     checkpoint_every: int = 10
     resume: Optional[str] = None
     resume_force: bool = False
+    algorithm: str = "fedavg"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -609,6 +616,8 @@ class SimConfig:
         _check(1 <= self.clients_per_round <= self.clients, "clients_per_round",
                f"an integer in [1, clients={self.clients}]", self.clients_per_round)
         _one_of("sampling", self.sampling, SAMPLING)
+        if ":" not in self.algorithm:  # module:callable: a user's algorithm
+            _one_of("algorithm", self.algorithm, ALGORITHMS)
         _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
         _check(self.local_epochs >= 1, "local_epochs", "an integer >= 1", self.local_epochs)
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
@@ -705,15 +714,38 @@ class SimConfig:
                    "rdp with sampling=uniform (dp-accounting's PLD accountant has no "
                    "sampling without replacement); use sampling=poisson for pld",
                    dp.accountant)
-        if dp.mechanism == "gaussian_adaptive" and dp.noise_multiplier > 0:
-            count_std = (dp.clipped_count_stddev if dp.clipped_count_stddev is not None
-                         else 0.05 * self.clients_per_round)
-            if dp.noise_multiplier >= 2 * count_std:
-                # TFF's adaptive_clip_noise_params raises the same condition.
+        if dp.mechanism == "gaussian_adaptive":
+            from fedsim.privacy.noise import adaptive_clip_noise_params
+
+            try:
+                adaptive_clip_noise_params(dp.noise_multiplier, self.clients_per_round,
+                                           dp.clipped_count_stddev)
+            except ValueError:
+                count_std = (dp.clipped_count_stddev if dp.clipped_count_stddev is not None
+                             else 0.05 * self.clients_per_round)
                 raise ConfigError(
                     "dp.noise_multiplier",
                     f"less than 2 * clipped_count_stddev = {2 * count_std:g}: "
                     f"clipped_count_stddev = {count_std:g} (defaults to 0.05 * "
                     "clients_per_round if not specified) is too low to achieve the desired "
                     "effective noise_multiplier; increase dp.clipped_count_stddev or "
-                    "decrease dp.noise_multiplier", dp.noise_multiplier)
+                    "decrease dp.noise_multiplier", dp.noise_multiplier) from None
+
+
+def import_callable(spec: str, option: str) -> Any:
+    """The object that ``module:attr.path`` names; one-line ConfigError naming
+    ``option`` when it cannot be imported."""
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ConfigError(option, "a built-in name or module:callable", spec)
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as err:
+        raise ConfigError(option, f"an importable module:callable (cannot import {module}: "
+                          f"{err})", spec) from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(option, f"an importable module:callable ({module} has no "
+                              f"attribute {attr})", spec)
+        obj = getattr(obj, part)
+    return obj

@@ -24,7 +24,9 @@ inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -61,34 +63,111 @@ def merge_partials(a: Partial, b: Partial) -> Partial:
     return Partial(a.total + b.total, a.weight + b.weight, a.count + b.count, stats, extras)
 
 
-class Aggregator(Protocol):
-    """What the server actor and the workers need from an aggregator."""
+class Aggregator(ABC):
+    """What the server actor and the workers need from an aggregator.
 
-    def initial_state(self) -> dict[str, Any]: ...
+    Subclasses implement two methods, :meth:`record` (one client's preprocessed
+    record) and :meth:`finalize` (the round's aggregate from the summed records);
+    this base class supplies the sum semantics (``zero_partial``, ``accumulate``,
+    ``merge``) and the capabilities' defaults. The server asks the aggregator what
+    it can do instead of reading config strings:
 
-    def client_params(self, state: Mapping[str, Any]) -> dict[str, Any]: ...
+    - :meth:`current_clip`: the clip norm this round (None: it does not clip);
+    - :attr:`supports_secure_sum`: whether its records may be summed under secure
+      aggregation (they must be additive and unweighted);
+    - :meth:`secure_codec`: a fixed-point codec of its own for the update segment
+      under secure aggregation (e.g. one that adds each client's noise share);
+    - :meth:`integer_noise`: noise the server adds to the unmasked integer sum;
+    - :meth:`close`: release what it holds outside Python.
+    """
 
-    def zero_partial(self, size: int) -> Partial: ...
+    supports_secure_sum: bool = True
 
+    def initial_state(self) -> dict[str, Any]:
+        """The aggregator's state before round 1 (server actor)."""
+        return {}
+
+    def client_params(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """What every client of the round needs (e.g. the clip norm), picklable."""
+        return {}
+
+    def zero_stats(self) -> dict[str, float]:
+        """The additive statistics of an empty partial sum (their keys)."""
+        return {}
+
+    def zero_partial(self, size: int) -> Partial:
+        """The empty partial sum for updates of ``size`` parameters."""
+        return Partial(np.zeros(size, np.float64), 0.0, 0, self.zero_stats())
+
+    @abstractmethod
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
                num_examples: int) -> Partial:
         """One client's preprocessed record (clipped, weighted), not yet summed:
         ``accumulate(params, p, delta, n) == merge(p, record(params, delta, n))``.
         Secure aggregation encodes records instead of summing them."""
-        ...
 
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
-                   num_examples: int) -> Partial: ...
+                   num_examples: int) -> Partial:
+        """``partial`` plus one client's record (worker actor)."""
+        return self.merge(partial, self.record(params, delta, num_examples))
 
-    def merge(self, a: Partial, b: Partial) -> Partial: ...
+    def merge(self, a: Partial, b: Partial) -> Partial:
+        """The sum of two partial sums (server actor, once per worker)."""
+        return merge_partials(a, b)
 
+    @abstractmethod
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any], dict[str, float]]:
-        """Return (aggregate update, new state, measurements of this round)."""
-        ...
+                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+        """Return (aggregate update (float32), new state, measurements of this round).
+
+        ``rng``: the round's privacy-noise stream (draw the noise from it, once).
+        ``num_sampled``: clients sampled this round (the reporting ones are
+        ``partial.count``). A noisy release puts its DpEvent in the measurements
+        under ``dp_event``; the driver hands it to the accountant."""
+
+    # -- capabilities -----------------------------------------------------------
+    def current_clip(self, state: Mapping[str, Any]) -> Optional[float]:
+        """The norm bound on one client's record this round; None: no clipping."""
+        return None
+
+    def secure_codec(self, num_clients: int, precision_bits: int) -> Any:
+        """A fixed-point codec for the update segment of the secure sum of
+        ``num_clients`` records, or None for the plain rounding codec."""
+        return None
+
+    def integer_noise(self, rng: np.random.Generator, size: int,
+                      scale: float) -> Optional[np.ndarray]:
+        """Noise (int64, ``size`` coordinates, ``scale`` units per 1.0) the server
+        adds to the unmasked integer sum before decoding; None: none."""
+        return None
+
+    def close(self) -> None:
+        """Release resources held outside Python (e.g. a child process)."""
 
 
-class MeanAggregator:
+def zero_invalid(delta: np.ndarray, zeroing_norm: Optional[float],
+                 dtype: Any = np.float64) -> tuple[np.ndarray, float, bool]:
+    """TFF's zeroing: ``(update, its L2 norm, zeroed)`` with a non-finite update,
+    or one of L2 norm above ``zeroing_norm``, replaced by zeros."""
+    d = np.asarray(delta, dtype)
+    norm = float(np.linalg.norm(d.astype(np.float64)))
+    zeroed = not math.isfinite(norm) or (zeroing_norm is not None and norm > zeroing_norm)
+    if zeroed:
+        return np.zeros_like(d), 0.0, True
+    return d, norm, False
+
+
+def clip_measurements(partial: Partial, clip: float, noise_std: float,
+                      event: Any) -> dict[str, Any]:
+    """The measurements every clipping DP aggregator reports for a round."""
+    return {"clip": clip,
+            "clipped_fraction": partial.stats.get("clipped", 0.0) / max(partial.count, 1),
+            "zeroed": int(partial.stats.get("zeroed", 0.0)),
+            "noise_std": noise_std,
+            "dp_event": event}
+
+
+class MeanAggregator(Aggregator):
     """The FedAvg aggregate: a weighted mean of the client deltas.
 
     weighting ``num_examples``: ``sum_k n_k * delta_k / sum_k n_k`` (TFF's
@@ -103,14 +182,13 @@ class MeanAggregator:
             raise ValueError(f"weighting must be num_examples or uniform, got {weighting!r}")
         self.weighting = weighting
 
-    def initial_state(self) -> dict[str, Any]:
-        return {}
+    @property
+    def supports_secure_sum(self) -> bool:  # type: ignore[override]
+        """Only unweighted records are summed securely (the sum carries no weights)."""
+        return self.weighting == "uniform"
 
-    def client_params(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def zero_partial(self, size: int) -> Partial:
-        return Partial(np.zeros(size, np.float64), 0.0, 0, {"zeroed": 0.0})
+    def zero_stats(self) -> dict[str, float]:
+        return {"zeroed": 0.0}
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
                num_examples: int) -> Partial:
@@ -118,13 +196,6 @@ class MeanAggregator:
         d = np.asarray(delta, np.float64)
         finite = bool(np.isfinite(d).all())
         return Partial(w * d if finite else np.zeros_like(d), w, 1, {"zeroed": float(not finite)})
-
-    def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
-                   num_examples: int) -> Partial:
-        return merge_partials(partial, self.record(params, delta, num_examples))
-
-    def merge(self, a: Partial, b: Partial) -> Partial:
-        return merge_partials(a, b)
 
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any], dict[str, float]]:

@@ -24,7 +24,7 @@ from fedsim.aggregation.base import Partial, merge_partials
 from fedsim.engine.parts import build_aggregator
 from fedsim.privacy.audit import CanaryAudit
 from fedsim.config import SimConfig
-from fedsim.algorithms.optimizers import ServerOptimizer
+from fedsim.algorithms.base import resolve_algorithm
 from fedsim.results.outputs import memory_mib
 from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
 from fedsim.rng import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING, STREAM_SECAGG_GRAPH, stream)
@@ -41,7 +41,10 @@ def _one_per_return(per_worker: list) -> Any:
 
 class Server:
     def __init__(self, cfg: SimConfig, input_shape: Sequence[int], num_classes: int,
-                 x_test: np.ndarray, y_test: np.ndarray, num_cpus: float = 1.0) -> None:
+                 x_test: np.ndarray, y_test: np.ndarray, num_cpus: float = 1.0,
+                 parts: Any = None) -> None:
+        """``parts``: the run's :class:`fedsim.engine.parts.Parts` (mechanism and
+        algorithm objects); None: the ones ``cfg`` names."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         import tensorflow as tf
@@ -52,9 +55,10 @@ class Server:
         self.model = build_model(cfg.model, input_shape, num_classes, cfg.seed)
         self._flat = FlatWeights(self.model.trainable_variables)
         self.weights = self._flat.get().numpy()
-        self.optimizer = ServerOptimizer(cfg.server)
-        self.opt_state = self.optimizer.initial_state(self.weights.size)
-        self.aggregator = build_aggregator(cfg)
+        self.algorithm = (parts.algorithm if parts is not None
+                          else resolve_algorithm(cfg.algorithm, cfg))
+        self.opt_state = self.algorithm.initial_state(self.weights)
+        self.aggregator = build_aggregator(cfg, parts.mechanism if parts is not None else None)
         self.agg_state = self.aggregator.initial_state()
         self.initial_weights = self.weights.copy()  # w_0: the same on resume (seeded)
         self.audit = (CanaryAudit(cfg.audit, cfg.seed, self.weights.size, cfg.clients,
@@ -91,7 +95,12 @@ class Server:
         return self.weights
 
     def client_params(self) -> dict[str, Any]:
-        return self.aggregator.client_params(self.agg_state)
+        """What every client of the round gets besides the weights: the
+        aggregator's parameters (e.g. the clip) and, under ``algorithm``, the
+        algorithm's payload."""
+        params = self.aggregator.client_params(self.agg_state)
+        payload = self.algorithm.client_payload(self.opt_state)
+        return {**params, "algorithm": payload} if payload else params
 
     def apply(self, round_num: int, num_sampled: int, *reports: WorkerReport) -> dict[str, Any]:
         """Merge the workers' partial sums and take one server optimizer step.
@@ -118,9 +127,8 @@ class Server:
         own ``accumulate`` (clipped and counted like any client's update)."""
         ids = self.audit.participants(round_num)
         params = self.aggregator.client_params(self.agg_state)
-        norm = self.cfg.audit.canary_norm or (
-            self.aggregator.current_clip(self.agg_state) if self.cfg.dp.mechanism != "none"
-            else 1.0)
+        clip = self.aggregator.current_clip(self.agg_state)
+        norm = self.cfg.audit.canary_norm or (clip if clip is not None else 1.0)
         weight = partial.weight / partial.count if partial.count else 1.0
         for i in ids:
             partial = self.aggregator.accumulate(params, partial, self.audit.update(i, norm),
@@ -141,7 +149,7 @@ class Server:
         update, self.agg_state, measurements = self.aggregator.finalize(
             self.agg_state, partial, num_sampled,
             stream(self.cfg.noise_root(), STREAM_NOISE, round_num))
-        self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, update)
+        self.opt_state, self.weights = self.algorithm.apply(self.opt_state, self.weights, update)
         out = self._training_stats(reports)
         out["update_norm"] = float(np.linalg.norm(update))
         out.update(measurements)
@@ -162,11 +170,12 @@ class Server:
         sa = self.cfg.secagg
         zero = self.aggregator.zero_partial(self.weights.size)
         sizes = [zero.total.size] + [e.size for e in zero.extras]
-        clip = (self.aggregator.current_clip(self.agg_state) if self.cfg.dp.mechanism != "none"
-                else sa.clip)
-        skellam = (self.aggregator.client_variance
-                   if self.cfg.dp.mechanism == "distributed_skellam" else None)
-        self._sa_layout = make_layout(sa, clip, sizes, len(sampled), skellam)
+        clip = self.aggregator.current_clip(self.agg_state)
+        if clip is None:  # an aggregator that does not clip: secagg.clip bounds coordinates
+            clip = sa.clip
+        n = max(len(sampled), 1)
+        self._sa_layout = make_layout(sa, clip, sizes, n,
+                                      self.aggregator.secure_codec(n, sa.precision_bits))
         graph_seed = int(stream(self.cfg.seed, STREAM_SECAGG_GRAPH, round_num).integers(2**62))
         self._sa = SecAggServer(self._sa_layout.bits, self._sa_layout.vector_len, sa.protocol,
                                 threshold=sa.threshold, graph_seed=graph_seed,
@@ -258,11 +267,10 @@ class Server:
         clear = Partial(np.zeros(0), 0.0, 0)
         for r in reports:
             clear = merge_partials(clear, r.partial)
-        units = None
-        integer_noise = getattr(self.aggregator, "integer_noise", None)
-        if integer_noise is not None:  # exact noise on the integer sum, before decoding
-            units = integer_noise(stream(self.cfg.noise_root(), STREAM_NOISE, round_num),
-                                  self._sa_layout.sizes[0], self._sa_layout.codecs[0].scale)
+        # exact noise on the integer sum, before decoding (None: the aggregator adds none)
+        units = self.aggregator.integer_noise(
+            stream(self.cfg.noise_root(), STREAM_NOISE, round_num),
+            self._sa_layout.sizes[0], self._sa_layout.codecs[0].scale)
         parts = self._sa_layout.decode_sum(total, clear.count, units)
         partial = Partial(parts[0], clear.weight, clear.count, clear.stats, tuple(parts[1:]))
         out = self._step(round_num, num_sampled, partial, reports)
@@ -275,9 +283,7 @@ class Server:
     def close(self) -> None:
         """Release what the aggregator holds outside Python (a TFF aggregator's
         C++ ``worker_binary`` child process)."""
-        close = getattr(self.aggregator, "close", None)
-        if close is not None:
-            close()
+        self.aggregator.close()
 
     def get_state(self) -> dict[str, Any]:
         """Weights, optimizer and aggregator state, as numpy (for checkpoints)."""

@@ -65,14 +65,15 @@ class ClientWorker:
     """Simulates virtual clients; plain Python, wrapped by Ray in :func:`make_pool`."""
 
     def __init__(self, cfg: SimConfig, client_data: ClientData, input_shape: Sequence[int],
-                 num_classes: int, num_cpus: float = 1.0, index: int = 0) -> None:
+                 num_classes: int, num_cpus: float = 1.0, index: int = 0,
+                 parts: Any = None) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         from fedsim.engine.parts import build_aggregator
 
         self.cfg = cfg
         self.data = client_data
-        self.aggregator = build_aggregator(cfg)
+        self.aggregator = build_aggregator(cfg, parts.mechanism if parts is not None else None)
         args = (cfg.model, cfg.client, input_shape, num_classes, cfg.batch_size,
                 cfg.local_epochs)
         if cfg.client.optimizer == "dp_sgd":
@@ -287,7 +288,7 @@ def _strategy(pool: WorkerPool, index: int) -> Any:
 
 
 def make_worker(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
-                index: int, pool: WorkerPool | None = None) -> Any:
+                index: int, pool: WorkerPool | None = None, parts: Any = None) -> Any:
     """Start worker actor ``index`` with the configured CPU/GPU resources (in its
     bundle of ``pool``'s placement group, if it has one)."""
     import ray
@@ -299,11 +300,11 @@ def make_worker(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_c
         options["scheduling_strategy"] = strategy
     actor_cls = ray.remote(ClientWorker).options(**options)
     return actor_cls.remote(cfg, data_ref, tuple(input_shape), num_classes,
-                            cfg.ray.cpus_per_worker, index)
+                            cfg.ray.cpus_per_worker, index, parts)
 
 
 def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
-              size: int, timeout_s: float = 300.0) -> WorkerPool:
+              size: int, timeout_s: float = 300.0, parts: Any = None) -> WorkerPool:
     """Start ``size`` worker actors, spread over the cluster's nodes.
 
     Reserves a placement group of ``size`` bundles with the SPREAD strategy
@@ -327,6 +328,6 @@ def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_cla
                 f"{worker_bundle(cfg)} each (resources: {ray.cluster_resources()}); lower "
                 "ray.workers or the per-worker resources") from None
         pool.placement_group = pg
-    pool.actors = [make_worker(cfg, data_ref, input_shape, num_classes, i, pool)
+    pool.actors = [make_worker(cfg, data_ref, input_shape, num_classes, i, pool, parts)
                    for i in range(size)]
     return pool

@@ -84,7 +84,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from fedsim.aggregation.base import Partial
+from fedsim.aggregation.base import Aggregator, Partial
 from fedsim.errors import ConfigError
 
 WORKER_BINARY = "worker_binary"
@@ -364,13 +364,17 @@ def _scalars(node: Any, prefix: str, out: dict[str, float]) -> None:
 # ----------------------------------------------------------------------------- aggregator
 
 
-class TFFAggregator:
+class TFFAggregator(Aggregator):
     """fedsim's aggregation protocol over a TFF aggregation factory (module docstring).
 
     factory: ``module:attr.path``; args: its keyword arguments; weighting:
     ``num_examples`` or ``uniform``, the weights a weighted factory gets.
-    Constructing one is cheap and imports neither TensorFlow nor TFF.
+    Constructing one is cheap and imports neither TensorFlow nor TFF. Its
+    records are not summed under secure aggregation (wrap the factory in TFF's
+    own ``SecureSumFactory`` instead).
     """
+
+    supports_secure_sum = False
 
     def __init__(self, factory: str, args: Optional[Mapping[str, Any]] = None,
                  weighting: str = "num_examples") -> None:

@@ -43,6 +43,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedsim.config import DPConfig, SimConfig
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.privacy.mechanisms.base import resolve_mechanism
 from fedsim.privacy.events import (DiscreteGaussianDpEvent, SkellamDpEvent,
                                    discrete_gaussian_rdp, skellam_rdp)
 
@@ -67,35 +68,15 @@ def target_delta(cfg: SimConfig) -> float:
 
 
 def mechanism_event(dp: DPConfig, clients_per_round: int, dim: int | None = None,
-                    precision_bits: int = 16, *, noise_shares: int | None = None) -> DpEvent:
+                    precision_bits: int = 16, *, noise_shares: int | None = None,
+                    mechanism: Any = None) -> DpEvent:
     """The DpEvent that one round's query will report, from the config alone
-    (used to calibrate noise and to check a budget before a round runs).
-    ``dim`` (the model size) and ``precision_bits`` matter for distributed_skellam,
-    whose sum holds ``noise_shares`` clients' noise shares (default
-    ``clients_per_round``; :func:`fedsim.privacy.skellam.worst_noise_shares` is
-    the fewest a completed round can hold)."""
-    if dp.mechanism == "distributed_skellam":
-        from fedsim.privacy.skellam import SkellamAggregator
-
-        if dim is None:
-            raise ValueError("the distributed Skellam event depends on the model size (dim)")
-        agg = SkellamAggregator(dp, precision_bits, clients_per_round)
-        return agg.event(clients_per_round if noise_shares is None else noise_shares, dim)
-    if dp.mechanism == "gaussian" and dp.noise_sampler == "discrete_gaussian":
-        return DiscreteGaussianDpEvent(dp.noise_multiplier)
-    if dp.mechanism == "gaussian":
-        return dp_accounting.GaussianDpEvent(dp.noise_multiplier)
-    if dp.mechanism == "gaussian_adaptive":
-        from fedsim.privacy.queries import adaptive_clip_noise_params
-
-        z_sum, count_std = adaptive_clip_noise_params(dp.noise_multiplier,
-                                                      float(clients_per_round),
-                                                      dp.clipped_count_stddev)
-        return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_sum),
-                                              dp_accounting.GaussianDpEvent(count_std / 0.5)])
-    if dp.mechanism == "laplace":
-        return dp_accounting.LaplaceDpEvent(1.0 / dp.epsilon)
-    return dp_accounting.NoOpDpEvent()
+    (used to calibrate noise and to check a budget before a round runs): the
+    mechanism's :meth:`~fedsim.privacy.mechanisms.base.Mechanism.round_event`.
+    ``mechanism``: a Mechanism object (default: the one ``dp.mechanism`` names)."""
+    mech = resolve_mechanism(mechanism if mechanism is not None else dp.mechanism)
+    return mech.round_event(dp, clients_per_round, dim=dim, precision_bits=precision_bits,
+                            noise_shares=noise_shares)
 
 
 def _scale_noise(event: DpEvent, factor: float) -> DpEvent:
@@ -458,7 +439,7 @@ def _round_up(value: float, digits: int = 6) -> float:
 
 
 def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int = 0,
-              dim: int | None = None) -> DPConfig:
+              dim: int | None = None, mechanism: Any = None) -> DPConfig:
     """A copy of ``cfg.dp`` whose noise spends at most ``dp.target_epsilon`` (and
     within a relative ``CALIBRATION_HEADROOM`` of it) over the whole run at the
     target delta: the ``ledger`` already spent (a resumed run's ``rounds_done``
@@ -470,8 +451,6 @@ def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int
     calibrated one, and ``dp.max_epsilon = dp.target_epsilon`` lets the last
     round run. Raises :class:`ConfigError` when the ledger alone already
     reaches the target."""
-    import dataclasses
-
     dp = cfg.dp
     acct = build_accountant(cfg, dim)
     remaining = cfg.rounds - rounds_done
@@ -483,11 +462,10 @@ def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int
             raise ConfigError("dp.target_epsilon", f"more than the epsilon {already:.4g} "
                               f"that the checkpoint's {rounds_done} rounds already spent, with "
                               "rounds left to run", dp.target_epsilon)
-    # The parameter is the noise multiplier: 1 / per-round epsilon for Laplace; the
-    # total z for Gaussian (adaptive clipping splits z between two Gaussians whose
-    # composition is exactly one Gaussian of multiplier z).
-    base = dp_accounting.LaplaceDpEvent if dp.mechanism == "laplace" else \
-        dp_accounting.GaussianDpEvent
+    # The searched parameter is the mechanism's (e.g. the total z for Gaussian,
+    # 1 / per-round epsilon for Laplace).
+    mech = resolve_mechanism(mechanism if mechanism is not None else dp.mechanism)
+    base = mech.calibration_event
 
     def make(nm: float) -> DpEvent:
         new = dp_accounting.SelfComposedDpEvent(acct.round_event(base(nm)), remaining)
@@ -499,15 +477,4 @@ def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int
         fresh, make, dp.target_epsilon, acct.delta,
         bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-6)
     value = _round_up(float(value) * (1.0 + CALIBRATION_HEADROOM))
-    if dp.mechanism == "laplace":
-        return dataclasses.replace(dp, epsilon=1.0 / value, target_epsilon=dp.target_epsilon)
-    new = dataclasses.replace(dp, noise_multiplier=value)
-    if dp.mechanism == "gaussian_adaptive":
-        count_std = (dp.clipped_count_stddev if dp.clipped_count_stddev is not None
-                     else 0.05 * cfg.clients_per_round)
-        if value >= 2 * count_std:
-            raise ConfigError("dp.target_epsilon", f"a budget that needs a noise multiplier "
-                              f"below 2 * clipped_count_stddev = {2 * count_std:g} (it needs "
-                              f"{value:.4g}); raise dp.target_epsilon or dp.clipped_count_stddev",
-                              dp.target_epsilon)
-    return new
+    return mech.calibrated(cfg, value)

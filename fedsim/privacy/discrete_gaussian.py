@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedsim.privacy.events import DiscreteGaussianDpEvent
-from fedsim.aggregation.base import Partial
+from fedsim.aggregation.base import Partial, clip_measurements
 from fedsim.privacy.queries import DPQueryAggregator
 
 
@@ -62,12 +62,7 @@ class DiscreteGaussianAggregator(DPQueryAggregator):
         """The already noised sum divided by ``clients_per_round`` (float64, cast
         to float32); the round's :class:`DiscreteGaussianDpEvent`."""
         dp = self.dp
-        measurements = {
-            "clip": dp.l2_norm_clip,
-            "clipped_fraction": partial.stats.get("clipped", 0.0) / max(partial.count, 1),
-            "zeroed": int(partial.stats.get("zeroed", 0.0)),
-            "noise_std": self.noise_std(state),
-            "dp_event": DiscreteGaussianDpEvent(dp.noise_multiplier),
-        }
+        measurements = clip_measurements(partial, dp.l2_norm_clip, self.noise_std(state),
+                                         DiscreteGaussianDpEvent(dp.noise_multiplier))
         result = (np.asarray(partial.total, np.float64) / self.clients_per_round)
         return result.astype(np.float32), dict(state), measurements

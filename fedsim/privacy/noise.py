@@ -47,21 +47,27 @@ SKELLAM_SAMPLER = "numpy-int64-poisson-difference"
 """What ``summary.json`` names as the sampler of Skellam noise shares."""
 
 
-_SAMPLERS = {"gaussian": GAUSSIAN_SAMPLER, "gaussian_adaptive": GAUSSIAN_SAMPLER,
-             "laplace": LAPLACE_SAMPLER, "distributed_skellam": SKELLAM_SAMPLER}
+def adaptive_clip_noise_params(noise_multiplier: float, clients_per_round: float,
+                               clipped_count_stddev: float | None) -> tuple[float, float]:
+    """TFF's split of the total noise multiplier z between the sum and the count.
 
-
-
-
-def sampler_for(mechanism: str, noise_sampler: str = "float64") -> str:
-    """The name of the sampler that ``dp.mechanism`` with ``dp.noise_sampler`` draws
-    its noise from, as ``summary.json`` reports it (a TFF factory's noise is its
-    own: TensorFlow's)."""
-    if noise_sampler == "discrete_gaussian":
-        from fedsim.privacy.discrete_noise import DISCRETE_GAUSSIAN_SAMPLER
-
-        return DISCRETE_GAUSSIAN_SAMPLER
-    return _SAMPLERS.get(mechanism, "the aggregation factory's own (TensorFlow)")
+    Returns ``(z_sum, clipped_count_stddev)`` with
+    ``z_sum = (z^-2 - (2 * clipped_count_stddev)^-2)^-1/2`` and the count's stddev
+    defaulting to ``0.05 * clients_per_round`` (0 when z is 0). Raises ValueError,
+    as TFF does, when ``z >= 2 * clipped_count_stddev``.
+    """
+    if noise_multiplier <= 0:
+        return 0.0, (0.0 if clipped_count_stddev is None else clipped_count_stddev)
+    if clipped_count_stddev is None:
+        clipped_count_stddev = 0.05 * clients_per_round
+    if noise_multiplier >= 2 * clipped_count_stddev:
+        raise ValueError(
+            f"clipped_count_stddev = {clipped_count_stddev} (defaults to 0.05 * "
+            "`expected_clients_per_round` if not specified) is too low to achieve the "
+            f"desired effective `noise_multiplier` ({noise_multiplier}). You must either "
+            "increase `clipped_count_stddev` or decrease `noise_multiplier`.")
+    z_sum = (noise_multiplier ** -2 - (2 * clipped_count_stddev) ** -2) ** -0.5
+    return z_sum, clipped_count_stddev
 
 
 def gaussian(rng: np.random.Generator, shape: int | Sequence[int], std: float) -> np.ndarray:

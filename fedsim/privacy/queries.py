@@ -47,31 +47,9 @@ from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_sum_query import
 from tensorflow_privacy.privacy.dp_query.quantile_estimator_query import QuantileEstimatorQuery
 
 from fedsim.privacy import noise
-from fedsim.aggregation.base import Partial, merge_partials
+from fedsim.privacy.noise import adaptive_clip_noise_params
+from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
 from fedsim.config import DPConfig, SimConfig
-
-
-def adaptive_clip_noise_params(noise_multiplier: float, clients_per_round: float,
-                               clipped_count_stddev: float | None) -> tuple[float, float]:
-    """TFF's split of the total noise multiplier z between the sum and the count.
-
-    Returns ``(z_sum, clipped_count_stddev)`` with
-    ``z_sum = (z^-2 - (2 * clipped_count_stddev)^-2)^-1/2`` and the count's stddev
-    defaulting to ``0.05 * clients_per_round`` (0 when z is 0). Raises ValueError,
-    as TFF does, when ``z >= 2 * clipped_count_stddev``.
-    """
-    if noise_multiplier <= 0:
-        return 0.0, (0.0 if clipped_count_stddev is None else clipped_count_stddev)
-    if clipped_count_stddev is None:
-        clipped_count_stddev = 0.05 * clients_per_round
-    if noise_multiplier >= 2 * clipped_count_stddev:
-        raise ValueError(
-            f"clipped_count_stddev = {clipped_count_stddev} (defaults to 0.05 * "
-            "`expected_clients_per_round` if not specified) is too low to achieve the "
-            f"desired effective `noise_multiplier` ({noise_multiplier}). You must either "
-            "increase `clipped_count_stddev` or decrease `noise_multiplier`.")
-    z_sum = (noise_multiplier ** -2 - (2 * clipped_count_stddev) ** -2) ** -0.5
-    return z_sum, clipped_count_stddev
 
 
 class NoiseSource:
@@ -254,7 +232,7 @@ def _to_numpy(nest: Any) -> Any:
     return tf.nest.map_structure(lambda t: np.asarray(t), nest)
 
 
-class DPQueryAggregator:
+class DPQueryAggregator(Aggregator):
     """fedsim's aggregation protocol over a TF Privacy ``DPQuery``.
 
     State: ``{"query": the query's global state}``. The aggregate returned by
@@ -293,22 +271,11 @@ class DPQueryAggregator:
                 for t in tf.nest.flatten(self.query.initial_sample_state(template))]
         return Partial(flat[0], 0.0, 0, {"clipped": 0.0, "zeroed": 0.0}, tuple(flat[1:]))
 
-    def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
-                   num_examples: int) -> Partial:
-        """Zero a non-finite or huge update, clip it with the query, add it."""
-        return merge_partials(partial, self.record(params, delta, num_examples))
-
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
                num_examples: int) -> Partial:
         """One client's record: the update zeroed if non-finite or huge, then
         clipped by the query (``preprocess_record``)."""
-        delta = np.asarray(delta, np.float32)
-        norm = float(np.linalg.norm(delta.astype(np.float64)))
-        zeroed = not math.isfinite(norm) or (
-            self.zeroing_norm is not None and norm > self.zeroing_norm)
-        if zeroed:
-            delta = np.zeros_like(delta)
-            norm = 0.0
+        delta, norm, zeroed = zero_invalid(delta, self.zeroing_norm, np.float32)
         if self.dp.mechanism == "laplace":
             size = float(np.abs(delta.astype(np.float64)).sum())
         else:
@@ -319,9 +286,6 @@ class DPQueryAggregator:
         flat = [np.asarray(t, np.float64) for t in tf.nest.flatten(record)]
         return Partial(flat[0], 1.0, 1, {"clipped": float(clipped), "zeroed": float(zeroed)},
                        tuple(flat[1:]))
-
-    def merge(self, a: Partial, b: Partial) -> Partial:
-        return merge_partials(a, b)
 
     # -- server side, once per round -----------------------------------------------
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
@@ -337,13 +301,8 @@ class DPQueryAggregator:
         with self.noise_source.drawing(rng):
             result, new_query_state, event = self.query.get_noised_result(sample_state,
                                                                           state["query"])
-        measurements = {
-            "clip": clip,
-            "clipped_fraction": partial.stats.get("clipped", 0.0) / max(partial.count, 1),
-            "zeroed": int(partial.stats.get("zeroed", 0.0)),
-            "noise_std": self.noise_std(state),
-            "dp_event": python_event(event),
-        }
+        measurements = clip_measurements(partial, clip, self.noise_std(state),
+                                         python_event(event))
         return np.asarray(result, np.float32), {"query": new_query_state}, measurements
 
     def noise_std(self, state: Mapping[str, Any]) -> float:

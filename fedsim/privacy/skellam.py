@@ -38,7 +38,7 @@ import attr
 import dp_accounting
 import numpy as np
 
-from fedsim.aggregation.base import Partial, merge_partials
+from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
 from fedsim.config import DPConfig, SimConfig
 from fedsim.cohort.faults import sample_size
 from fedsim.secure.fixedpoint import round_stochastically
@@ -130,7 +130,7 @@ class SkellamCodec:
         return count / self.scale
 
 
-class SkellamAggregator:
+class SkellamAggregator(Aggregator):
     """``dp=distributed_skellam``: clip in the worker; the noise comes from the
     clients (inside their encoded vectors); the server only normalizes.
 
@@ -145,41 +145,30 @@ class SkellamAggregator:
         self.client_variance = (dp.noise_multiplier * dp.l2_norm_clip * self.scale) ** 2 \
             / self.clients_per_round
 
-    def initial_state(self) -> dict[str, Any]:
-        return {}
-
     def client_params(self, state: Mapping[str, Any]) -> dict[str, Any]:
         return {"clip": self.dp.l2_norm_clip}
 
     def current_clip(self, state: Mapping[str, Any]) -> float:
         return self.dp.l2_norm_clip
 
-    def zero_partial(self, size: int) -> Partial:
-        return Partial(np.zeros(size, np.float64), 0.0, 0, {"clipped": 0.0, "zeroed": 0.0})
+    def zero_stats(self) -> dict[str, float]:
+        return {"clipped": 0.0, "zeroed": 0.0}
 
-    def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
-                   num_examples: int) -> Partial:
-        """Zero a non-finite or huge update, clip it to L2 norm C, add it."""
-        return merge_partials(partial, self.record(params, delta, num_examples))
+    def secure_codec(self, num_clients: int, precision_bits: int) -> "SkellamCodec":
+        """Each client adds its Skellam noise share while it encodes its record."""
+        return SkellamCodec.for_sum(self.dp.l2_norm_clip, num_clients, precision_bits,
+                                    self.client_variance)
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
                num_examples: int) -> Partial:
         """One client's record: the update zeroed if non-finite or huge, clipped
         to L2 norm C (its noise share is added when it is encoded)."""
-        d = np.asarray(delta, np.float64)
-        norm = float(np.linalg.norm(d))
-        zeroed = not math.isfinite(norm) or (
-            self.dp.zeroing_norm is not None and norm > self.dp.zeroing_norm)
-        if zeroed:
-            d, norm = np.zeros_like(d), 0.0
+        d, norm, zeroed = zero_invalid(delta, self.dp.zeroing_norm)
         clip = params["clip"]
         clipped = norm > clip
         if clipped:
             d = d * (clip / norm)
         return Partial(d, 1.0, 1, {"clipped": float(clipped), "zeroed": float(zeroed)})
-
-    def merge(self, a: Partial, b: Partial) -> Partial:
-        return merge_partials(a, b)
 
     def event(self, count: int, dim: int) -> SkellamDpEvent:
         """The release of a round whose sum holds ``count`` clients' noise shares
@@ -190,12 +179,8 @@ class SkellamAggregator:
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
         result = (partial.total / self.clients_per_round).astype(np.float32)
-        measurements = {
-            "clip": self.dp.l2_norm_clip,
-            "clipped_fraction": partial.stats.get("clipped", 0.0) / max(partial.count, 1),
-            "zeroed": int(partial.stats.get("zeroed", 0.0)),
-            "noise_std": math.sqrt(partial.count * self.client_variance) / self.scale
-            / self.clients_per_round,
-            "dp_event": self.event(partial.count, partial.total.size),
-        }
+        measurements = clip_measurements(
+            partial, self.dp.l2_norm_clip,
+            math.sqrt(partial.count * self.client_variance) / self.scale / self.clients_per_round,
+            self.event(partial.count, partial.total.size))
         return result, dict(state), measurements

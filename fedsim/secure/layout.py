@@ -21,7 +21,7 @@ vectors errs by less than ``n / scale`` per coordinate
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import attr
 import numpy as np
@@ -87,20 +87,17 @@ class SecureLayout:
 
 
 def make_layout(cfg: SecAggConfig, clip: float, sizes: Sequence[int], num_clients: int,
-                skellam_variance: Optional[float] = None) -> SecureLayout:
+                update_codec: Any = None) -> SecureLayout:
     """The layout for records of ``sizes`` (update first) summed over ``num_clients``.
 
-    ``skellam_variance``: with ``dp=distributed_skellam``, the variance (integer
-    units) of the Skellam noise each client adds to its update segment
-    (:class:`fedsim.privacy.skellam.SkellamCodec`).
+    ``update_codec``: the aggregator's own codec for the update segment
+    (:meth:`fedsim.aggregation.base.Aggregator.secure_codec`, e.g. the Skellam
+    codec that adds each client's noise share); None: plain rounding. The
+    modulus is widened to fit every segment and the codec is given it.
     """
     bounds = [float(clip)] + [EXTRA_BOUND] * (len(sizes) - 1)
     n = max(int(num_clients), 1)
-    first = None
-    if skellam_variance is not None:
-        from fedsim.privacy.skellam import SkellamCodec
-
-        first = SkellamCodec.for_sum(clip, n, cfg.precision_bits, skellam_variance)
+    first = update_codec
     bits = cfg.bits
     if bits is None:
         needed = [FixedPointCodec.for_sum(b, n, precision_bits=cfg.precision_bits).bits
@@ -108,7 +105,7 @@ def make_layout(cfg: SecAggConfig, clip: float, sizes: Sequence[int], num_client
         bits = max(needed + ([first.bits] if first else []))
     if first is not None:
         if first.bits > bits:
-            raise ValueError(f"secagg.bits={bits} is too small for distributed Skellam noise "
+            raise ValueError(f"secagg.bits={bits} is too small for the aggregator's noise "
                              f"({first.bits} bits needed)")
         first = attr.evolve(first, bits=bits)
     codecs = tuple(FixedPointCodec.for_sum(b, n, bits=bits, precision_bits=cfg.precision_bits)

@@ -1,0 +1,65 @@
+"""The server algorithm protocol: its state, what it sends the clients each
+round, and how it applies the round's aggregate to the global model.
+
+State is explicit and flows in and out (as in TFF's templates): a dict of numpy
+arrays and numbers, so it can be checkpointed; no method mutates its inputs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Union
+
+import numpy as np
+
+from fedsim.config import SimConfig, import_callable
+from fedsim.errors import ConfigError
+
+State = dict[str, Any]
+
+BUILTIN = {"fedavg": "fedsim.algorithms.fedavg:FedAvg"}
+
+
+class Algorithm(ABC):
+    """A federated algorithm on the server.
+
+    :meth:`apply` is the one abstract method: ``(state, weights, aggregate) ->
+    (new state, new weights)``, where ``aggregate`` is the aggregator's output
+    (for FedAvg-style algorithms the mean client delta ``global - local``, a
+    pseudo-gradient). :meth:`client_payload` is what every client of a round
+    receives besides the weights (e.g. FedProx's ``proximal_mu``); the trainers
+    honour the keys they know (``proximal_mu``) and refuse none.
+    """
+
+    name: str = ""
+
+    def initial_state(self, weights: np.ndarray) -> State:
+        """The algorithm's state for the initial global ``weights`` (flat float32)."""
+        return {}
+
+    def client_payload(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """What every client of the round gets besides the weights (picklable)."""
+        return {}
+
+    @abstractmethod
+    def apply(self, state: Mapping[str, Any], weights: np.ndarray,
+              aggregate: np.ndarray) -> tuple[State, np.ndarray]:
+        """One server step: returns (new state, new weights, float32)."""
+
+
+def resolve_algorithm(algorithm: Union[str, Algorithm, None], cfg: SimConfig) -> Algorithm:
+    """The Algorithm that ``algorithm`` names: a built-in name (``fedavg``), a
+    ``module:callable`` called with the run's :class:`SimConfig` (a subclass or a
+    factory), or an Algorithm object given from Python (returned as is)."""
+    if isinstance(algorithm, Algorithm):
+        return algorithm
+    name = str(algorithm or "fedavg")
+    obj = import_callable(BUILTIN.get(name, name), "algorithm")
+    made = obj(cfg) if callable(obj) else obj
+    if not isinstance(made, Algorithm):
+        raise ConfigError("algorithm", "a fedsim.algorithms.base.Algorithm (or a callable of "
+                          f"the SimConfig returning one); {name} gave {type(made).__name__}",
+                          name)
+    if not made.name:
+        made.name = name
+    return made

@@ -1,0 +1,118 @@
+"""One round on the actors: the cohort's plan, training on the workers, the
+aggregate on the server (in the clear or through the secure-sum protocol), and
+the replacement of worker actors that died."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from fedsim.config import SimConfig
+from fedsim.errors import FedsimError
+from fedsim.results.outputs import memory_mib
+
+
+def run_round(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
+               attempt: int) -> dict[str, Any]:
+    """Sample the cohort, train the clients that report on the workers, aggregate
+    on the server.
+
+    Nothing changes on the server until every worker has reported, so a round
+    that fails because a worker died can simply be run again."""
+    plan = ray.get(server.plan.remote(rnd))
+    weights_ref = server.global_weights.remote()
+    params_ref = server.client_params.remote()
+    if cfg.secagg.protocol == "none" or not plan.sampled.size:  # (Poisson: maybe nobody)
+        shards = np.array_split(plan.reporting, len(workers))
+        reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard, None, attempt)
+                   for w, shard in zip(workers, shards) if len(shard)]
+        out = ray.get(server.apply.remote(rnd, len(plan.sampled), *reports))
+    else:
+        out = secure_round(ray, server, workers, plan, rnd, weights_ref, params_ref, attempt)
+    out.update(plan.counts())
+    return out
+
+
+def replace_dead_workers(ray: Any, workers: list, start: Any) -> list[int]:
+    """Restart (in place) the worker actors that no longer answer; their indices."""
+    dead = []
+    for i, w in enumerate(workers):
+        try:
+            ray.get(w.ping.remote(), timeout=120)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            workers[i] = start(i)
+            dead.append(i)
+    ray.get([workers[i].ping.remote() for i in dead])
+    return dead
+
+
+def per_worker(method: Any, n: int, *args: Any) -> list:
+    """Call a server method that answers with one message per worker; returns
+    ``n`` object refs (Ray's ``num_returns``) to hand straight to the workers."""
+    refs = method.options(num_returns=n).remote(*args)
+    return [refs] if n == 1 else list(refs)
+
+
+def secure_round(ray: Any, server: Any, workers: list, plan: Any, rnd: int,
+                  weights_ref: Any, params_ref: Any, attempt: int = 0) -> dict[str, Any]:
+    """One round under secure aggregation: the protocol's four message rounds
+    between the worker actors (on behalf of their clients) and the server actor.
+
+    The server splits the cohort into the workers' shards. Every sampled
+    client joins the key exchange; only the reporting ones (``plan.reporting``)
+    mask, the others drop out before masking. The messages then go from actor
+    to actor as object refs, all submitted at once, and the driver waits only
+    for the round's result: each worker advertises keys, shares them, trains
+    (while the server routes the shares), masks and unmasks."""
+    layout, shards = ray.get(server.secagg_begin.remote(rnd, plan.sampled, len(workers)))
+    active = [(w, np.asarray(s, np.int64)) for w, s in zip(workers, shards) if len(s)]
+    n = len(active)
+    adverts = [w.secagg_advertise.remote(rnd, s) for w, s in active]
+    setups = per_worker(server.secagg_keys, n, *adverts)
+    shares = [w.secagg_share_keys.remote(setups[i]) for i, (w, _) in enumerate(active)]
+    deliveries = per_worker(server.secagg_route, n, *shares)
+    reports = []
+    for i, (w, shard) in enumerate(active):
+        ids = np.intersect1d(shard, plan.reporting)
+        if len(ids):
+            w.train_round.remote(rnd, weights_ref, params_ref, ids, layout, attempt)
+            reports.append(w.secagg_mask.remote(deliveries[i]))
+    requests = per_worker(server.secagg_collect, n, rnd, *reports)
+    responses = [w.secagg_unmask.remote(requests[i]) for i, (w, _) in enumerate(active)]
+    return ray.get(server.secagg_finish.remote(rnd, len(plan.sampled), *responses))
+
+
+def memory_row(ray: Any, server: Any, workers: list) -> dict[str, float]:
+    """Resident memory now (MiB) of the driver, the server actor and all workers."""
+    server_mem, *worker_mem = ray.get([server.memory.remote()]
+                                      + [w.memory.remote() for w in workers])
+    return {"mem_driver_mib": memory_mib()["rss"], "mem_server_mib": server_mem["rss"],
+            "mem_workers_mib": sum(m["rss"] for m in worker_mem)}
+
+
+class RoundFailed(FedsimError):
+    """A round's worker actors died more often than ``faults.max_retries`` allows."""
+
+
+def run_round_with_retries(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
+                           restart: Callable[[int], Any]) -> dict[str, Any]:
+    """Run round ``rnd``; when worker actors die, restart them in place
+    (``restart(i)`` starts worker i) and run the round again, up to
+    ``faults.max_retries`` times. The row holds ``round``, the round's
+    measurements and ``retries``. Raises :class:`RoundFailed` past the bound, and
+    re-raises a Ray error that killed no worker."""
+    row: dict[str, Any] = {"round": rnd}
+    for attempt in range(cfg.faults.max_retries + 1):
+        try:
+            row.update(run_round(ray, cfg, server, workers, rnd, attempt))
+            break
+        except ray.exceptions.RayError as err:
+            if not replace_dead_workers(ray, workers, restart):
+                raise
+            if attempt == cfg.faults.max_retries:
+                raise RoundFailed(
+                    f"round {rnd}: worker actors died {attempt + 1} times (faults."
+                    f"max_retries={cfg.faults.max_retries}; last: {type(err).__name__})") from err
+    row["retries"] = attempt
+    return row
