@@ -55,10 +55,14 @@ def resolve_algorithm(algorithm: Union[str, Algorithm, None], cfg: SimConfig) ->
         return algorithm
     name = str(algorithm or "fedavg")
     obj = import_callable(BUILTIN.get(name, name), "algorithm")
-    made = obj(cfg) if callable(obj) else obj
+    if isinstance(obj, type) and not issubclass(obj, Algorithm):
+        made: Any = obj  # a class of something else: not called
+    else:
+        made = obj(cfg) if callable(obj) else obj
     if not isinstance(made, Algorithm):
         raise ConfigError("algorithm", "a fedsim.algorithms.base.Algorithm (or a callable of "
-                          f"the SimConfig returning one); {name} gave {type(made).__name__}",
+                          f"the SimConfig returning one); {name} gives "
+                          f"{made.__name__ if isinstance(made, type) else type(made).__name__}",
                           name)
     if not made.name:
         made.name = name

@@ -29,7 +29,7 @@ from fedsim.results.outputs import memory_mib
 from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
 from fedsim.rng import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING, STREAM_SECAGG_GRAPH, stream)
 from fedsim.cohort.sampling import sample_clients
-from fedsim.secure.layout import SecureLayout, make_layout
+from fedsim.secure.layout import SecureLayout
 from fedsim.engine.worker import WorkerReport, configure_tensorflow
 
 
@@ -157,110 +157,54 @@ class Server:
             out["canaries"] = canaries
         return out
 
-    # -- secure aggregation: the server's side of each protocol round ------------------
+    # -- secure aggregation: the server's side of each protocol round (secure/session.py)
     def secagg_begin(self, round_num: int, sampled: Sequence[int],
                      workers: int) -> tuple[SecureLayout, list[list[int]]]:
         """Start a round's protocol for the ``sampled`` clients; returns the
         fixed-point layout the clients use and each worker's shard of clients
-        (some may be empty). With ``secagg.skip_cancelling_masks`` the shards
-        follow the SecAgg+ graph's ring (:meth:`fedsim.secure.protocol.SecAggServer.placement`)."""
-        from fedsim.secure.protocol import SecAggServer
+        (:class:`fedsim.secure.session.ServerSession`). The aggregator says how
+        records are bounded (its clip; without one ``secagg.clip`` bounds each
+        coordinate) and may bring its own codec for the update (e.g. noise shares)."""
+        from fedsim.secure.session import ServerSession
 
-        t0 = time.perf_counter()
         sa = self.cfg.secagg
         zero = self.aggregator.zero_partial(self.weights.size)
-        sizes = [zero.total.size] + [e.size for e in zero.extras]
         clip = self.aggregator.current_clip(self.agg_state)
-        if clip is None:  # an aggregator that does not clip: secagg.clip bounds coordinates
-            clip = sa.clip
         n = max(len(sampled), 1)
-        self._sa_layout = make_layout(sa, clip, sizes, n,
-                                      self.aggregator.secure_codec(n, sa.precision_bits))
-        graph_seed = int(stream(self.cfg.seed, STREAM_SECAGG_GRAPH, round_num).integers(2**62))
-        self._sa = SecAggServer(self._sa_layout.bits, self._sa_layout.vector_len, sa.protocol,
-                                threshold=sa.threshold, graph_seed=graph_seed,
-                                neighbours=sa.neighbours)
-        if sa.skip_cancelling_masks:
-            shards = self._sa.placement(sampled, workers)
-        else:
-            shards = [part.tolist() for part in np.array_split(np.sort(np.asarray(sampled)),
-                                                                 workers)]
-        active = [shard for shard in shards if shard]  # the workers that take part
-        self._sa_owner = {int(c): i for i, shard in enumerate(active) for c in shard}
-        self._sa_workers = len(active)
-        self._sa_seconds = time.perf_counter() - t0
-        return self._sa_layout, shards
-
-    def _route(self, by_client: Mapping[int, Any]) -> list[dict[int, Any]]:
-        """Split messages addressed to clients into one dict per worker."""
-        out: list[dict[int, Any]] = [{} for _ in range(self._sa_workers)]
-        for cid, msg in by_client.items():
-            out[self._sa_owner[cid]][cid] = msg
-        return out
+        self._secure = ServerSession(
+            sa, sampled, workers, sa.clip if clip is None else clip,
+            [zero.total.size] + [e.size for e in zero.extras],
+            self.aggregator.secure_codec(n, sa.precision_bits),
+            int(stream(self.cfg.seed, STREAM_SECAGG_GRAPH, round_num).integers(2**62)))
+        return self._secure.layout, self._secure.shards
 
     def secagg_keys(self, *adverts: list) -> Any:
-        """Round 0: collect the public keys, send each client its neighbours' keys
-        (one dict per worker: call with ``num_returns`` = workers)."""
-        t0 = time.perf_counter()
-        out = self._route(self._sa.receive_keys(itertools.chain(*adverts)))
-        self._sa_seconds += time.perf_counter() - t0
-        return _one_per_return(out)
+        """Round 0: the neighbours' keys, one dict per worker (call with
+        ``num_returns`` = workers)."""
+        return _one_per_return(self._secure.keys(adverts))
 
     def secagg_route(self, *shares: list) -> Any:
-        """Round 1: route the encrypted shares to their receivers (one dict per worker)."""
-        t0 = time.perf_counter()
-        out = self._route(self._sa.route_shares(itertools.chain(*shares)))
-        self._sa_seconds += time.perf_counter() - t0
-        return _one_per_return(out)
+        """Round 1: the encrypted shares, one dict per worker."""
+        return _one_per_return(self._secure.route(shares))
 
     def secagg_collect(self, round_num: int, *reports: WorkerReport) -> Any:
-        """Round 2: collect the masked inputs; ask the clients still online to unmask
-        (one dict of requests per worker).
-
-        Simulated dropouts: each client goes silent after masking with
-        probability ``secagg.dropout`` (stream ``(seed, DROPOUT, round)``).
-        """
-        from fedsim.secure.protocol import SecAggAbort
-
-        t0 = time.perf_counter()
-        self._sa_reports = reports
-        self._sa_dropped, self._sa_abort = set(), None
-        try:
-            requests = self._sa.collect_masked(itertools.chain(*(r.masked for r in reports)))
-        except SecAggAbort as err:  # too many dropped before masking: nothing to unmask
-            self._sa_abort = err
-            requests = {}
-        rng = stream(self.cfg.seed, STREAM_DROPOUT, round_num)
-        self._sa_dropped = {c for c in sorted(requests) if rng.random() < self.cfg.secagg.dropout}
-        out = self._route({c: r for c, r in requests.items() if c not in self._sa_dropped})
-        self._sa_seconds += time.perf_counter() - t0
-        return _one_per_return(out)
+        """Round 2: the masked inputs in; the unmask requests out, one dict per
+        worker (dropouts from the stream ``(seed, DROPOUT, round)``)."""
+        self._secure_reports = reports
+        return _one_per_return(self._secure.collect(
+            itertools.chain(*(r.masked for r in reports)),
+            stream(self.cfg.seed, STREAM_DROPOUT, round_num)))
 
     def secagg_finish(self, round_num: int, num_sampled: int,
                       *responses: tuple[list, float]) -> dict[str, Any]:
         """Round 3: unmask the sum, decode it, then aggregate and step as ``apply`` does.
 
-        ``responses``: each worker's (unmask responses, seconds it spent on the
-        protocol). If too few shares arrive the protocol aborts: the round's
-        update is discarded, the model, optimizer and aggregator states stay as
-        they were, no privacy is spent, and the measurements say why.
+        If too few shares arrive the protocol aborts: the round's update is
+        discarded, the model, algorithm and aggregator states stay as they were,
+        no privacy is spent, and the measurements say why.
         """
-        from fedsim.secure.protocol import SecAggAbort
-
-        t0 = time.perf_counter()
-        reports = self._sa_reports
-        base = {"secagg_dropped": len(self._sa_dropped), "secagg_bits": self._sa_layout.bits,
-                "secagg_neighbours": self._sa.neighbourhood_size}
-        try:
-            if self._sa_abort is not None:
-                raise self._sa_abort
-            total = self._sa.unmask(itertools.chain(*(r for r, _ in responses)))
-            aborted = None
-        except SecAggAbort as err:
-            aborted = err
-        # the slowest worker's protocol time plus the server's own
-        base["secagg_seconds"] = (self._sa_seconds + time.perf_counter() - t0
-                                  + max((s for _, s in responses), default=0.0))
+        session, reports = self._secure, self._secure_reports
+        total, base, aborted = session.unmask(responses)
         if aborted is not None:
             return {**base, **self._training_stats(reports), "update_norm": 0.0,
                     "secagg": "aborted", "secagg_error": str(aborted)}
@@ -268,10 +212,11 @@ class Server:
         for r in reports:
             clear = merge_partials(clear, r.partial)
         # exact noise on the integer sum, before decoding (None: the aggregator adds none)
+        layout = session.layout
         units = self.aggregator.integer_noise(
-            stream(self.cfg.noise_root(), STREAM_NOISE, round_num),
-            self._sa_layout.sizes[0], self._sa_layout.codecs[0].scale)
-        parts = self._sa_layout.decode_sum(total, clear.count, units)
+            stream(self.cfg.noise_root(), STREAM_NOISE, round_num), layout.sizes[0],
+            layout.codecs[0].scale)
+        parts = layout.decode_sum(total, clear.count, units)
         partial = Partial(parts[0], clear.weight, clear.count, clear.stats, tuple(parts[1:]))
         out = self._step(round_num, num_sampled, partial, reports)
         out.update(base, secagg="ok")

@@ -109,10 +109,15 @@ def resolve_mechanism(mechanism: Union[str, Mechanism, None]) -> Mechanism:
     name = "none" if mechanism is None else str(mechanism)
     spec = BUILTIN.get(name, name)
     obj = import_callable(spec, "dp.mechanism")
-    made = obj() if callable(obj) else obj
+    if isinstance(obj, type) and not issubclass(obj, Mechanism):
+        made: Any = obj  # a class of something else: not called
+    else:
+        made = obj() if callable(obj) else obj
     if not isinstance(made, Mechanism):
         raise ConfigError("dp.mechanism", "a fedsim.privacy.mechanisms.base.Mechanism (or a "
-                          f"callable returning one); {spec} gave {type(made).__name__}", name)
+                          f"callable returning one); {spec} gives "
+                          f"{made.__name__ if isinstance(made, type) else type(made).__name__}",
+                          name)
     if not made.name:
         made.name = name
     return made

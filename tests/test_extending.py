@@ -1,0 +1,138 @@
+"""The seams a user plugs into without editing fedsim: a DP mechanism and a
+server algorithm of their own (examples/), from Python and from Hydra."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from examples.custom_mechanism import NumpyGaussian, NumpyGaussianAggregator
+from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
+from fedsim.errors import ConfigError, FedsimError
+from fedsim.privacy.accounting import build_accountant
+from fedsim.privacy.mechanisms.base import Mechanism, resolve_mechanism
+
+
+def _dp_cfg(**kw) -> SimConfig:
+    base = dict(clients=30, clients_per_round=10, rounds=2, local_epochs=1,
+                model=ModelConfig(name="logreg"), ray=RayConfig(workers=1), progress=False,
+                dp=DPConfig(mechanism="gaussian", noise_multiplier=0.8, l2_norm_clip=1.0),
+                server=ServerConfig(weighting="uniform"))
+    base.update(kw)
+    return SimConfig(**base)
+
+
+def test_numpy_gaussian_aggregator_equals_the_builtin_gaussian():
+    """The user's mechanism computes what dp=gaussian computes (TF Privacy's
+    query with numpy noise): same clipping, same noise stream, same event."""
+    from fedsim.privacy.queries import DPQueryAggregator
+
+    cfg = _dp_cfg()
+    ours = NumpyGaussian().build_aggregator(cfg)
+    builtin = DPQueryAggregator(cfg.dp, cfg.clients_per_round)
+    rng = np.random.default_rng(5)
+    deltas = [rng.normal(size=50).astype(np.float32) * s for s in (0.1, 0.5, 3.0, 10.0)]
+    deltas.append(np.full(50, np.nan, np.float32))  # zeroed by both
+    sums = []
+    for agg in (ours, builtin):
+        state = agg.initial_state()
+        params = agg.client_params(state)
+        partial = agg.zero_partial(50)
+        for d in deltas:
+            partial = agg.accumulate(params, partial, d, 7)
+        update, _, m = agg.finalize(state, partial, 5, np.random.default_rng(11))
+        sums.append((update, m))
+    (a, ma), (b, mb) = sums
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(a, np.zeros_like(a))
+    assert ma["dp_event"] == dp_accounting.GaussianDpEvent(0.8)
+    # (TF Privacy reports its float32 state's multiplier; the accountant rounds it)
+    assert mb["dp_event"].noise_multiplier == pytest.approx(0.8, rel=1e-7)
+    for k in ("clip", "clipped_fraction", "zeroed", "noise_std"):
+        assert ma[k] == pytest.approx(mb[k])
+    assert ma["zeroed"] == 1 and ma["clipped_fraction"] == pytest.approx(3 / 5)
+
+
+def test_resolve_mechanism_names_objects_and_errors():
+    assert resolve_mechanism("gaussian").name == "gaussian"
+    assert resolve_mechanism("examples.custom_mechanism:NumpyGaussian").name == \
+        "examples.custom_mechanism:NumpyGaussian"
+    mine = NumpyGaussian()
+    assert resolve_mechanism(mine) is mine
+    with pytest.raises(ConfigError, match=r"^dp.mechanism=examples.nothing:X: allowed is an importable"):
+        resolve_mechanism("examples.nothing:X")
+    with pytest.raises(ConfigError, match="has no attribute Missing"):
+        resolve_mechanism("examples.custom_mechanism:Missing")
+    with pytest.raises(ConfigError, match="gives NumpyGaussianAggregator"):
+        resolve_mechanism("examples.custom_mechanism:NumpyGaussianAggregator")
+
+
+def test_capabilities_are_enforced_for_a_users_mechanism():
+    class NeedsSecureSum(NumpyGaussian):
+        secure_sum = "required"
+        calibratable = False
+
+    with pytest.raises(ConfigError, match=r"^secagg=none: allowed is secagg or secagg_plus with"):
+        NeedsSecureSum().check(_dp_cfg())
+    with pytest.raises(ConfigError, match=r"^dp.target_epsilon=1.0: allowed is null with"):
+        NeedsSecureSum().check(dataclasses.replace(
+            _dp_cfg(secagg=dataclasses.replace(SimConfig().secagg, protocol="secagg")),
+            dp=DPConfig(mechanism="gaussian", target_epsilon=1.0)))
+
+
+def test_custom_mechanism_example_runs_and_is_accounted(ray_local):
+    """examples/custom_mechanism.py from Python: the accountant composes the
+    user's events exactly as it composes dp=gaussian's."""
+    from examples.custom_mechanism import main
+
+    result = main(rounds=2)
+    privacy = result.summary["privacy"]
+    assert privacy["mechanism"] == "examples.custom_mechanism:NumpyGaussian"
+    assert result.summary["config"]["dp"]["mechanism"] == privacy["mechanism"]
+    want = build_accountant(_dp_cfg())
+    for _ in range(2):
+        want.record(want.round_event(dp_accounting.GaussianDpEvent(0.8)))
+    assert privacy["epsilon"] == pytest.approx(want.epsilon(), rel=1e-12)
+    assert [r["noise_std"] for r in result.metrics] == pytest.approx([0.08, 0.08])
+    assert all(np.isfinite(r["eval_loss"]) for r in result.metrics)
+
+
+def test_custom_mechanism_from_hydra_with_target_epsilon(ray_local):
+    """``dp.mechanism=module:callable`` from the command line's composition, and
+    calibration to ``dp.target_epsilon`` through the user's event."""
+    from test_golden import compose
+
+    from fedsim.simulation import run_simulation
+
+    cfg = compose(["clients=30", "clients_per_round=10", "rounds=2", "local_epochs=1",
+                   "model=logreg", "ray.workers=1", "progress=false", "dp=gaussian",
+                   "dp.mechanism=examples.custom_mechanism:NumpyGaussian",
+                   "dp.target_epsilon=5.0"])
+    result = run_simulation(cfg)
+    privacy = result.summary["privacy"]
+    assert privacy["mechanism"] == "examples.custom_mechanism:NumpyGaussian"
+    assert privacy["epsilon"] <= 5.0
+    assert privacy["epsilon"] == pytest.approx(5.0, rel=1e-3)
+
+
+def test_unpicklable_part_is_refused_in_one_line():
+    import threading
+
+    from fedsim.simulation import run_simulation
+
+    class Locked(NumpyGaussian):
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+    with pytest.raises(FedsimError, match=r"^mechanism=: the object must pickle") as err:
+        run_simulation(_dp_cfg(), mechanism=Locked())
+    assert "\n" not in str(err.value)
+
+
+def test_mechanism_protocol_has_few_abstract_methods():
+    assert Mechanism.__abstractmethods__ == {"round_event", "build_aggregator"}
+    assert issubclass(NumpyGaussianAggregator, __import__(
+        "fedsim.aggregation.base", fromlist=["Aggregator"]).Aggregator)
