@@ -35,8 +35,10 @@ def to_sim_config(cfg: Any) -> SimConfig:
     return obj
 
 
-def _chain(err: BaseException) -> list[BaseException]:
-    out, seen = [], set()
+def _chain(first: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    err: BaseException | None = first
     while err is not None and id(err) not in seen:
         out.append(err)
         seen.add(id(err))

@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from fedsim.algorithms.base import Algorithm, resolve_algorithm
+from fedsim.client.features import trainer_features
 from fedsim.config import DPConfig, SimConfig
 from fedsim.data.base import FederatedData
 from fedsim.data.loaders import load_federated_data
@@ -179,6 +180,12 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     algo = resolve_algorithm(algorithm if algorithm is not None else cfg.algorithm, cfg)
     if algorithm is not None:
         cfg = dataclasses.replace(cfg, algorithm=_name(algorithm))
+    missing = sorted(set(algo.client_features) - trainer_features(cfg))
+    if missing:
+        raise ConfigError("algorithm", f"an algorithm whose clients need only what the trainer "
+                          f"honours (client.optimizer={cfg.client.optimizer}, client.vectorize="
+                          f"{cfg.client.vectorize} honours {sorted(trainer_features(cfg)) or 'none'};"
+                          f" it needs {', '.join(missing)})", cfg.algorithm)
     for option, obj in (("data=", data.train), ("mechanism=", mech), ("algorithm=", algo)):
         check_picklable(option, obj)
     accounted = mech.private or cfg.aggregator.kind == "tff"  # a TFF factory's own events

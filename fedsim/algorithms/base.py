@@ -32,6 +32,9 @@ class Algorithm(ABC):
     """
 
     name: str = ""
+    client_features: frozenset[str] = frozenset()
+    """The payload keys the clients must honour (checked against the trainer
+    before anything runs: :func:`fedsim.client.features.trainer_features`)."""
 
     def initial_state(self, weights: np.ndarray) -> State:
         """The algorithm's state for the initial global ``weights`` (flat float32)."""

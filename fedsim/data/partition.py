@@ -182,7 +182,7 @@ def dirichlet_partition(
         # Group the (randomly ordered) examples by client, keeping their order,
         # and take each donor's last `give` examples: random ones of the donor.
         grouped = np.argsort(owner, kind="stable")
-        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        starts = np.concatenate((np.zeros(1, np.int64), np.cumsum(sizes)[:-1]))
         grouped_owner = owner[grouped]
         rank = np.arange(n) - starts[grouped_owner]
         moved = grouped[rank >= sizes[grouped_owner] - give[grouped_owner]]

@@ -103,6 +103,7 @@ def _fields(buf: bytes) -> Iterable[tuple[int, int, Any]]:
     """(field number, wire type, value) of a protobuf message's wire format."""
     pos, n = 0, len(buf)
     while pos < n:
+        value: Any
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
@@ -362,7 +363,7 @@ class ObjectTFFClientData:
 
     def elements(self, client_id: str) -> list[dict[str, np.ndarray]]:
         ds = self.client_data.create_tf_dataset_for_client(client_id)
-        out = []
+        out: list[dict[str, np.ndarray]] = []
         for e in ds.as_numpy_iterator():
             if not isinstance(e, Mapping):
                 raise DataError(f"ClientData client {client_id!r}: elements must be "
@@ -552,6 +553,7 @@ def load_tff_client_data(client_data: Any, clients: Optional[int] = None, *,
 def load_tff_data(cfg: DataConfig, clients: int, seed: int) -> FederatedData:
     """``data=tff_client_data``: a TFF dataset from TFF's cache, or a custom file."""
     if cfg.tff_dataset is None:
+        assert cfg.path is not None  # (DataConfig requires data.path without tff_dataset)
         return load_sql_client_data(cfg.path, clients, x_key=cfg.x_key, y_key=cfg.y_key,
                                     x_shape=cfg.x_shape, num_classes=cfg.num_classes,
                                     train_split=cfg.train_split, test_split=cfg.test_split,

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from fedsim.config import RayConfig
 from fedsim.errors import FedsimError
@@ -85,7 +85,7 @@ def connect_ray(rc: RayConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
+    env: dict[str, Any] = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}}
     with warnings.catch_warnings():
         # TF 2.14 caps typing-extensions below what pydantic 2 needs, so Ray sees v1.
         warnings.filterwarnings("ignore", message="Pydantic v1", category=FutureWarning)
@@ -94,7 +94,7 @@ def connect_ray(rc: RayConfig) -> bool:
             ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False,
                      log_to_driver=True, logging_level="WARNING", runtime_env=env)
             return True
-        env.update(working_dir=str(PROJECT_DIR), excludes=RUNTIME_ENV_EXCLUDES)
+        env.update(working_dir=str(PROJECT_DIR), excludes=list(RUNTIME_ENV_EXCLUDES))
         check_reachable(rc.address, rc.connect_timeout_s)
         try:
             with _stderr_kept_back():

@@ -119,7 +119,8 @@ class ClientWorker:
         if secure is not None:
             encoded = np.zeros(secure.vector_len, secure.word_dtype) if skip else {}
         loss_sum, examples, encode_seconds = 0.0, 0, 0.0
-        for cid, result in self._train_clients(round_num, weights, client_ids):
+        payload = params.get("algorithm", {})  # the algorithm's, e.g. proximal_mu
+        for cid, result in self._train_clients(round_num, weights, client_ids, payload):
             loss_sum += result.loss * result.num_examples
             examples += result.num_examples
             if secure is None:
@@ -144,8 +145,8 @@ class ClientWorker:
         self._secagg_seconds += encode_seconds
         return None
 
-    def _train_clients(self, round_num: int, weights: np.ndarray,
-                       client_ids: Sequence[int]) -> Iterator[tuple[int, Any]]:
+    def _train_clients(self, round_num: int, weights: np.ndarray, client_ids: Sequence[int],
+                       payload: Mapping[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
         """``(client id, ClientResult)`` for each client, in order. Client ``c``
         shuffles with the stream ``(seed, SHUFFLE, round, c)``. Vectorized, the
         shard is trained in chunks of ``client.vectorize`` clients per call."""
@@ -170,7 +171,7 @@ class ClientWorker:
             return
         for cid in ids:
             x, y = self.data.client(cid)
-            yield cid, self.trainer.train(weights, x, y, rng(cid))
+            yield cid, self.trainer.train(weights, x, y, rng(cid), **(payload or {}))
 
     # -- secure aggregation, on behalf of this worker's clients of the round -------
     def secagg_advertise(self, round_num: int, client_ids: Sequence[int]) -> list:

@@ -458,6 +458,7 @@ def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int
     if spent:
         acct.restore(spent)
         already = acct.epsilon()
+        assert dp.target_epsilon is not None  # (calibrate is only called with a target)
         if already >= dp.target_epsilon or remaining <= 0:
             raise ConfigError("dp.target_epsilon", f"more than the epsilon {already:.4g} "
                               f"that the checkpoint's {rounds_done} rounds already spent, with "

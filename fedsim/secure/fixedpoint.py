@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -225,7 +226,7 @@ class FixedPointCodec:
         """``2^bits``."""
         return 1 << self.bits
 
-    def encode(self, x: np.ndarray, rng: np.random.Generator, dtype: type = np.uint64,
+    def encode(self, x: np.ndarray, rng: np.random.Generator, dtype: Any = np.uint64,
                add_to: np.ndarray | None = None) -> np.ndarray:
         """Encode the real vector ``x`` as a vector with values in ``[0, 2^bits)``.
 

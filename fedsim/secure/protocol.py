@@ -112,7 +112,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -327,9 +327,10 @@ def prg(seed: bytes, length: int, bits: int = 64) -> np.ndarray:
     return _Keystream(length, bits).fill(seed).astype(np.uint64)
 
 
-def _mask_of(bits: int, dtype: type = np.uint64) -> np.integer:
+def _mask_of(bits: int, dtype: Any = np.uint64) -> Any:
     """``2^bits - 1`` as a scalar of ``dtype`` (all ones when ``bits`` exceeds its width)."""
-    return np.dtype(dtype).type(min((1 << bits) - 1, np.iinfo(dtype).max))
+    dt = np.dtype(dtype)
+    return dt.type(min((1 << bits) - 1, int(np.iinfo(dt).max)))
 
 
 # --------------------------------------------------------------------------- graphs
@@ -709,6 +710,7 @@ def _add_masks(ks: _Keystream, y: np.ndarray, st: ClientState, peers: Iterable[i
     """``y += PRG(b_i) + sum_{j in peers, j>i} PRG(s_ij) - sum_{j in peers, j<i} PRG(s_ij)``
     (in ``y``'s word arithmetic) for client ``i`` = ``st.client_id``."""
     cid = st.client_id
+    assert st.b_seed is not None  # drawn when the client advertised its keys
     ks.add(y, st.b_seed)
     s_key = X25519PrivateKey.from_private_bytes(st.s_sk)
     for j in sorted(peers):
@@ -1067,7 +1069,7 @@ class SecAggServer:
         self._check_recoverable(3, self.survivors, u4, dropped)
         self.responders = u4
         t = self.threshold
-        total = self._sum.astype(word_dtype(self.bits), copy=False)
+        total: np.ndarray = self._sum.astype(word_dtype(self.bits), copy=False)
         ks = _Keystream(self.vector_len, self.bits)
         for i in sorted(self.survivors):
             b = shamir_reconstruct(sorted(b_points[i])[:t])
