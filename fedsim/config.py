@@ -576,8 +576,9 @@ class SimConfig:
     memory_every: every k rounds, record the resident memory (MiB) of the
     driver, the server actor and the workers (summed) in the metrics (0: off).
     seed: root of every random stream (data split, sampling, init, shuffling).
-    checkpoint_every: write ``checkpoint.pkl`` into the run directory every k
-      rounds and after the last (0: only after the last).
+    checkpoint_every: write a checkpoint (``checkpoint.json`` and its
+      ``checkpoint-<sha256>.npz``, :mod:`fedsim.results.checkpoint`) into the run
+      directory every k rounds and after the last (0: only after the last).
     resume: a run directory to continue from its checkpoint (outputs go there).
     resume_force: allow resuming with changed privacy parameters (dp, sampling,
       clients, clients_per_round); the ledger then records both.

@@ -81,7 +81,8 @@ def test_sigkill_after_round_3_then_resume_equals_uninterrupted(ray_local, tmp_p
 def test_corrupted_checkpoint_is_refused_and_left_untouched(ray_local, tmp_path):
     run_simulation(dataclasses.replace(_cfg(), rounds=2, local_epochs=1), tmp_path / "run")
     path = tmp_path / "run" / CHECKPOINT
-    data = bytearray(path.read_bytes())
+    good = path.read_bytes()
+    data = bytearray(good)
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted or partial"):
@@ -92,6 +93,16 @@ def test_corrupted_checkpoint_is_refused_and_left_untouched(ray_local, tmp_path)
     with pytest.raises(CheckpointError, match="corrupted or partial"):
         run_simulation(dataclasses.replace(_cfg(), rounds=3, local_epochs=1,
                                            resume=str(tmp_path / "run")))
+    # The arrays' file (weights, optimizer and aggregator state) is checksummed too.
+    path.write_bytes(good)
+    (npz,) = path.parent.glob("checkpoint-*.npz")
+    arrays = bytearray(npz.read_bytes())
+    arrays[len(arrays) // 2] ^= 0xFF
+    npz.write_bytes(bytes(arrays))
+    with pytest.raises(CheckpointError, match=f"{npz.name} is corrupted or partial"):
+        run_simulation(dataclasses.replace(_cfg(), rounds=3, local_epochs=1,
+                                           resume=str(tmp_path / "run")))
+    assert npz.read_bytes() == bytes(arrays)
 
 
 def test_changed_privacy_parameters_need_force_and_the_ledger_keeps_both(ray_local, tmp_path):

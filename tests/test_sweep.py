@@ -252,3 +252,9 @@ def test_collect_runs_reports_failed_incomplete_and_never_started_points(tmp_pat
     assert read_csv(sweep / "sweep_summary.csv")[1]["accuracy_mean"] == ""
     # A single run directory is one row.
     assert [r["status"] for r in collect_runs(sweep / "2")] == [INCOMPLETE]
+    # Resuming is suggested only where a checkpoint it can resume from is.
+    assert "resume=" not in collect_runs(sweep / "2")[0]["note"]
+    (sweep / "2" / "checkpoint.pkl").write_bytes(b"format 1: no longer resumable")
+    assert "resume=" not in collect_runs(sweep / "2")[0]["note"]
+    (sweep / "2" / "checkpoint.json").write_text("{}")
+    assert f"continue with resume={sweep / '2'}" in collect_runs(sweep / "2")[0]["note"]

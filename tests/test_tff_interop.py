@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,10 +66,18 @@ def _updates(rng, k, d):
 
 
 def _server_checkpoint(agg, state):
-    """What Server.get_state/set_state do with the aggregator state, through pickle."""
+    """What Server.get_state/set_state do with the aggregator state, through a
+    checkpoint written and read back (fedsim.results.checkpoint)."""
+    import tempfile
+
     import tensorflow as tf
 
-    saved = pickle.loads(pickle.dumps([np.asarray(v) for v in tf.nest.flatten(state)]))
+    from fedsim.results.checkpoint import load_checkpoint, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        save_checkpoint(Path(run_dir), {"round": 1, "server": {
+            "agg_state": [np.asarray(v) for v in tf.nest.flatten(state)]}})
+        saved = load_checkpoint(Path(run_dir))["server"]["agg_state"]
     template = agg.initial_state()
     return tf.nest.pack_sequence_as(
         template, [tf.constant(v) if tf.is_tensor(t) else v.item() if np.ndim(v) == 0 else v
@@ -142,7 +151,7 @@ def test_dp_event_with_noise_is_the_native_event_and_checkpoints_resume_exactly(
     assert isinstance(state["tff"], TFFState)
 
     # Noise makes TFF rounds irreproducible, so check the resumed state, not results:
-    # a fresh aggregator restored from a pickled checkpoint continues the same state.
+    # a fresh aggregator restored from a checkpoint continues the same state.
     restored_agg = TFFAggregator(ADAPTIVE, args, "uniform")
     restored = _server_checkpoint(restored_agg, state)
     assert restored["tff"].leaves == state["tff"].leaves

@@ -42,8 +42,9 @@ How it maps onto fedsim's aggregation protocol (:mod:`fedsim.aggregation.base`):
   ``dp_accounting.DpEvent`` with Python numbers.
 - State: ``{"tff": TFFState | None}``; None until the first round. A
   :class:`TFFState` holds the process state's leaves (numpy arrays, Python
-  numbers, bytes), which pickle, so the server's checkpoints work; the
-  structure is rebuilt from ``process.initialize()``.
+  numbers, bytes), which checkpoints store without pickle (a ``TFFState`` is in
+  :data:`fedsim.results.checkpoint.RECORDS`); the structure is rebuilt from
+  ``process.initialize()``.
 - ``num_sampled`` is not used: TFF's factories carry their own denominators
   (``clients_per_round``). ``rng`` is not used either: the process runs in TFF's
   C++ runtime (a ``worker_binary`` child process), where TF Privacy's noise ops
@@ -301,7 +302,7 @@ def resolve_factory(spec: str, args: Optional[Mapping[str, Any]] = None) -> Any:
 
 @dataclass(frozen=True, eq=False)
 class TFFState:
-    """A TFF process state in picklable form.
+    """A TFF process state in plain form (what checkpoints can store).
 
     size: the value dimension d the process was created for. leaves: the
     state's leaves in ``tf.nest`` order (numpy arrays, Python numbers, bytes);

@@ -38,6 +38,8 @@ from hydra.experimental.callback import Callback
 from fedsim.errors import FedsimError
 from fedsim.results.outputs import plot_metrics, read_metrics
 
+CHECKPOINT = "checkpoint.json"  # fedsim.results.checkpoint.CHECKPOINT (not imported: light)
+
 # Statuses of a grid point.
 COMPLETED = "completed"
 INCOMPLETE = "incomplete"    # has rounds in metrics.jsonl but no summary.json
@@ -171,7 +173,7 @@ def _read_run(run_dir: Path, point: Optional[str]) -> dict[str, Any]:
                note=f"no summary.json: stopped after round {last.get('round')} (killed, "
                     "crashed or still running)"
                     + (f"; continue with resume={run_dir}"
-                       if (run_dir / "checkpoint.pkl").is_file() else ""))
+                       if (run_dir / CHECKPOINT).is_file() else ""))
     return row
 
 
