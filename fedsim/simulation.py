@@ -37,6 +37,7 @@ from fedsim.config import DPConfig, RayConfig, SimConfig
 from fedsim.data.base import FederatedData
 from fedsim.data.loaders import load_federated_data
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.models.spec import ModelSpec, check_model, model_spec
 from fedsim.results.outputs import (MetricsLog, Progress, TensorBoardLog, memory_mib, plot_metrics, read_metrics, versions, write_json_atomic)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -55,11 +56,26 @@ class SimulationResult:
     weights: Optional[np.ndarray] = None  # the final global model, flat float32
 
 
-def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
-    """Refuse model/data combinations that cannot train, before any actor starts."""
-    if cfg.model.name == "cnn" and len(data.input_shape) != 3:
-        raise ConfigError("model", f"logreg or mlp for data={data.name} (its examples have "
-                          f"shape {data.input_shape}; cnn needs images)", "cnn")
+def check_compatible(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> None:
+    """Refuse model/data combinations that cannot train, before any actor starts.
+
+    A user's model (not a built-in with the default loss) is built once here and
+    run on a batch of zeros (:func:`fedsim.models.spec.check_model`, which
+    imports TF in the driver); with ``client.vectorize`` > 1 it must be one that
+    vectorized training implements (:func:`fedsim.client.vectorized.check_vectorizable`).
+    """
+    if spec.is_builtin:
+        if spec.name == "cnn" and len(data.input_shape) != 3:
+            raise ConfigError("model", f"logreg or mlp for data={data.name} (its examples have "
+                              f"shape {data.input_shape}; cnn needs images)", "cnn")
+        return
+    option = "model.builder" if cfg.model.builder is not None else "model"
+    check_model(spec, data.input_shape, data.num_classes, cfg.seed, option)
+    if cfg.client.vectorize > 1:
+        from fedsim.client.vectorized import check_vectorizable
+
+        check_vectorizable(spec, data.input_shape, data.num_classes, cfg.seed, cfg.batch_size,
+                           cfg.client.vectorize)
 
 
 NOT_PRIVATIZED = ("per-round metrics computed on the clients' exact data and released "
@@ -342,15 +358,13 @@ def _worst_round_event(cfg: SimConfig, dim: int) -> Any:
                            noise_shares=shares)
 
 
-def _model_size(cfg: SimConfig, data: FederatedData) -> int:
-    """The number of trainable parameters (builds the model here, in the driver)."""
-    from fedsim.models.keras import build_model, count_parameters
-
-    return count_parameters(build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed))
+def _model_size(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> int:
+    """The number of trainable parameters (a user's model is built here, in the driver)."""
+    return spec.num_parameters(data.input_shape, data.num_classes, cfg.seed)
 
 
-def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str, Any]]
-                ) -> tuple[SimConfig, dict[str, Any], bool]:
+def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str, Any]],
+                spec: ModelSpec) -> tuple[SimConfig, dict[str, Any], bool]:
     """``cfg`` with the noise that spends ``dp.target_epsilon`` over the whole run.
 
     A resumed run keeps the checkpoint's calibrated noise when its ledger plus the
@@ -359,7 +373,7 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
     ledger plus them spend the target. Returns the config, what the summary
     records, and whether the noise changed on resume.
     """
-    dim = _model_size(cfg, data) if cfg.secagg.protocol != "none" else None
+    dim = _model_size(cfg, data, spec) if cfg.secagg.protocol != "none" else None
     ledger = resumed["ledger"] if resumed else []
     done = resumed["round"] if resumed else 0
     if resumed:
@@ -396,7 +410,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     """
     t_start = time.perf_counter()
     data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
-    check_compatible(cfg, data)
+    spec = model_spec(cfg.model)
+    check_compatible(cfg, data, spec)
     privacy: dict[str, Any] = {}
     resumed: Optional[dict[str, Any]] = None
     kept: list[dict[str, Any]] = []
@@ -404,7 +419,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         resumed = load_checkpoint(Path(cfg.resume))
     fresh_aggregator = False  # the noise changed on resume: the aggregator starts afresh
     if cfg.dp.mechanism != "none" and cfg.dp.target_epsilon is not None:
-        cfg, privacy["calibrated"], fresh_aggregator = _calibrated(cfg, data, resumed)
+        cfg, privacy["calibrated"], fresh_aggregator = _calibrated(cfg, data, resumed, spec)
     if resumed is not None:
         saved = resumed["config"]
         if fresh_aggregator:  # recalibrated for the same target: not a change of budget
@@ -437,10 +452,11 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     try:
         data_ref = ray.put(data.train)
         server = ray.remote(num_cpus=0)(Server).remote(
-            actor_cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
+            actor_cfg, spec, data.input_shape, data.num_classes, data.x_test, data.y_test)
         resources = ray.cluster_resources()
         n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-        pool = make_pool(actor_cfg, data_ref, data.input_shape, data.num_classes, n_workers)
+        pool = make_pool(actor_cfg, spec, data_ref, data.input_shape, data.num_classes,
+                         n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
         # A TFF factory may report DpEvents of its own: they are accounted too.
@@ -479,7 +495,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                     break
                 except ray.exceptions.RayError as err:
                     dead = _replace_dead_workers(ray, workers, lambda i: make_worker(
-                        actor_cfg, data_ref, data.input_shape, data.num_classes, i, pool))
+                        actor_cfg, spec, data_ref, data.input_shape, data.num_classes, i, pool))
                     if not dead:
                         raise
                     if attempt == cfg.faults.max_retries:

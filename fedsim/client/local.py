@@ -2,7 +2,8 @@
 
 A :class:`LocalTrainer` owns one Keras model and trains any number of clients
 with it, one after another: it loads the global weights, runs ``local_epochs``
-passes of minibatch SGD over the client's examples in ONE compiled
+passes of minibatch SGD on the mean of the spec's per-example loss
+(:class:`fedsim.models.spec.ModelSpec`) over the client's examples in ONE compiled
 ``tf.function`` call (a graph loop over all steps, traced once per input shape),
 and returns the client's update as TFF defines it::
 
@@ -20,8 +21,9 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from fedsim.config import ClientConfig, ModelConfig
-from fedsim.models.keras import FlatWeights, build_model
+from fedsim.config import ClientConfig
+from fedsim.models.keras import FlatWeights
+from fedsim.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -45,16 +47,21 @@ def epoch_order(num_examples: int, epochs: int, rng: np.random.Generator) -> np.
 
 
 class LocalTrainer:
-    """Trains clients of one model architecture with SGD (optionally momentum).
+    """Trains clients of one model (``model``, a ModelSpec) with SGD (optionally
+    momentum).
 
-    SGD with momentum m: ``v <- m * v + g; w <- w - lr * v``, with ``v`` reset to
-    zero for every client (clients keep no state between rounds, as in TFF).
+    Each step's gradient is that of the batch's mean loss,
+    ``sum(model.loss(y, logits)) / batch``; SGD with momentum m:
+    ``v <- m * v + g; w <- w - lr * v``, with ``v`` reset to zero for every
+    client (clients keep no state between rounds, as in TFF). ``seed`` seeds the
+    model's initial weights (overwritten by the global weights in ``train``).
     """
 
-    def __init__(self, model_cfg: ModelConfig, client_cfg: ClientConfig,
+    def __init__(self, model: ModelSpec, client_cfg: ClientConfig,
                  input_shape: Sequence[int], num_classes: int, batch_size: int,
                  local_epochs: int, seed: int = 0) -> None:
-        self.model = build_model(model_cfg, input_shape, num_classes, seed)
+        self.spec = model
+        self.model = model.build(input_shape, num_classes, seed)
         self.flat = FlatWeights(self.model.trainable_variables)
         self.batch_size = int(batch_size)
         self.local_epochs = int(local_epochs)
@@ -63,8 +70,6 @@ class LocalTrainer:
         self._use_momentum = client_cfg.momentum > 0
         self._velocity = [tf.Variable(tf.zeros_like(v), trainable=False)
                           for v in self.model.trainable_variables]
-        self._loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
         x_spec = tf.TensorSpec([None, *input_shape], tf.float32)
         self._train = tf.function(
             self._train_graph,
@@ -94,7 +99,7 @@ class LocalTrainer:
             xb = tf.gather(x, idx)
             yb = tf.gather(y, idx)
             with tf.GradientTape() as tape:
-                loss_sum = self._loss_fn(yb, self.model(xb, training=True))
+                loss_sum = tf.reduce_sum(self.spec.loss(yb, self.model(xb, training=True)))
                 loss = loss_sum / tf.cast(stop - start, tf.float32)
             grads = tape.gradient(loss, variables)
             for var, g, vel in zip(variables, grads, self._velocity):

@@ -127,8 +127,8 @@ class ModelSpec:
 
         model = self.builder(tuple(int(d) for d in input_shape), int(num_classes), int(seed))
         if not isinstance(model, tf.keras.Model):
-            raise ConfigError("model", f"a builder that returns a tf.keras.Model ({self.name} "
-                              f"returned a {type(model).__name__})", self.name)
+            raise TypeError(f"the builder returned a {type(model).__name__}, not a "
+                            "tf.keras.Model")
         if not model.built:
             model(tf.zeros([1, *input_shape], tf.float32), training=False)
         return model
@@ -197,6 +197,11 @@ def builtin_spec(cfg: ModelConfig) -> ModelSpec:
     return ModelSpec(BuiltinModel.from_config(cfg), name=cfg.name)
 
 
+def _why(err: BaseException) -> str:
+    """``Type: first line of the message``, for one-line errors."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+
+
 def _import_callable(path: str, option: str) -> Any:
     """The object ``module.path:attr.path`` names; one-line ConfigError naming
     ``option`` if it cannot be imported or found."""
@@ -208,9 +213,8 @@ def _import_callable(path: str, option: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as err:  # ModuleNotFoundError, or the module itself failed
-        reason = (str(err).splitlines() or [""])[0]
         raise ConfigError(option, f"an importable module before ':' (importing "
-                          f"{module_name!r} failed: {type(err).__name__}: {reason}; is its "
+                          f"{module_name!r} failed: {_why(err)}; is its "
                           "directory on PYTHONPATH?)", path) from err
     for part in attr_path.split("."):
         if not hasattr(obj, part):
@@ -278,12 +282,10 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
     _tf_shares_gpus()
     try:
         model = spec.build(input_shape, num_classes, seed)
-    except ConfigError:
-        raise
     except Exception as err:
-        raise ConfigError(option, f"a builder that builds a model for inputs of shape "
+        raise ConfigError(option, f"a builder that builds a tf.keras.Model for inputs of shape "
                           f"{tuple(input_shape)} and {num_classes} classes ({spec.name} raised "
-                          f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]})",
+                          f"{_why(err)})",
                           spec.name) from err
     x = tf.zeros([batch, *input_shape], tf.float32)
     y = tf.zeros([batch], tf.int32)
@@ -291,8 +293,8 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
         logits = model(x, training=False)
     except Exception as err:
         raise ConfigError(option, f"a model that runs on float32 inputs of shape [batch, "
-                          f"{', '.join(str(int(d)) for d in input_shape)}] ({type(err).__name__}"
-                          f": {(str(err).splitlines() or [''])[0]})", spec.name) from err
+                          f"{', '.join(str(int(d)) for d in input_shape)}] ({_why(err)})",
+                          spec.name) from err
     if tuple(logits.shape) != (batch, num_classes):
         raise ConfigError(option, f"a model whose output is [batch, num_classes={num_classes}] "
                           f"logits (it gave shape {list(logits.shape)} for a batch of {batch})",
@@ -305,8 +307,7 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
             out = np.asarray(fn(y, logits))
         except Exception as err:
             raise ConfigError(option, f"a {what} (y_true, logits) -> one value per example "
-                              f"({type(err).__name__}: {(str(err).splitlines() or [''])[0]})",
-                              spec.name) from err
+                              f"({_why(err)})", spec.name) from err
         if out.shape != (batch,):
             raise ConfigError(option, f"a {what} that returns one value per example, shape "
                               f"[batch] (it returned shape {list(out.shape)} for a batch of "
