@@ -34,7 +34,7 @@ from fedsim.privacy import noise
 from fedsim.privacy.accounting import (audit_comparison, build_accountant, calibrate, check_ledger, default_delta, mechanism_event)
 from fedsim.results.checkpoint import (CheckpointError, check_resumable, load_checkpoint, save_checkpoint)
 from fedsim.config import DPConfig, RayConfig, SimConfig
-from fedsim.data.base import FederatedData
+from fedsim.data.base import FederatedData, check_federated_data
 from fedsim.data.loaders import load_federated_data
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.models.spec import ModelSpec, check_model, model_spec
@@ -401,16 +401,33 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
     return dataclasses.replace(cfg, dp=dp), info, changed
 
 
-def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None) -> SimulationResult:
+def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None, *,
+                   data: Optional[FederatedData] = None, model: Any = None) -> SimulationResult:
     """Run a whole federated simulation and write its outputs to ``output_dir``.
+
+    data: your own dataset (a :class:`fedsim.data.base.FederatedData`: its
+      ``train`` any object with ``num_clients`` and ``client(cid) -> (x, y)``)
+      instead of loading ``cfg.data``; the population is clients
+      ``0 .. cfg.clients - 1`` of it. model: your own model, a
+      :class:`fedsim.models.spec.ModelSpec` or a builder ``(input_shape,
+      num_classes, seed) -> tf.keras.Model``, instead of ``cfg.model``
+      (:func:`fedsim.models.spec.model_spec`). Both must pickle (Ray sends them
+      to the actors); if not, a FedsimError naming ``data=`` or ``model=`` says
+      why, before any actor starts.
 
     Bad configuration and unreadable data raise :class:`FedsimError` before any
     output file is written. Uses the running Ray instance if there is one,
     otherwise starts (and afterwards stops) one as ``cfg.ray`` says.
     """
+    from fedsim.engine.worker import check_sendable
+
     t_start = time.perf_counter()
-    data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
-    spec = model_spec(cfg.model)
+    for option, given in (("data", data), ("model", model)):
+        if given is not None:
+            check_sendable(given, option)
+    data = (load_federated_data(cfg.data, cfg.clients, cfg.seed) if data is None
+            else check_federated_data(data, cfg.clients))
+    spec = model_spec(cfg.model, model)
     check_compatible(cfg, data, spec)
     privacy: dict[str, Any] = {}
     resumed: Optional[dict[str, Any]] = None

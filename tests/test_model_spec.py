@@ -6,16 +6,14 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 
 from fedsim.config import ClientConfig, ModelConfig
-from fedsim.errors import ConfigError, FedsimError
+from fedsim.errors import ConfigError
 from fedsim.models.spec import (BuiltinModel, ModelSpec, accuracy, check_model, model_spec,
                                 sparse_categorical_crossentropy)
-from helpers import small_config
 
 
 def dense_builder(input_shape, num_classes, seed):

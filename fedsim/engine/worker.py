@@ -23,6 +23,7 @@ import numpy as np
 from fedsim.aggregation.base import Partial, merge_partials
 from fedsim.config import SimConfig
 from fedsim.data.base import ClientData
+from fedsim.errors import FedsimError
 from fedsim.models.spec import ModelSpec
 from fedsim.results.outputs import memory_mib
 from fedsim.rng import STREAM_NOISE, STREAM_SECAGG, STREAM_SHUFFLE, stream
@@ -320,7 +321,8 @@ def make_pool(cfg: SimConfig, model_spec: ModelSpec, data_ref: Any,
     import ray
     from ray.util.placement_group import get_current_placement_group, placement_group
 
-    
+    from fedsim.errors import FedsimError
+
     pool = WorkerPool([])
     if get_current_placement_group() is None:
         pg = placement_group([worker_bundle(cfg)] * size, strategy="SPREAD")
@@ -337,3 +339,39 @@ def make_pool(cfg: SimConfig, model_spec: ModelSpec, data_ref: Any,
                    for i in range(size)]
     return pool
 
+
+class _Discard:
+    """A file that forgets what is written to it (bytes, or protocol 5's
+    PickleBuffers of large arrays), counting the bytes."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.nbytes += n
+        return n
+
+
+def check_sendable(obj: Any, option: str) -> None:
+    """Refuse, before any actor starts, an object given from Python that Ray
+    cannot send to the actors: one-line FedsimError naming ``option`` and why.
+
+    Pickles ``obj`` as Ray does (cloudpickle: lambdas and closures are fine,
+    a lock, an open file or a live connection inside them are not) into a sink
+    that keeps nothing. Without the ``cloudpickle`` package (Ray vendors its
+    own copy, importable only once Ray is) the check is left to Ray.
+    """
+    try:
+        import cloudpickle
+    except ImportError:  # pragma: no cover - cloudpickle ships with TF Probability
+        return
+    try:
+        cloudpickle.dump(obj, _Discard(), protocol=5)
+    except Exception as err:
+        reason = (str(err).splitlines() or [""])[0]
+        raise FedsimError(
+            f"{option}=: cannot be sent to the Ray actors, it does not pickle "
+            f"({type(err).__name__}: {reason}); define it at module level, or keep "
+            "locks, open files and connections out of it (open them inside the actor, "
+            "e.g. lazily in client())") from err
