@@ -44,10 +44,13 @@ Contract of a spec's parts (all TF ops, traced into the trainers' graphs):
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from fedsim.config import CALLABLE_PATH, ModelConfig
 from fedsim.errors import ConfigError
@@ -202,6 +205,30 @@ def _why(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
+@contextlib.contextmanager
+def _quiet_tensorflow_start() -> Iterator[None]:
+    """If TensorFlow is not imported yet, import-time C++ logs stay quiet.
+
+    TF's CUDA builds log "Unable to register cuDNN factory" and the like at
+    level E when they start; in the driver, which starts TF only to check a
+    user's model, those lines would come before the one-line error. The actors
+    already run at ``TF_CPP_MIN_LOG_LEVEL=3`` (:func:`fedsim.simulation.connect_ray`);
+    TF reads the level once, at its first log line, so the driver's TF stays at 3
+    too. The environment variable is restored afterwards."""
+    if "tensorflow" in sys.modules:
+        yield
+        return
+    old = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = old
+
+
 def _import_callable(path: str, option: str) -> Any:
     """The object ``module.path:attr.path`` names; one-line ConfigError naming
     ``option`` if it cannot be imported or found."""
@@ -211,7 +238,8 @@ def _import_callable(path: str, option: str) -> Any:
         raise ConfigError(option, "module:callable (e.g. my_pkg.models:build)", path)
     module_name, attr_path = path.split(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        with _quiet_tensorflow_start():
+            obj: Any = importlib.import_module(module_name)
     except Exception as err:  # ModuleNotFoundError, or the module itself failed
         raise ConfigError(option, f"an importable module before ':' (importing "
                           f"{module_name!r} failed: {_why(err)}; is its "
@@ -277,8 +305,9 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
     trainable weights, and a loss or metric that is not one value per example.
     Imports TensorFlow (the driver calls it for users' models only)."""
     import numpy as np
-    import tensorflow as tf
 
+    with _quiet_tensorflow_start():
+        import tensorflow as tf
     _tf_shares_gpus()
     try:
         model = spec.build(input_shape, num_classes, seed)
