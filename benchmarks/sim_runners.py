@@ -166,10 +166,11 @@ def run_loop(a: argparse.Namespace, vectorized: bool) -> dict[str, Any]:
     from fedsim.client.local import LocalTrainer
     from fedsim.config import ClientConfig
     from fedsim.client.vectorized import VectorizedTrainer
+    from fedsim.models.spec import model_spec
 
     clients = W.Clients(Path(a.data) / "clients.npz")
-    args = (W.model_config(a.model), ClientConfig(learning_rate=W.CLIENT_LR), W.IMAGE_SHAPE,
-            W.NUM_CLASSES, W.BATCH_SIZE, W.LOCAL_EPOCHS)
+    args = (model_spec(W.model_config(a.model)), ClientConfig(learning_rate=W.CLIENT_LR),
+            W.IMAGE_SHAPE, W.NUM_CLASSES, W.BATCH_SIZE, W.LOCAL_EPOCHS)
     trainer = (VectorizedTrainer(*args, seed=W.MODEL_SEED, max_clients_per_call=a.vectorize)
                if vectorized else LocalTrainer(*args, seed=W.MODEL_SEED))
     weights = trainer.flat.get().numpy()

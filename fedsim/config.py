@@ -18,13 +18,16 @@ from __future__ import annotations
 import importlib
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fedsim.errors import ConfigError
 
 DATASETS = ("digits", "synthetic", "mnist", "emnist", "tff_client_data")
-MODELS = ("logreg", "mlp", "cnn")
+MODELS = ("logreg", "mlp", "cnn", "keras")
+# module.path:attr.path, as ``model.builder`` (and ``aggregator.factory``) name a callable
+CALLABLE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam")
 ACCOUNTANTS = ("rdp", "pld")
 ALGORITHMS = ("fedavg",)
@@ -155,15 +158,31 @@ class ModelConfig:
 
     name: ``logreg`` (softmax regression), ``mlp`` (hidden layers of ``hidden``
       units, ReLU), ``cnn`` (two 3x3 conv layers with ``filters`` channels, then a
-      dense layer; needs image data).
+      dense layer; needs image data), or ``keras``: your own model, built by
+      ``builder``.
+    builder: ``keras`` only: ``module:callable`` naming either a builder
+      ``(input_shape, num_classes, seed) -> tf.keras.Model`` (logits out; trained
+      with sparse categorical cross-entropy, evaluated with accuracy) or a
+      :class:`fedsim.models.spec.ModelSpec` (its own loss and metrics), e.g.
+      ``model=keras model.builder=examples.custom_model:build``. Only the format
+      is checked here; the module is imported when the run starts
+      (:func:`fedsim.models.spec.model_spec`). hidden and filters are ignored.
     """
 
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [200, 200])
     filters: list[int] = field(default_factory=lambda: [32, 64])
+    builder: Optional[str] = None
 
     def __post_init__(self) -> None:
         _one_of("model.name", self.name, MODELS)
+        if self.name == "keras":
+            _check(isinstance(self.builder, str) and CALLABLE_PATH.fullmatch(self.builder)
+                   is not None, "model.builder", "module:callable naming your model's "
+                   "builder (e.g. my_pkg.models:build)", self.builder)
+        else:
+            _check(self.builder is None, "model.builder", f"null with model.name={self.name} "
+                   "(your own builder needs model=keras)", self.builder)
         _check(all(int(h) >= 1 for h in self.hidden), "model.hidden",
                "a list of integers >= 1", self.hidden)
         _check(len(self.filters) >= 1 and all(int(f) >= 1 for f in self.filters),

@@ -32,12 +32,13 @@ import numpy as np
 from fedsim.algorithms.base import Algorithm, resolve_algorithm
 from fedsim.client.features import trainer_features
 from fedsim.config import DPConfig, SimConfig
-from fedsim.data.base import FederatedData
+from fedsim.data.base import FederatedData, check_federated_data
 from fedsim.data.loaders import load_federated_data
-from fedsim.engine.parts import Parts, check_picklable
+from fedsim.engine.parts import Parts, check_sendable
 from fedsim.engine.ray_setup import connect_ray
 from fedsim.engine.rounds import RoundFailed, memory_row, run_round_with_retries
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.models.spec import ModelSpec, check_model, model_spec
 from fedsim.privacy.accounting import (audit_comparison, build_accountant, calibrate,
                                        check_ledger, default_delta, mechanism_event)
 from fedsim.privacy.mechanisms.base import Mechanism, resolve_mechanism
@@ -60,11 +61,26 @@ class SimulationResult:
     weights: Optional[np.ndarray] = None  # the final global model, flat float32
 
 
-def check_compatible(cfg: SimConfig, data: FederatedData) -> None:
-    """Refuse model/data combinations that cannot train, before any actor starts."""
-    if cfg.model.name == "cnn" and len(data.input_shape) != 3:
-        raise ConfigError("model", f"logreg or mlp for data={data.name} (its examples have "
-                          f"shape {data.input_shape}; cnn needs images)", "cnn")
+def check_compatible(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> None:
+    """Refuse model/data combinations that cannot train, before any actor starts.
+
+    A user's model (not a built-in with the default loss) is built once here and
+    run on a batch of zeros (:func:`fedsim.models.spec.check_model`, which
+    imports TF in the driver); with ``client.vectorize`` > 1 it must be one that
+    vectorized training implements (:func:`fedsim.client.vectorized.check_vectorizable`).
+    """
+    if spec.is_builtin:
+        if spec.name == "cnn" and len(data.input_shape) != 3:
+            raise ConfigError("model", f"logreg or mlp for data={data.name} (its examples have "
+                              f"shape {data.input_shape}; cnn needs images)", "cnn")
+        return
+    option = "model.builder" if cfg.model.builder is not None else "model"
+    check_model(spec, data.input_shape, data.num_classes, cfg.seed, option)
+    if cfg.client.vectorize > 1:
+        from fedsim.client.vectorized import check_vectorizable
+
+        check_vectorizable(spec, data.input_shape, data.num_classes, cfg.seed, cfg.batch_size,
+                           cfg.client.vectorize)
 
 
 def _kept_rows(run_dir: Path, ckpt_round: int) -> list[dict[str, Any]]:
@@ -107,15 +123,13 @@ def actor_config(cfg: SimConfig) -> SimConfig:
                                                            noise_seed=secrets.randbits(64)))
 
 
-def _model_size(cfg: SimConfig, data: FederatedData) -> int:
-    """The number of trainable parameters (builds the model here, in the driver)."""
-    from fedsim.models.keras import build_model, count_parameters
-
-    return count_parameters(build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed))
+def _model_size(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> int:
+    """The number of trainable parameters (a user's model is built here, in the driver)."""
+    return spec.num_parameters(data.input_shape, data.num_classes, cfg.seed)
 
 
 def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str, Any]],
-                mechanism: Mechanism) -> tuple[SimConfig, dict[str, Any], bool]:
+                spec: ModelSpec, mechanism: Mechanism) -> tuple[SimConfig, dict[str, Any], bool]:
     """``cfg`` with the noise that spends ``dp.target_epsilon`` over the whole run.
 
     A resumed run keeps the checkpoint's calibrated noise when its ledger plus the
@@ -124,7 +138,7 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
     ledger plus them spend the target. Returns the config, what the summary
     records, and whether the noise changed on resume.
     """
-    dim = _model_size(cfg, data) if cfg.secagg.protocol != "none" else None
+    dim = _model_size(cfg, data, spec) if cfg.secagg.protocol != "none" else None
     ledger = resumed["ledger"] if resumed else []
     done = resumed["round"] if resumed else 0
     if resumed:
@@ -154,25 +168,42 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
 
 
 def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None, *,
-                   data: Optional[FederatedData] = None, mechanism: Optional[Mechanism] = None,
-                   algorithm: Optional[Algorithm] = None,
+                   data: Optional[FederatedData] = None, model: Any = None,
+                   mechanism: Optional[Mechanism] = None, algorithm: Optional[Algorithm] = None,
                    callbacks: Sequence[Callback] = ()) -> SimulationResult:
     """Run a whole federated simulation and write its outputs to ``output_dir``.
 
-    ``data``: the clients' data and test split (default: ``cfg.data`` loaded);
-    ``mechanism``: a DP mechanism object (default: the one ``cfg.dp.mechanism``
-    names); ``algorithm``: a server algorithm object (default: ``cfg.algorithm``);
-    ``callbacks``: called around the rounds after the built-in ones
-    (:mod:`fedsim.results.callbacks`). Objects must pickle (they are shipped to
-    the Ray actors). Bad configuration and unreadable data raise
-    :class:`FedsimError` before any output file is written. Uses the running Ray
-    instance if there is one, otherwise starts (and afterwards stops) one as
-    ``cfg.ray`` says.
+    Your own parts, instead of the ones ``cfg`` names (``Extending fedsim`` in
+    the README):
+
+    - data: a :class:`fedsim.data.base.FederatedData` (its ``train`` any object
+      with ``num_clients`` and ``client(cid) -> (x, y)``) instead of loading
+      ``cfg.data``; the population is clients ``0 .. cfg.clients - 1`` of it.
+    - model: a :class:`fedsim.models.spec.ModelSpec` or a builder
+      ``(input_shape, num_classes, seed) -> tf.keras.Model`` instead of
+      ``cfg.model`` (:func:`fedsim.models.spec.model_spec`).
+    - mechanism: a :class:`fedsim.privacy.mechanisms.base.Mechanism` instead of
+      the one ``cfg.dp.mechanism`` names.
+    - algorithm: a :class:`fedsim.algorithms.base.Algorithm` instead of
+      ``cfg.algorithm``.
+    - callbacks: :class:`fedsim.results.callbacks.Callback` objects, called
+      around the rounds after the built-in ones.
+
+    Objects must pickle (Ray sends them to the actors); if one does not, a
+    FedsimError naming it says why, before any actor starts. Bad configuration
+    and unreadable data raise :class:`FedsimError` before any output file is
+    written. Uses the running Ray instance if there is one, otherwise starts
+    (and afterwards stops) one as ``cfg.ray`` says.
     """
     t_start = time.perf_counter()
-    if data is None:
-        data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
-    check_compatible(cfg, data)
+    for option, given in (("data", data), ("model", model), ("mechanism", mechanism),
+                          ("algorithm", algorithm)):
+        if given is not None:
+            check_sendable(given, option)
+    data = (load_federated_data(cfg.data, cfg.clients, cfg.seed) if data is None
+            else check_federated_data(data, cfg.clients))
+    spec = model_spec(cfg.model, model)
+    check_compatible(cfg, data, spec)
     mech = resolve_mechanism(mechanism if mechanism is not None else cfg.dp.mechanism)
     if mechanism is not None:  # the config names what runs (summary, checkpoints)
         cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, mechanism=_name(mechanism)))
@@ -186,8 +217,6 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                           f"honours (client.optimizer={cfg.client.optimizer}, client.vectorize="
                           f"{cfg.client.vectorize} honours {sorted(trainer_features(cfg)) or 'none'};"
                           f" it needs {', '.join(missing)})", cfg.algorithm)
-    for option, obj in (("data=", data.train), ("mechanism=", mech), ("algorithm=", algo)):
-        check_picklable(option, obj)
     accounted = mech.private or cfg.aggregator.kind == "tff"  # a TFF factory's own events
     privacy: dict[str, Any] = {}
     resumed: Optional[dict[str, Any]] = None
@@ -196,7 +225,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         resumed = load_checkpoint(Path(cfg.resume))
     fresh_aggregator = False  # the noise changed on resume: the aggregator starts afresh
     if mech.private and cfg.dp.target_epsilon is not None:
-        cfg, privacy["calibrated"], fresh_aggregator = _calibrated(cfg, data, resumed, mech)
+        cfg, privacy["calibrated"], fresh_aggregator = _calibrated(cfg, data, resumed, spec, mech)
     if resumed is not None:
         saved = resumed["config"]
         if fresh_aggregator:  # recalibrated for the same target: not a change of budget
@@ -213,7 +242,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
 
     accountant = None
     actor_cfg = actor_config(cfg)
-    parts = Parts(mech, algo)
+    parts = Parts(spec, mech, algo)
     started = connect_ray(cfg.ray)
     import ray
 
@@ -228,11 +257,11 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     try:
         data_ref = ray.put(data.train)
         server = ray.remote(num_cpus=0)(Server).remote(
-            actor_cfg, data.input_shape, data.num_classes, data.x_test, data.y_test, parts=parts)
+            actor_cfg, parts, data.input_shape, data.num_classes, data.x_test, data.y_test)
         resources = ray.cluster_resources()
         n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-        pool = make_pool(actor_cfg, data_ref, data.input_shape, data.num_classes, n_workers,
-                         parts=parts)
+        pool = make_pool(actor_cfg, parts, data_ref, data.input_shape, data.num_classes,
+                         n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
         accountant = build_accountant(cfg, num_parameters) if accounted else None
@@ -261,8 +290,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             hook.on_run_start(ctx)
 
         def restart(i: int) -> Any:
-            return make_worker(actor_cfg, data_ref, data.input_shape, data.num_classes, i, pool,
-                               parts=parts)
+            return make_worker(actor_cfg, parts, data_ref, data.input_shape, data.num_classes, i,
+                               pool)
 
         for rnd in range(first_round, cfg.rounds + 1):
             reason = next((r for r in (h.stop_before_round(ctx, rnd) for h in hooks) if r), None)

@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                            noise_multiplier=args.noise_multiplier,
                            num_microbatches=micro, batch_sampling=args.batch_sampling,
                            delta=args.delta)
-        model = (tutorial_cnn(data.x_train.shape[1:], data.num_classes, args.seed)
-                 if args.mnist else None)
+        model = tutorial_cnn if args.mnist else None  # built by train_central, seeded
         result = train_central(
             data, cfg, args.batch_size, args.epochs, model=model,
             model_cfg=ModelConfig(name=args.model), accountant=args.accountant, seed=args.seed,

@@ -41,7 +41,7 @@ BAD_INPUTS = [
     (["clients=0"], "clients=0: allowed is an integer >= 1"),
     (["clients=-5"], "clients=-5"),
     (["clients_per_round=101"], "clients_per_round=101: allowed is an integer in [1, clients=100]"),
-    (["model=transformer"], "model=transformer: unknown option; allowed: cnn, logreg, mlp"),
+    (["model=transformer"], "model=transformer: unknown option; allowed: cnn, keras, logreg, mlp"),
     (["data=imagenet"], "data=imagenet: unknown option; allowed: digits, emnist, mnist, synthetic, tff_client_data"),
     (["client.learning_rate=0"], "client.learning_rate=0.0: allowed is a finite number > 0"),
     (["server.learning_rate=-1"], "server.learning_rate=-1.0"),

@@ -7,6 +7,7 @@ import pytest
 
 from fedsim.client.local import LocalTrainer, epoch_order
 from fedsim.config import ClientConfig, ModelConfig
+from fedsim.models.spec import model_spec
 
 
 def _keras_reference(model_cfg, client_cfg, input_shape, w0, x, y, batch_size, epochs, rng):
@@ -39,7 +40,7 @@ def test_local_training_matches_keras_sgd(model_name, momentum):
     y = rng.integers(0, 10, size=23).astype(np.int32)
     model_cfg = ModelConfig(name=model_name, hidden=[16], filters=[4, 8])
     client_cfg = ClientConfig(learning_rate=0.1, momentum=momentum)
-    trainer = LocalTrainer(model_cfg, client_cfg, (8, 8, 1), 10, batch_size=5, local_epochs=2,
+    trainer = LocalTrainer(model_spec(model_cfg), client_cfg, (8, 8, 1), 10, batch_size=5, local_epochs=2,
                            seed=7)
     w0 = trainer.flat.get().numpy() + rng.normal(scale=0.01, size=trainer.num_parameters
                                                  ).astype(np.float32)
@@ -54,8 +55,9 @@ def test_local_training_matches_keras_sgd(model_name, momentum):
 
 def test_trainer_is_reusable_across_clients_without_leaking_state():
     rng = np.random.default_rng(1)
-    trainer = LocalTrainer(ModelConfig(name="mlp", hidden=[8]), ClientConfig(learning_rate=0.1,
-                           momentum=0.5), (8, 8, 1), 10, batch_size=4, local_epochs=1)
+    trainer = LocalTrainer(model_spec(ModelConfig(name="mlp", hidden=[8])),
+                           ClientConfig(learning_rate=0.1, momentum=0.5), (8, 8, 1), 10,
+                           batch_size=4, local_epochs=1)
     w0 = trainer.flat.get().numpy()
     xa, ya = rng.random((9, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 9).astype(np.int32)
     xb, yb = rng.random((5, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 5).astype(np.int32)

@@ -23,6 +23,7 @@ from fedsim.client.local import LocalTrainer, epoch_order
 from fedsim.config import ClientConfig, DPConfig, ModelConfig, ServerConfig, SimConfig
 from fedsim.client.dp_sgd import (DPSGDTrainer, client_example_epsilon, dp_sgd_epsilon, dp_sgd_event, microbatch_size)
 from fedsim.errors import ConfigError
+from fedsim.models.spec import model_spec
 from fedsim.simulation import run_simulation
 from helpers import small_config
 
@@ -139,13 +140,13 @@ def test_per_example_clipping_bounds_a_step(sampling):
     lr, clip = 0.1, 1.0
     x, y = _data(16, seed=1, scale=1000.0)
     mc = ModelConfig(name="logreg")
-    dp = DPSGDTrainer(mc, _cfg(learning_rate=lr, l2_norm_clip=clip, batch_sampling=sampling),
+    dp = DPSGDTrainer(model_spec(mc), _cfg(learning_rate=lr, l2_norm_clip=clip, batch_sampling=sampling),
                       SHAPE, 10, 16, 1)
     w0 = dp.flat.get().numpy()
     d_dp = dp.train(w0, x, y, np.random.default_rng(3)).delta
     norm = float(np.linalg.norm(d_dp))
     assert 0.1 * lr * clip < norm <= lr * clip * (1 + 1e-5)
-    plain = LocalTrainer(mc, _cfg(learning_rate=lr), SHAPE, 10, 16, 1)
+    plain = LocalTrainer(model_spec(mc), _cfg(learning_rate=lr), SHAPE, 10, 16, 1)
     d_plain = plain.train(w0, x, y, np.random.default_rng(3)).delta
     assert np.linalg.norm(d_plain) > 100 * lr * clip  # not bounded without clipping
     # and it is TF Privacy's own step
@@ -160,7 +161,7 @@ def test_microbatches_and_short_batch_match_tf_privacy():
     Privacy's DPKerasSGDOptimizer with that microbatch count (clip active)."""
     x, y = _data(23, seed=2)
     mc = ModelConfig(name="mlp", hidden=[8])
-    dp = DPSGDTrainer(mc, _cfg(l2_norm_clip=0.05, num_microbatches=5, batch_sampling="shuffle"),
+    dp = DPSGDTrainer(model_spec(mc), _cfg(l2_norm_clip=0.05, num_microbatches=5, batch_sampling="shuffle"),
                       SHAPE, 10, 10, 1)
     assert dp.microbatch_size == 2 and dp.used_microbatching and dp.steps_per_epoch(23) == 3
     w0 = dp.flat.get().numpy()
@@ -181,13 +182,13 @@ def test_noise_is_reproducible_and_has_the_documented_scale(sampling):
     z, clip, lr, n = 2.0, 0.5, 0.01, 40
     x, y = _data(n, seed=5)
     mc = ModelConfig(name="logreg")  # 650 parameters
-    noisy = DPSGDTrainer(mc, _cfg(learning_rate=lr, l2_norm_clip=clip, noise_multiplier=z,
+    noisy = DPSGDTrainer(model_spec(mc), _cfg(learning_rate=lr, l2_norm_clip=clip, noise_multiplier=z,
                                   batch_sampling=sampling), SHAPE, 10, n, 1)
     w0 = noisy.flat.get().numpy()
     a = noisy.train(w0, x, y, np.random.default_rng(7)).delta
     other = noisy.train(w0, x[:13], y[:13], np.random.default_rng(8)).delta  # another client
     again = noisy.train(w0, x, y, np.random.default_rng(7)).delta
-    fresh = DPSGDTrainer(mc, _cfg(learning_rate=lr, l2_norm_clip=clip, noise_multiplier=z,
+    fresh = DPSGDTrainer(model_spec(mc), _cfg(learning_rate=lr, l2_norm_clip=clip, noise_multiplier=z,
                                   batch_sampling=sampling),
                          SHAPE, 10, n, 1).train(w0, x, y, np.random.default_rng(7)).delta
     assert np.array_equal(a, again) and np.array_equal(a, fresh)
@@ -195,7 +196,7 @@ def test_noise_is_reproducible_and_has_the_documented_scale(sampling):
     assert noisy._train.experimental_get_tracing_count() == 1
     # one full-batch step: delta = lr * (clipped mean + noise / n), so the noise
     # part is the difference to the noiseless run with the same rng
-    quiet = DPSGDTrainer(mc, _cfg(learning_rate=lr, l2_norm_clip=clip, batch_sampling=sampling),
+    quiet = DPSGDTrainer(model_spec(mc), _cfg(learning_rate=lr, l2_norm_clip=clip, batch_sampling=sampling),
                          SHAPE, 10, n, 1)
     base = quiet.train(w0, x, y, np.random.default_rng(7)).delta
     b = noisy.train(w0, x, y, np.random.default_rng(9)).delta
@@ -213,8 +214,8 @@ def test_no_noise_huge_clip_equals_plain_sgd(momentum):
     x, y = _data(23, seed=6)
     mc = ModelConfig(name="mlp", hidden=[16])
     cfg = _cfg(l2_norm_clip=1e6, momentum=momentum, batch_sampling="shuffle")
-    dp = DPSGDTrainer(mc, cfg, SHAPE, 10, 10, 2, seed=3)
-    plain = LocalTrainer(mc, cfg, SHAPE, 10, 10, 2, seed=3)
+    dp = DPSGDTrainer(model_spec(mc), cfg, SHAPE, 10, 10, 2, seed=3)
+    plain = LocalTrainer(model_spec(mc), cfg, SHAPE, 10, 10, 2, seed=3)
     w0 = dp.flat.get().numpy()
     for seed in (10, 11):  # two clients in a row: no state carried over
         r_dp = dp.train(w0, x, y, np.random.default_rng(seed))
@@ -358,7 +359,7 @@ def test_the_accountant_charges_exactly_the_steps_the_trainer_runs(
     """The steps counted by the trainer's compiled loop and by its Keras optimizer's
     iteration counter are the steps in the client's DpEvent, and in its epsilon."""
     x, y = _data(n, seed=12)
-    trainer = DPSGDTrainer(ModelConfig(name="logreg"),
+    trainer = DPSGDTrainer(model_spec(ModelConfig(name="logreg")),
                            _cfg(noise_multiplier=1.1, batch_sampling=sampling,
                                 num_microbatches=micro), SHAPE, 10, batch, epochs)
     before = int(trainer._opt.iterations)
@@ -382,7 +383,7 @@ def test_poisson_batch_sizes_are_binomial():
     n q (1 - q) within 5 standard errors."""
     n, batch, epochs = 50, 10, 100
     x, y = _data(n, seed=13)
-    trainer = DPSGDTrainer(ModelConfig(name="logreg"), _cfg(noise_multiplier=1.0), SHAPE, 10,
+    trainer = DPSGDTrainer(model_spec(ModelConfig(name="logreg")), _cfg(noise_multiplier=1.0), SHAPE, 10,
                            batch, epochs)
     trainer.train(trainer.flat.get().numpy(), x, y, np.random.default_rng(21))
     sizes = trainer.last_batch_sizes
@@ -410,7 +411,7 @@ def test_poisson_step_equals_a_direct_computation(momentum):
     n, batch, epochs, lr, clip = 6, 2, 2, 0.1, 0.05
     x, y = _data(n, seed=14)
     mc = ModelConfig(name="mlp", hidden=[8])
-    trainer = DPSGDTrainer(mc, _cfg(learning_rate=lr, l2_norm_clip=clip, momentum=momentum),
+    trainer = DPSGDTrainer(model_spec(mc), _cfg(learning_rate=lr, l2_norm_clip=clip, momentum=momentum),
                            SHAPE, 10, batch, epochs)
     w0 = trainer.flat.get().numpy()
     result = trainer.train(w0, x, y, np.random.default_rng(0))
@@ -453,7 +454,7 @@ def test_poisson_and_shuffle_agree_when_every_batch_is_the_whole_client():
     mc = ModelConfig(name="mlp", hidden=[8])
     deltas = {}
     for sampling in ("poisson", "shuffle"):
-        trainer = DPSGDTrainer(mc, _cfg(l2_norm_clip=0.05, momentum=0.9,
+        trainer = DPSGDTrainer(model_spec(mc), _cfg(l2_norm_clip=0.05, momentum=0.9,
                                         batch_sampling=sampling), SHAPE, 10, batch, epochs)
         deltas[sampling] = trainer.train(trainer.flat.get().numpy(), x, y,
                                          np.random.default_rng(4)).delta
@@ -517,7 +518,7 @@ def test_dp_sgd_noise_is_the_seeded_fedsim_noise_stream(sampling):
 
     n, batch, lr = 20, 8, 0.1
     x, y = _data(n, seed=16)
-    trainer = DPSGDTrainer(ModelConfig(name="logreg"),
+    trainer = DPSGDTrainer(model_spec(ModelConfig(name="logreg")),
                            _cfg(learning_rate=lr, l2_norm_clip=1e-6, noise_multiplier=1e6,
                                 batch_sampling=sampling), SHAPE, 10, batch, 1)
     result = trainer.train(trainer.flat.get().numpy(), x, y, np.random.default_rng(5))
@@ -543,7 +544,7 @@ def test_dp_sgd_noise_is_gaussian_with_tails_beyond_float32_box_muller():
     z, clip, lr, n = 2e6, 1e-6, 0.1, 10
     std = z * clip
     x, y = _data(n, seed=17)
-    trainer = DPSGDTrainer(ModelConfig(name="mlp", hidden=[256]),
+    trainer = DPSGDTrainer(model_spec(ModelConfig(name="mlp", hidden=[256])),
                            _cfg(learning_rate=lr, l2_norm_clip=clip, noise_multiplier=z),
                            SHAPE, 10, n, 1)
     result = trainer.train(trainer.flat.get().numpy(), x, y, np.random.default_rng(2725))

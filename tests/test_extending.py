@@ -127,7 +127,7 @@ def test_unpicklable_part_is_refused_in_one_line():
         def __init__(self) -> None:
             self.lock = threading.Lock()
 
-    with pytest.raises(FedsimError, match=r"^mechanism=: the object must pickle") as err:
+    with pytest.raises(FedsimError, match=r"^mechanism=: cannot be sent to the Ray actors, it does not pickle") as err:
         run_simulation(_dp_cfg(), mechanism=Locked())
     assert "\n" not in str(err.value)
 

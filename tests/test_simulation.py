@@ -10,6 +10,7 @@ import pytest
 
 from fedsim.config import DataConfig, ModelConfig
 from fedsim.errors import FedsimError
+from fedsim.models.spec import model_spec
 from fedsim.results.outputs import read_metrics
 from fedsim.simulation import run_simulation
 from helpers import small_config, without_timings
@@ -90,8 +91,10 @@ def test_vectorized_clients_give_the_same_round_as_one_at_a_time():
         cfg = small_config(model=ModelConfig(name="mlp", hidden=[16]),
                            client=ClientConfig(momentum=0.5, vectorize=vectorize))
         data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
-        server = Server(cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
-        worker = ClientWorker(cfg, data.train, data.input_shape, data.num_classes)
+        server = Server(cfg, model_spec(cfg.model), data.input_shape, data.num_classes,
+                        data.x_test, data.y_test)
+        worker = ClientWorker(cfg, model_spec(cfg.model), data.train, data.input_shape,
+                              data.num_classes)
         ids = server.plan(1).reporting
         assert len(ids) == 5  # more than one chunk of 4
         reports.append(worker.train_round(1, server.global_weights(), server.client_params(),
@@ -102,3 +105,45 @@ def test_vectorized_clients_give_the_same_round_as_one_at_a_time():
     assert (many.num_clients, many.num_examples) == (one.num_clients, one.num_examples)
     assert many.loss_sum == pytest.approx(one.loss_sum, rel=1e-4)
     assert np.abs(one.partial.total).max() > 1e-3  # the clients really trained
+
+
+def test_unpicklable_model_or_data_is_refused_before_any_actor_starts(tmp_path):
+    import dataclasses
+    import threading
+
+    from fedsim.data.loaders import load_federated_data
+    from fedsim.errors import ConfigError
+
+    lock = threading.Lock()
+
+    def locked_builder(input_shape, num_classes, seed):
+        with lock:
+            return None
+
+    cfg = small_config()
+    with pytest.raises(FedsimError) as err:
+        run_simulation(cfg, tmp_path / "a", model=locked_builder)
+    msg = str(err.value)
+    assert msg.startswith("model=: cannot be sent to the Ray actors, it does not pickle "
+                          "(TypeError: cannot pickle '_thread.lock' object)") and "\n" not in msg
+
+    class LockedClients:
+        def __init__(self, inner):
+            self.inner, self.lock = inner, threading.Lock()
+            self.num_clients = inner.num_clients
+
+        def client(self, cid):
+            with self.lock:
+                return self.inner.client(cid)
+
+    data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
+    with pytest.raises(FedsimError, match=r"^data=: cannot be sent to the Ray actors, .*_thread"
+                                          r"\.lock"):
+        run_simulation(cfg, tmp_path / "b", data=dataclasses.replace(
+            data, train=LockedClients(data.train)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match=r"^clients=20: allowed is at most "
+                                          r"data.train.num_clients=5"):
+        run_simulation(cfg, data=load_federated_data(cfg.data, 5, cfg.seed))
+    with pytest.raises(ConfigError, match=r"^data=dict: allowed is a fedsim.data.base"):
+        run_simulation(cfg, data={})

@@ -8,6 +8,7 @@ import pytest
 from fedsim.client.local import LocalTrainer
 from fedsim.config import ClientConfig, ModelConfig
 from fedsim.client.vectorized import VectorizedTrainer, batch_plan
+from fedsim.models.spec import model_spec
 
 # Unequal clients: a partial last batch (23, 7, 12), fewer examples than a batch
 # (3, 1), exactly two batches (10).
@@ -25,7 +26,7 @@ def _clients(seed=0):
 def _pair(name, momentum, **kw):
     model_cfg = ModelConfig(name=name, hidden=[16], filters=[4, 8])
     client_cfg = ClientConfig(learning_rate=0.1, momentum=momentum)
-    args = (model_cfg, client_cfg, SHAPE, 10, BATCH, EPOCHS)
+    args = (model_spec(model_cfg), client_cfg, SHAPE, 10, BATCH, EPOCHS)
     return LocalTrainer(*args, seed=7), VectorizedTrainer(*args, seed=7, **kw)
 
 
@@ -118,5 +119,5 @@ def test_batch_plan_cuts_batches_like_local_training():
 
 def test_dp_sgd_clients_are_refused():
     with pytest.raises(NotImplementedError, match="sgd only"):
-        VectorizedTrainer(ModelConfig(name="logreg"), ClientConfig(optimizer="dp_sgd"), SHAPE,
-                          10, BATCH, EPOCHS)
+        VectorizedTrainer(model_spec(ModelConfig(name="logreg")), ClientConfig(optimizer="dp_sgd"),
+                          SHAPE, 10, BATCH, EPOCHS)

@@ -52,7 +52,8 @@ from fedsim.privacy import noise
 from fedsim.client.local import ClientResult, epoch_order
 from fedsim.config import ACCOUNTANTS, BATCH_SAMPLING, ClientConfig, ModelConfig
 from fedsim.errors import ConfigError
-from fedsim.models.keras import FlatWeights, build_model
+from fedsim.models.keras import FlatWeights
+from fedsim.models.spec import ModelSpec, as_spec, model_spec
 
 ASSUMPTIONS = {
     "poisson": "Poisson sampling of each step's batch, as run",
@@ -582,7 +583,7 @@ class DPSGDTrainer:
     :class:`MicrobatchJacobianTape`; clipping, averaging and the update stay TF
     Privacy's (tested equal to the stock ``DPKerasSGDOptimizer``). This is
     exact for models without cross-example layers (no batch normalization), as
-    all fedsim models are.
+    all fedsim's built-in models are (a user's model must be too).
 
     Randomness: shuffle draws the epoch permutations from ``rng`` first; then
     (both modes) a noise key, two 63-bit integers. Step s's batch (Poisson) and
@@ -599,14 +600,13 @@ class DPSGDTrainer:
     exactly these steps (:func:`round_event`).
     """
 
-    def __init__(self, model_cfg: ModelConfig, client_cfg: ClientConfig,
+    def __init__(self, model: ModelSpec, client_cfg: ClientConfig,
                  input_shape: Sequence[int], num_classes: int, batch_size: int,
-                 local_epochs: int, seed: int = 0, *,
-                 model: Optional[tf.keras.Model] = None) -> None:
-        """model: train this Keras model (logits out) instead of building
-        ``model_cfg``'s; for the tutorial's CNN (:func:`tutorial_cnn`)."""
-        self.model = model if model is not None else build_model(
-            model_cfg, input_shape, num_classes, seed)
+                 local_epochs: int, seed: int = 0) -> None:
+        """model: what to train; each microbatch's gradient is that of the mean
+        of ``model.loss`` (per example) over its examples."""
+        self.spec = model
+        self.model = model.build(input_shape, num_classes, seed)
         self.flat = FlatWeights(self.model.trainable_variables)
         self.batch_size = int(batch_size)
         self.local_epochs = int(local_epochs)
@@ -634,11 +634,9 @@ class DPSGDTrainer:
         # Create the optimizer's variables now (not inside the first trace), so
         # the momentum slots can be reset at the start of every client.
         self._opt._create_all_weights(self.model.trainable_variables)
-        self._loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
         self.last_steps: Optional[int] = None
         self.last_batch_sizes: Optional[np.ndarray] = None
-        x_spec = tf.TensorSpec([None, *self.model.input_shape[1:]], tf.float32)
+        x_spec = tf.TensorSpec([None, *input_shape], tf.float32)
         common = [tf.TensorSpec([None], tf.float32), x_spec, tf.TensorSpec([None], tf.int32)]
         key_spec = tf.TensorSpec([2], tf.int64)
         if self.batch_sampling == "shuffle":
@@ -687,7 +685,7 @@ class DPSGDTrainer:
         def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:
             x1, y1 = args
             with tf.GradientTape() as tape:
-                losses = self._loss_fn(y1, self.model(x1, training=True))
+                losses = self.spec.loss(y1, self.model(x1, training=True))
                 mean = tf.reduce_mean(losses)
             grads = tape.gradient(mean, variables,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -899,13 +897,14 @@ def evaluate(model: tf.keras.Model, x: np.ndarray, y: np.ndarray, batch_size: in
 
 
 def train_central(data: CentralData, client_cfg: ClientConfig, batch_size: int, epochs: int,
-                  *, model: Optional[tf.keras.Model] = None,
+                  *, model: Optional[ModelSpec | Callable[..., tf.keras.Model]] = None,
                   model_cfg: Optional[ModelConfig] = None, accountant: str = "rdp",
                   seed: int = 0,
                   on_epoch: Optional[Callable[[int, float], None]] = None) -> CentralResult:
     """DP-SGD on a whole training set, as TF Privacy's tutorial does it.
 
-    Trains ``model`` (or ``model_cfg``'s fedsim model, default mlp) with
+    Trains ``model`` (a ModelSpec or a builder, e.g. :func:`tutorial_cnn`; built
+    with ``seed``) or else ``model_cfg``'s fedsim model (default mlp) with
     :class:`DPSGDTrainer` (batches as ``client_cfg.batch_sampling``) for
     ``epochs`` epochs, one compiled call of one epoch each (Poisson:
     ceil(1 / q) steps per call; shuffle: one pass, reshuffled), with the
@@ -920,8 +919,9 @@ def train_central(data: CentralData, client_cfg: ClientConfig, batch_size: int, 
     if epochs < 1:
         raise ConfigError("epochs", "an integer >= 1", epochs)
     input_shape = data.x_train.shape[1:]
-    trainer = DPSGDTrainer(model_cfg or ModelConfig(), client_cfg, input_shape,
-                           data.num_classes, batch_size, local_epochs=1, seed=seed, model=model)
+    spec = as_spec(model) if model is not None else model_spec(model_cfg or ModelConfig())
+    trainer = DPSGDTrainer(spec, client_cfg, input_shape, data.num_classes, batch_size,
+                           local_epochs=1, seed=seed)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0x647073,)))
     weights = trainer.flat.get().numpy()
     history: list[float] = []

@@ -2,7 +2,8 @@
 
 A :class:`LocalTrainer` owns one Keras model and trains any number of clients
 with it, one after another: it loads the global weights, runs ``local_epochs``
-passes of minibatch SGD over the client's examples in ONE compiled
+passes of minibatch SGD on the mean of the spec's per-example loss
+(:class:`fedsim.models.spec.ModelSpec`) over the client's examples in ONE compiled
 ``tf.function`` call (a graph loop over all steps, traced once per input shape),
 and returns the client's update as TFF defines it::
 
@@ -20,8 +21,9 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from fedsim.config import ClientConfig, ModelConfig
-from fedsim.models.keras import FlatWeights, build_model
+from fedsim.config import ClientConfig
+from fedsim.models.keras import FlatWeights
+from fedsim.models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -45,16 +47,21 @@ def epoch_order(num_examples: int, epochs: int, rng: np.random.Generator) -> np.
 
 
 class LocalTrainer:
-    """Trains clients of one model architecture with SGD (optionally momentum).
+    """Trains clients of one model (``model``, a ModelSpec) with SGD (optionally
+    momentum).
 
-    SGD with momentum m: ``v <- m * v + g; w <- w - lr * v``, with ``v`` reset to
-    zero for every client (clients keep no state between rounds, as in TFF).
+    Each step's gradient is that of the batch's mean loss,
+    ``sum(model.loss(y, logits)) / batch``; SGD with momentum m:
+    ``v <- m * v + g; w <- w - lr * v``, with ``v`` reset to zero for every
+    client (clients keep no state between rounds, as in TFF). ``seed`` seeds the
+    model's initial weights (overwritten by the global weights in ``train``).
     """
 
-    def __init__(self, model_cfg: ModelConfig, client_cfg: ClientConfig,
+    def __init__(self, model: ModelSpec, client_cfg: ClientConfig,
                  input_shape: Sequence[int], num_classes: int, batch_size: int,
                  local_epochs: int, seed: int = 0) -> None:
-        self.model = build_model(model_cfg, input_shape, num_classes, seed)
+        self.spec = model
+        self.model = model.build(input_shape, num_classes, seed)
         self.flat = FlatWeights(self.model.trainable_variables)
         self.batch_size = int(batch_size)
         self.local_epochs = int(local_epochs)
@@ -63,13 +70,19 @@ class LocalTrainer:
         self._use_momentum = client_cfg.momentum > 0
         self._velocity = [tf.Variable(tf.zeros_like(v), trainable=False)
                           for v in self.model.trainable_variables]
-        self._loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
         x_spec = tf.TensorSpec([None, *input_shape], tf.float32)
         self._train = tf.function(
             self._train_graph,
             input_signature=[tf.TensorSpec([None], tf.float32), x_spec,
                              tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)],
+        )
+        # FedProx's objective (an algorithm's ``proximal_mu``): its own graph, so that
+        # plain FedAvg runs exactly the graph it always ran.
+        self._train_prox = tf.function(
+            self._train_graph,
+            input_signature=[tf.TensorSpec([None], tf.float32), x_spec,
+                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
+                             tf.TensorSpec([], tf.float32)],
         )
 
     @property
@@ -77,8 +90,14 @@ class LocalTrainer:
         return self.flat.size
 
     def _train_graph(self, global_flat: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
-                     order: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                     order: tf.Tensor, mu: tf.Tensor | None = None
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
+        """All local steps. With ``mu``, each step's gradient gains the proximal
+        term's, ``mu (w - w_global)`` (the reported loss stays the model's)."""
         self.flat.assign(global_flat)
+        anchors = ([tf.reshape(p, shape) for p, shape in
+                    zip(tf.split(global_flat, self.flat.sizes), self.flat.shapes)]
+                   if mu is not None else None)
         for v in self._velocity:
             v.assign(tf.zeros_like(v))
         n = tf.shape(x)[0]
@@ -94,9 +113,11 @@ class LocalTrainer:
             xb = tf.gather(x, idx)
             yb = tf.gather(y, idx)
             with tf.GradientTape() as tape:
-                loss_sum = self._loss_fn(yb, self.model(xb, training=True))
+                loss_sum = tf.reduce_sum(self.spec.loss(yb, self.model(xb, training=True)))
                 loss = loss_sum / tf.cast(stop - start, tf.float32)
             grads = tape.gradient(loss, variables)
+            if anchors is not None:
+                grads = [g + mu * (var - a) for g, var, a in zip(grads, variables, anchors)]
             for var, g, vel in zip(variables, grads, self._velocity):
                 if self._use_momentum:
                     vel.assign(self._momentum * vel + g)
@@ -109,8 +130,15 @@ class LocalTrainer:
         return delta, total_loss / tf.maximum(seen, 1.0)
 
     def train(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray,
-              rng: np.random.Generator) -> ClientResult:
-        """Train one client from ``global_weights``; ``rng`` shuffles its examples."""
+              rng: np.random.Generator, proximal_mu: float = 0.0) -> ClientResult:
+        """Train one client from ``global_weights``; ``rng`` shuffles its examples.
+
+        ``proximal_mu`` > 0 (FedProx, sent by the algorithm): the local objective
+        is the loss plus ``mu/2 ||w - w_global||^2``."""
         order = epoch_order(len(x), self.local_epochs, rng)
-        delta, loss = self._train(global_weights, x, y, order)
+        if proximal_mu > 0:
+            delta, loss = self._train_prox(global_weights, x, y, order,
+                                           tf.constant(proximal_mu, tf.float32))
+        else:
+            delta, loss = self._train(global_weights, x, y, order)
         return ClientResult(delta=delta.numpy(), num_examples=int(len(x)), loss=float(loss))

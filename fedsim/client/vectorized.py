@@ -80,8 +80,10 @@ import numpy as np
 import tensorflow as tf
 
 from fedsim.client.local import ClientResult, epoch_order
-from fedsim.config import ClientConfig, ModelConfig
-from fedsim.models.keras import FlatWeights, build_model
+from fedsim.config import ClientConfig
+from fedsim.errors import ConfigError
+from fedsim.models.keras import FlatWeights
+from fedsim.models.spec import ModelSpec
 
 CONV_BACKENDS = ("grouped", "vmap")
 
@@ -97,8 +99,20 @@ class _Layer:
     pool_size: tuple[int, int] = (1, 1)
 
 
+SUPPORTED = ("Dense (with bias), Conv2D (channels_last, with bias, no dilation or groups), "
+             "MaxPool2D and Flatten, activations relu or linear, in a Sequential or "
+             "single-chain functional model")
+"""What :class:`VectorizedTrainer` can run: the layers it implements itself."""
+
+
 def _describe(model: tf.keras.Model) -> list[_Layer]:
-    """The model's layers as :class:`_Layer` records; refuses what is not supported."""
+    """The model's layers as :class:`_Layer` records; refuses what is not supported
+    (NotImplementedError): the layers are run one after another in
+    ``model.layers`` order, so the model must be a Sequential or a functional
+    model (a subclassed model's ``call`` may do anything)."""
+    if not (isinstance(model, tf.keras.Sequential) or getattr(model, "_is_graph_network", False)):
+        raise NotImplementedError(f"vectorized training: subclassed model "
+                                  f"{type(model).__name__}")
     layers: list[_Layer] = []
     ordered: list[tf.Variable] = []
     for layer in model.layers:
@@ -169,7 +183,10 @@ def batch_plan(sizes: Sequence[int], batch_size: int, local_epochs: int,
 class VectorizedTrainer:
     """Trains many clients of one architecture at once; same results as LocalTrainer.
 
-    Same constructor as :class:`fedsim.client.local.LocalTrainer`, plus:
+    Same constructor as :class:`fedsim.client.local.LocalTrainer` (a ModelSpec
+    whose model has only the layers of :data:`SUPPORTED`: :func:`check_vectorizable`;
+    its loss is applied to the K clients' batches flattened to one batch of
+    K * B examples, so any per-example loss works), plus:
 
     max_clients_per_call: clients per compiled call (K); more clients are
       trained in several calls. Memory grows as K x (parameters + activations of
@@ -178,7 +195,7 @@ class VectorizedTrainer:
     conv: ``grouped`` (grouped convolution) or ``vmap`` (``tf.vectorized_map``).
     """
 
-    def __init__(self, model_cfg: ModelConfig, client_cfg: ClientConfig,
+    def __init__(self, model: ModelSpec, client_cfg: ClientConfig,
                  input_shape: Sequence[int], num_classes: int, batch_size: int,
                  local_epochs: int, seed: int = 0, max_clients_per_call: int = 16,
                  conv: str = "grouped") -> None:
@@ -189,7 +206,8 @@ class VectorizedTrainer:
             raise ValueError(f"conv must be one of {CONV_BACKENDS}, not {conv!r}")
         if max_clients_per_call < 1:
             raise ValueError("max_clients_per_call must be >= 1")
-        self.model = build_model(model_cfg, input_shape, num_classes, seed)
+        self.spec = model
+        self.model = model.build(input_shape, num_classes, seed)
         self.flat = FlatWeights(self.model.trainable_variables)
         self.layers = _describe(self.model)
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -283,6 +301,13 @@ class VectorizedTrainer:
                 h = tf.nn.relu(h)
         return h
 
+    def _losses(self, y: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+        """The spec's per-example loss of K clients' batches: ``(K, B)`` from labels
+        ``(K, B)`` and logits ``(K, B, classes)``, computed as one batch of K * B."""
+        flat = self.spec.loss(tf.reshape(y, [-1]),
+                              tf.reshape(logits, [-1, tf.shape(logits)[-1]]))
+        return tf.reshape(flat, tf.shape(y))
+
     # -- the compiled training loop -----------------------------------------------
     def _train_graph(self, global_flat: tf.Tensor, x: tf.Tensor, y: tf.Tensor, idx: tf.Tensor,
                      weights: tf.Tensor, active: tf.Tensor,
@@ -302,7 +327,7 @@ class VectorizedTrainer:
             with tf.GradientTape() as tape:
                 tape.watch(params)
                 logits = self._forward(params, xb)
-                ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits)
+                ce = self._losses(yb, logits)                     # (K, B)
                 # lr * (sum over clients of their mean losses): the gradient is then
                 # already the SGD step lr * g, which saves a pass over K x params.
                 objective = tf.reduce_sum(ce * (w * self._lr))
@@ -371,3 +396,33 @@ class VectorizedTrainer:
         delta, loss = delta.numpy(), loss.numpy()
         return [ClientResult(delta=delta[i], num_examples=int(n), loss=float(loss[i]))
                 for i, n in enumerate(sizes)]
+
+
+def check_vectorizable(model: ModelSpec, input_shape: Sequence[int], num_classes: int,
+                       seed: int, batch_size: int, vectorize: int, conv: str = "grouped"
+                       ) -> None:
+    """Refuse, before any actor starts, a model :class:`VectorizedTrainer` cannot run
+    (one-line ConfigError naming ``client.vectorize``): one with a layer outside
+    :data:`SUPPORTED`, a subclassed model, or one whose vectorized forward pass
+    (two clients' stacked copies of the weights) does not reproduce the Keras
+    model's logits."""
+    try:
+        trainer = VectorizedTrainer(model, ClientConfig(), input_shape, num_classes,
+                                    batch_size, 1, seed, max_clients_per_call=2, conv=conv)
+    except NotImplementedError as err:
+        raise ConfigError("client.vectorize", f"0 or 1 with model {model.name} ({err}; "
+                          f"vectorized training supports {SUPPORTED})", vectorize) from err
+    rng = np.random.default_rng(seed)
+    x = rng.random((2, trainer.batch_size, *trainer.input_shape)).astype(np.float32)
+    params = [tf.stack([v, v * 0.5]) for v in trainer.model.trainable_variables]
+    got = trainer._forward(params, tf.constant(x)).numpy()
+    want0 = trainer.model(x[0], training=False).numpy()
+    for v, p in zip(trainer.model.trainable_variables, params):
+        v.assign(p[1])
+    want1 = trainer.model(x[1], training=False).numpy()
+    if not (np.allclose(got[0], want0, rtol=1e-4, atol=1e-5)
+            and np.allclose(got[1], want1, rtol=1e-4, atol=1e-5)):
+        raise ConfigError("client.vectorize", f"0 or 1 with model {model.name} (its layers, "
+                          "run one after another as vectorized training runs them, do not "
+                          f"compute the model's logits; vectorized training supports "
+                          f"{SUPPORTED})", vectorize)

@@ -40,3 +40,33 @@ class FederatedData:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
+
+
+def check_federated_data(data: object, clients: int) -> FederatedData:
+    """``data`` given from Python (``run_simulation(cfg, data=...)``), checked: a
+    FederatedData whose ``train`` has ``num_clients`` >= ``clients`` (the
+    population is clients ``0 .. clients - 1``) and a ``client`` method, and
+    whose test split has as many labels as examples. One-line ConfigError
+    naming ``data`` or ``clients`` otherwise. Returns ``data``."""
+    from fedsim.errors import ConfigError
+
+    if not isinstance(data, FederatedData):
+        raise ConfigError("data", "a fedsim.data.base.FederatedData (train, x_test, y_test, "
+                          "num_classes, input_shape, name)", type(data).__name__)
+    train = data.train
+    n = getattr(train, "num_clients", None)
+    if not callable(getattr(train, "client", None)) or not isinstance(n, (int, np.integer)):
+        raise ConfigError("data", "a FederatedData whose train has num_clients (an int) and "
+                          "client(cid) -> (x, y)", type(train).__name__)
+    if clients > n:
+        raise ConfigError("clients", f"at most data.train.num_clients={int(n)} (the population "
+                          f"is clients 0 .. clients - 1 of data={data.name})", clients)
+    if len(data.x_test) != len(data.y_test) or len(data.y_test) == 0:
+        raise ConfigError("data", f"a FederatedData with a non-empty test split of as many "
+                          f"labels as examples ({len(data.x_test)} examples, "
+                          f"{len(data.y_test)} labels)", data.name)
+    if tuple(np.shape(data.x_test)[1:]) != tuple(data.input_shape):
+        raise ConfigError("data", f"a FederatedData whose x_test examples have input_shape="
+                          f"{tuple(data.input_shape)} (they have {np.shape(data.x_test)[1:]})",
+                          data.name)
+    return data

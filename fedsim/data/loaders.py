@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import DATASETS, DataConfig
-from fedsim.data.base import ClientData, FederatedData
+from fedsim.data.base import FederatedData
 from fedsim.errors import ConfigError, DataError
 from fedsim.data.partition import Partition, dirichlet_partition, iid_partition
 

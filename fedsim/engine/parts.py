@@ -30,20 +30,47 @@ def build_aggregator(cfg: SimConfig, mechanism: Any = None) -> Aggregator:
 @dataclass(frozen=True)
 class Parts:
     """The run's pluggable parts, resolved once in the driver and shipped to the
-    actors (they must pickle): the DP mechanism and the server algorithm."""
+    actors (they must pickle): the model (a :class:`fedsim.models.spec.ModelSpec`),
+    the DP mechanism (:class:`fedsim.privacy.mechanisms.base.Mechanism`) and the
+    server algorithm (:class:`fedsim.algorithms.base.Algorithm`)."""
 
+    model: Any
     mechanism: Any
     algorithm: Any
 
 
-def check_picklable(option: str, obj: Any) -> None:
-    """Refuse (one line, naming ``option``) an object that cannot reach the actors:
-    Ray ships it with cloudpickle."""
-    from ray import cloudpickle
+class _Discard:
+    """A file that forgets what is written to it (bytes, or protocol 5's
+    PickleBuffers of large arrays), counting the bytes."""
 
+    def __init__(self) -> None:
+        self.nbytes = 0
+
+    def write(self, data: Any) -> int:
+        n = memoryview(data).nbytes
+        self.nbytes += n
+        return n
+
+
+def check_sendable(obj: Any, option: str) -> None:
+    """Refuse, before any actor starts, an object given from Python that Ray
+    cannot send to the actors: one-line FedsimError naming ``option`` and why.
+
+    Pickles ``obj`` as Ray does (cloudpickle: lambdas and closures are fine,
+    a lock, an open file or a live connection inside them are not) into a sink
+    that keeps nothing. Without the ``cloudpickle`` package (Ray vendors its
+    own copy, importable only once Ray is) the check is left to Ray.
+    """
     try:
-        cloudpickle.dumps(obj)
-    except Exception as err:  # noqa: BLE001 - whatever pickling raises, say it in one line
-        raise FedsimError(f"{option}: the object must pickle to reach the Ray actors "
-                          f"({type(obj).__name__} does not: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        import cloudpickle
+    except ImportError:  # pragma: no cover - cloudpickle ships with TF Probability
+        return
+    try:
+        cloudpickle.dump(obj, _Discard(), protocol=5)
+    except Exception as err:
+        reason = (str(err).splitlines() or [""])[0]
+        raise FedsimError(
+            f"{option}=: cannot be sent to the Ray actors, it does not pickle "
+            f"({type(err).__name__}: {reason}); define it at module level, or keep "
+            "locks, open files and connections out of it (open them inside the actor, "
+            "e.g. lazily in client())") from err

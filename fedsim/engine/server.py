@@ -8,23 +8,23 @@ a Ray actor. Per round it:
    client parameters (e.g. the clip norm);
 3. merges the workers' partial sums, lets the aggregator finalize them (noise is
    added there, once), and applies the server optimizer to the result;
-4. evaluates the global model on the centralized test split when asked.
+4. evaluates the global model on the centralized test split when asked: the
+   mean per example of the model spec's loss and metrics
+   (:class:`fedsim.models.spec.ModelSpec`).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from fedsim.aggregation.base import Partial, merge_partials
-from fedsim.engine.parts import build_aggregator
+from fedsim.engine.parts import Parts, build_aggregator
 from fedsim.privacy.audit import CanaryAudit
 from fedsim.config import SimConfig
-from fedsim.algorithms.base import resolve_algorithm
 from fedsim.results.outputs import memory_mib
 from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
 from fedsim.rng import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING, STREAM_SECAGG_GRAPH, stream)
@@ -40,39 +40,39 @@ def _one_per_return(per_worker: list) -> Any:
 
 
 class Server:
-    def __init__(self, cfg: SimConfig, input_shape: Sequence[int], num_classes: int,
-                 x_test: np.ndarray, y_test: np.ndarray, num_cpus: float = 1.0,
-                 parts: Any = None) -> None:
-        """``parts``: the run's :class:`fedsim.engine.parts.Parts` (mechanism and
-        algorithm objects); None: the ones ``cfg`` names."""
+    def __init__(self, cfg: SimConfig, parts: Parts, input_shape: Sequence[int],
+                 num_classes: int, x_test: np.ndarray, y_test: np.ndarray,
+                 num_cpus: float = 1.0) -> None:
+        """parts: the run's model (built here with ``cfg.seed``: the initial global
+        model; its loss and metrics for :meth:`evaluate`), DP mechanism and
+        algorithm (:class:`fedsim.engine.parts.Parts`)."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         import tensorflow as tf
 
-        from fedsim.models.keras import FlatWeights, build_model
+        from fedsim.models.keras import FlatWeights
 
         self.cfg = cfg
-        self.model = build_model(cfg.model, input_shape, num_classes, cfg.seed)
+        self.spec = model_spec = parts.model
+        self.model = model_spec.build(input_shape, num_classes, cfg.seed)
         self._flat = FlatWeights(self.model.trainable_variables)
         self.weights = self._flat.get().numpy()
-        self.algorithm = (parts.algorithm if parts is not None
-                          else resolve_algorithm(cfg.algorithm, cfg))
+        self.algorithm = parts.algorithm
         self.opt_state = self.algorithm.initial_state(self.weights)
-        self.aggregator = build_aggregator(cfg, parts.mechanism if parts is not None else None)
+        self.aggregator = build_aggregator(cfg, parts.mechanism)
         self.agg_state = self.aggregator.initial_state()
         self.initial_weights = self.weights.copy()  # w_0: the same on resume (seeded)
         self.audit = (CanaryAudit(cfg.audit, cfg.seed, self.weights.size, cfg.clients,
                                   cfg.clients_per_round) if cfg.audit.kind == "canary" else None)
         self.x_test = x_test
         self.y_test = y_test
-        loss = tf.keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
 
-        def _eval_batch(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def _eval_batch(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+            """Sums over the batch: of the loss, and of each metric."""
             logits = self.model(x, training=False)
-            correct = tf.reduce_sum(tf.cast(tf.equal(
-                tf.argmax(logits, axis=1, output_type=tf.int32), y), tf.float32))
-            return loss(y, logits), correct
+            sums = {name: tf.reduce_sum(tf.cast(metric(y, logits), tf.float32))
+                    for name, metric in model_spec.metrics.items()}
+            return tf.reduce_sum(model_spec.loss(y, logits)), sums
 
         self._eval_batch = tf.function(_eval_batch, input_signature=[
             tf.TensorSpec([None, *input_shape], tf.float32), tf.TensorSpec([None], tf.int32)])
@@ -216,8 +216,9 @@ class Server:
         units = self.aggregator.integer_noise(
             stream(self.cfg.noise_root(), STREAM_NOISE, round_num), layout.sizes[0],
             layout.codecs[0].scale)
-        parts = layout.decode_sum(total, clear.count, units)
-        partial = Partial(parts[0], clear.weight, clear.count, clear.stats, tuple(parts[1:]))
+        decoded = layout.decode_sum(total, clear.count, units)
+        partial = Partial(decoded[0], clear.weight, clear.count, clear.stats,
+                          tuple(decoded[1:]))
         out = self._step(round_num, num_sampled, partial, reports)
         out.update(base, secagg="ok")
         return out
@@ -259,11 +260,14 @@ class Server:
                        else v for t, v in zip(tf.nest.flatten(template), state["agg_state"])])
 
     def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
-        """Loss (mean per example) and accuracy of the global model on the test split."""
+        """The global model on the test split: ``eval_loss`` and ``eval_<metric>``
+        for each of the spec's metrics (``eval_accuracy``), means per example."""
         self._flat.assign(self.weights)
-        loss, correct, n = 0.0, 0.0, len(self.x_test)
+        loss, n = 0.0, len(self.x_test)
+        sums = dict.fromkeys(self.spec.metrics, 0.0)
         for s in range(0, n, batch_size):
-            lb, cb = self._eval_batch(self.x_test[s:s + batch_size], self.y_test[s:s + batch_size])
+            lb, mb = self._eval_batch(self.x_test[s:s + batch_size], self.y_test[s:s + batch_size])
             loss += float(lb)
-            correct += float(cb)
-        return {"eval_loss": loss / n, "eval_accuracy": correct / n}
+            for name in sums:
+                sums[name] += float(mb[name])
+        return {"eval_loss": loss / n, **{f"eval_{k}": v / n for k, v in sums.items()}}

@@ -1,7 +1,8 @@
 """Client worker actors: each one simulates many virtual clients.
 
 A fixed pool of :class:`ClientWorker` actors (never one actor per client) is
-created once. Each worker builds its Keras model once, gets its shard of the
+created once. Each worker builds its Keras model (from the run's
+:class:`fedsim.models.spec.ModelSpec`) once, gets its shard of the
 round's cohort plus ONE object-store reference to the global weights per round,
 trains its clients one after another with :class:`fedsim.client.local.LocalTrainer`,
 and folds each update into a partial sum with the aggregator's ``accumulate``
@@ -22,6 +23,7 @@ import numpy as np
 from fedsim.aggregation.base import Partial, merge_partials
 from fedsim.config import SimConfig
 from fedsim.data.base import ClientData
+from fedsim.errors import FedsimError
 from fedsim.results.outputs import memory_mib
 from fedsim.rng import STREAM_NOISE, STREAM_SECAGG, STREAM_SHUFFLE, stream
 
@@ -64,17 +66,21 @@ def configure_tensorflow(num_cpus: float) -> None:
 class ClientWorker:
     """Simulates virtual clients; plain Python, wrapped by Ray in :func:`make_pool`."""
 
-    def __init__(self, cfg: SimConfig, client_data: ClientData, input_shape: Sequence[int],
-                 num_classes: int, num_cpus: float = 1.0, index: int = 0,
-                 parts: Any = None) -> None:
+    def __init__(self, cfg: SimConfig, parts: Any, client_data: ClientData,
+                 input_shape: Sequence[int], num_classes: int, num_cpus: float = 1.0,
+                 index: int = 0) -> None:
+        """parts: the run's model the clients train (and its loss) and DP mechanism
+        (:class:`fedsim.engine.parts.Parts`); client_data: every client's examples
+        (``client(cid) -> (x, y)``)."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         from fedsim.engine.parts import build_aggregator
 
         self.cfg = cfg
         self.data = client_data
-        self.aggregator = build_aggregator(cfg, parts.mechanism if parts is not None else None)
-        args = (cfg.model, cfg.client, input_shape, num_classes, cfg.batch_size,
+        self.aggregator = build_aggregator(cfg, parts.mechanism)
+        model_spec = parts.model
+        args = (model_spec, cfg.client, input_shape, num_classes, cfg.batch_size,
                 cfg.local_epochs)
         if cfg.client.optimizer == "dp_sgd":
             from fedsim.client.dp_sgd import DPSGDTrainer
@@ -288,8 +294,9 @@ def _strategy(pool: WorkerPool, index: int) -> Any:
                                             placement_group_bundle_index=index)
 
 
-def make_worker(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
-                index: int, pool: WorkerPool | None = None, parts: Any = None) -> Any:
+def make_worker(cfg: SimConfig, parts: Any, data_ref: Any,
+                input_shape: Sequence[int], num_classes: int, index: int,
+                pool: WorkerPool | None = None) -> Any:
     """Start worker actor ``index`` with the configured CPU/GPU resources (in its
     bundle of ``pool``'s placement group, if it has one)."""
     import ray
@@ -300,12 +307,13 @@ def make_worker(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_c
     if strategy is not None:
         options["scheduling_strategy"] = strategy
     actor_cls = ray.remote(ClientWorker).options(**options)
-    return actor_cls.remote(cfg, data_ref, tuple(input_shape), num_classes,
-                            cfg.ray.cpus_per_worker, index, parts)
+    return actor_cls.remote(cfg, parts, data_ref, tuple(input_shape), num_classes,
+                            cfg.ray.cpus_per_worker, index)
 
 
-def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_classes: int,
-              size: int, timeout_s: float = 300.0, parts: Any = None) -> WorkerPool:
+def make_pool(cfg: SimConfig, parts: Any, data_ref: Any,
+              input_shape: Sequence[int], num_classes: int, size: int,
+              timeout_s: float = 300.0) -> WorkerPool:
     """Start ``size`` worker actors, spread over the cluster's nodes.
 
     Reserves a placement group of ``size`` bundles with the SPREAD strategy
@@ -315,7 +323,6 @@ def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_cla
     import ray
     from ray.util.placement_group import get_current_placement_group, placement_group
 
-    from fedsim.errors import FedsimError
 
     pool = WorkerPool([])
     if get_current_placement_group() is None:
@@ -329,6 +336,6 @@ def make_pool(cfg: SimConfig, data_ref: Any, input_shape: Sequence[int], num_cla
                 f"{worker_bundle(cfg)} each (resources: {ray.cluster_resources()}); lower "
                 "ray.workers or the per-worker resources") from None
         pool.placement_group = pg
-    pool.actors = [make_worker(cfg, data_ref, input_shape, num_classes, i, pool, parts)
+    pool.actors = [make_worker(cfg, parts, data_ref, input_shape, num_classes, i, pool)
                    for i in range(size)]
     return pool

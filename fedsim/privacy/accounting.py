@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import attr
 import dp_accounting
 import numpy as np
 from dp_accounting import DpEvent, NeighboringRelation

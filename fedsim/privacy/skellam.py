@@ -35,7 +35,6 @@ import math
 from typing import Any, Mapping
 
 import attr
-import dp_accounting
 import numpy as np
 
 from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
