@@ -752,20 +752,29 @@ class SimConfig:
                     "decrease dp.noise_multiplier", dp.noise_multiplier) from None
 
 
-def import_callable(spec: str, option: str) -> Any:
-    """The object that ``module:attr.path`` names; one-line ConfigError naming
-    ``option`` when it cannot be imported."""
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ConfigError(option, "a built-in name or module:callable", spec)
+def why(err: BaseException) -> str:
+    """An exception as one short line: its type and its first line."""
+    first = (str(err).splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def import_callable(path: str, option: str) -> Any:
+    """The object ``module.path:attr.path`` names (a user's part named in the
+    config); one-line ConfigError naming ``option`` if it cannot be imported or
+    found."""
+    if not isinstance(path, str) or CALLABLE_PATH.fullmatch(path) is None:
+        raise ConfigError(option, "a built-in name or module:callable (e.g. "
+                          "my_pkg.models:build)", path)
+    module_name, attr_path = path.split(":")
     try:
-        obj: Any = importlib.import_module(module)
-    except ImportError as err:
-        raise ConfigError(option, f"an importable module:callable (cannot import {module}: "
-                          f"{err})", spec) from err
-    for part in attr.split("."):
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:  # ModuleNotFoundError, or the module itself failed
+        raise ConfigError(option, f"an importable module before ':' (importing "
+                          f"{module_name!r} failed: {why(err)}; is its "
+                          "directory on PYTHONPATH?)", path) from err
+    for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(option, f"an importable module:callable ({module} has no "
-                              f"attribute {attr})", spec)
+            raise ConfigError(option, f"an attribute that exists ({part!r} not found in "
+                              f"{getattr(obj, '__name__', type(obj).__name__)!r})", path)
         obj = getattr(obj, part)
     return obj

@@ -52,7 +52,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from fedsim.config import CALLABLE_PATH, ModelConfig
+from fedsim.config import ModelConfig, why, import_callable
 from fedsim.errors import ConfigError
 
 
@@ -200,11 +200,6 @@ def builtin_spec(cfg: ModelConfig) -> ModelSpec:
     return ModelSpec(BuiltinModel.from_config(cfg), name=cfg.name)
 
 
-def _why(err: BaseException) -> str:
-    """``Type: first line of the message``, for one-line errors."""
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-
-
 @contextlib.contextmanager
 def _quiet_tensorflow_start() -> Iterator[None]:
     """If TensorFlow is not imported yet, import-time C++ logs stay quiet.
@@ -230,26 +225,10 @@ def _quiet_tensorflow_start() -> Iterator[None]:
 
 
 def _import_callable(path: str, option: str) -> Any:
-    """The object ``module.path:attr.path`` names; one-line ConfigError naming
-    ``option`` if it cannot be imported or found."""
-    import importlib
-
-    if not isinstance(path, str) or CALLABLE_PATH.fullmatch(path) is None:
-        raise ConfigError(option, "module:callable (e.g. my_pkg.models:build)", path)
-    module_name, attr_path = path.split(":")
-    try:
-        with _quiet_tensorflow_start():
-            obj: Any = importlib.import_module(module_name)
-    except Exception as err:  # ModuleNotFoundError, or the module itself failed
-        raise ConfigError(option, f"an importable module before ':' (importing "
-                          f"{module_name!r} failed: {_why(err)}; is its "
-                          "directory on PYTHONPATH?)", path) from err
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(option, f"an attribute that exists ({part!r} not found in "
-                              f"{getattr(obj, '__name__', type(obj).__name__)!r})", path)
-        obj = getattr(obj, part)
-    return obj
+    """:func:`fedsim.config.import_callable`, keeping TensorFlow's import-time C++
+    messages out of the driver's stderr (a builder's module may import TF)."""
+    with _quiet_tensorflow_start():
+        return import_callable(path, option)
 
 
 def as_spec(model: Any, option: str = "model") -> ModelSpec:
@@ -314,7 +293,7 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
     except Exception as err:
         raise ConfigError(option, f"a builder that builds a tf.keras.Model for inputs of shape "
                           f"{tuple(input_shape)} and {num_classes} classes ({spec.name} raised "
-                          f"{_why(err)})",
+                          f"{why(err)})",
                           spec.name) from err
     x = tf.zeros([batch, *input_shape], tf.float32)
     y = tf.zeros([batch], tf.int32)
@@ -322,7 +301,7 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
         logits = model(x, training=False)
     except Exception as err:
         raise ConfigError(option, f"a model that runs on float32 inputs of shape [batch, "
-                          f"{', '.join(str(int(d)) for d in input_shape)}] ({_why(err)})",
+                          f"{', '.join(str(int(d)) for d in input_shape)}] ({why(err)})",
                           spec.name) from err
     if tuple(logits.shape) != (batch, num_classes):
         raise ConfigError(option, f"a model whose output is [batch, num_classes={num_classes}] "
@@ -336,7 +315,7 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
             out = np.asarray(fn(y, logits))
         except Exception as err:
             raise ConfigError(option, f"a {what} (y_true, logits) -> one value per example "
-                              f"({_why(err)})", spec.name) from err
+                              f"({why(err)})", spec.name) from err
         if out.shape != (batch,):
             raise ConfigError(option, f"a {what} that returns one value per example, shape "
                               f"[batch] (it returned shape {list(out.shape)} for a batch of "
