@@ -205,7 +205,7 @@ def shuffle_sensitivities(num_examples: int, batch_size: int, microbatch_size: i
 
 
 def shuffle_round_event(num_examples: int, batch_size: int, noise_multiplier: float,
-                        epochs: int, microbatch_size: int = 1) -> DpEvent:
+                        epochs: float, microbatch_size: int = 1) -> DpEvent:
     """The DpEvent of one round of :class:`DPSGDTrainer` with shuffled batches:
     a bound without amplification by sampling, for exactly the steps run.
 
@@ -800,8 +800,8 @@ class DPSGDTrainer:
                 global_weights, x, y, key, q, self.steps(n),
                 float(max(min(self.batch_size, n), 1)))
         self.last_steps = int(steps)
-        self.last_batch_sizes = sizes.numpy()
-        seen = int(self.last_batch_sizes.sum())
+        self.last_batch_sizes = batch_sizes = sizes.numpy()
+        seen = int(batch_sizes.sum())
         loss = float(loss_sum) / seen if seen else math.nan
         return ClientResult(delta=delta.numpy(), num_examples=int(n), loss=loss)
 
@@ -929,7 +929,7 @@ def train_central(data: CentralData, client_cfg: ClientConfig, batch_size: int, 
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         result = trainer.train(weights, data.x_train, data.y_train, rng)
-        steps += int(trainer.last_steps)
+        steps += int(trainer.last_steps or 0)
         weights = weights - result.delta
         trainer.flat.assign(tf.constant(weights))
         history.append(evaluate(trainer.model, data.x_test, data.y_test))

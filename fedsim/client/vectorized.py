@@ -147,7 +147,7 @@ def _describe(model: tf.keras.Model) -> list[_Layer]:
 
 
 def batch_plan(sizes: Sequence[int], batch_size: int, local_epochs: int,
-               orders: Sequence[np.ndarray], offsets: Sequence[int]
+               orders: Sequence[np.ndarray], offsets: Sequence[int] | np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gather indices, example weights and step flags for clients of ``sizes``.
 

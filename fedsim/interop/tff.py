@@ -161,7 +161,8 @@ def stop_tff_worker_binaries(timeout: float = 10.0, pids: Optional[set[int]] = N
         except psutil.Error:
             pass
     for w in list(_WATCHDOGS):
-        if pids is not None and int(w.args[-1]) not in pids:
+        args: Any = w.args
+        if pids is not None and int(args[-1]) not in pids:
             continue
         if w.poll() is None:
             w.terminate()
@@ -170,7 +171,7 @@ def stop_tff_worker_binaries(timeout: float = 10.0, pids: Optional[set[int]] = N
         except subprocess.TimeoutExpired:
             w.kill()
         _WATCHDOGS.remove(w)
-        _GUARDED.discard(int(w.args[-1]))
+        _GUARDED.discard(int(args[-1]))
     return len(procs)
 
 
@@ -322,8 +323,8 @@ def _plain(leaf: Any) -> Any:
 
 
 def _is_event(node: Any) -> bool:
-    fields = getattr(node, "_fields", None)
-    return bool(fields) and "module_name" in fields and "class_name" in fields
+    fields = getattr(node, "_fields", None) or ()
+    return "module_name" in fields and "class_name" in fields
 
 
 def _find_events(node: Any) -> list[Any]:

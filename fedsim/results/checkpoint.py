@@ -341,6 +341,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
             raise CheckpointError(f"resume={run_dir}: {npz}, which {CHECKPOINT} names, is "
                                   "missing") from None
         break
+    assert isinstance(ref, dict)  # (checked in the loop)
     if hashlib.sha256(body).hexdigest() != ref["sha256"]:
         raise CheckpointError(f"resume={run_dir}: {npz} is corrupted or partial (checksum "
                               "mismatch); it was left untouched")
