@@ -187,7 +187,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     - algorithm: a :class:`fedsim.algorithms.base.Algorithm` instead of
       ``cfg.algorithm``.
     - callbacks: :class:`fedsim.results.callbacks.Callback` objects, called
-      around the rounds after the built-in ones.
+      around the rounds (before the built-in writers, so keys they add to a
+      round's row are logged).
 
     Objects must pickle (Ray sends them to the actors); if one does not, a
     FedsimError naming it says why, before any actor starts. Bad configuration
@@ -252,7 +253,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     rows: list[dict[str, Any]] = list(kept)
     first_round = resumed["round"] + 1 if resumed else 1
     stop_reason = f"reached rounds={cfg.rounds}"
-    hooks = [*default_callbacks(cfg), *callbacks]
+    hooks = default_callbacks(cfg, callbacks)
     pool = server = None
     try:
         data_ref = ray.put(data.train)

@@ -219,3 +219,40 @@ def test_fedprox_example_runs_from_python(ray_local):
     assert result.summary["config"]["algorithm"] == "examples.custom_algorithm:FedProx"
     assert [r["round"] for r in result.metrics] == [1, 2]
     assert all(np.isfinite(r["eval_loss"]) and r["update_norm"] > 0 for r in result.metrics)
+
+
+def test_user_callbacks_see_the_rounds_add_metrics_and_stop(ray_local, tmp_path):
+    """A user's callback: its hooks run in order, a key it adds to a row reaches
+    metrics.jsonl, and its stop reason ends the run."""
+    import json
+
+    from fedsim.results.callbacks import Callback
+    from fedsim.simulation import run_simulation
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.events: list[tuple] = []
+
+        def on_run_start(self, ctx) -> None:
+            self.events.append(("start", ctx.first_round, ctx.accountant is None))
+
+        def stop_before_round(self, ctx, round_num):
+            return "two rounds are enough" if round_num == 3 else None
+
+        def on_round_end(self, ctx, row) -> None:
+            row["twice_the_round"] = 2 * row["round"]
+            self.events.append(("round", row["round"]))
+
+        def on_run_end(self, ctx) -> None:
+            self.events.append(("end", len(ctx.rows)))
+
+        def close(self) -> None:
+            self.events.append(("close",))
+
+    rec = Recorder()
+    cfg = _dp_cfg(dp=DPConfig(), rounds=5, server=ServerConfig())
+    result = run_simulation(cfg, tmp_path / "run", callbacks=[rec])
+    assert rec.events == [("start", 1, True), ("round", 1), ("round", 2), ("end", 2), ("close",)]
+    assert result.summary["stop_reason"] == "two rounds are enough"
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["twice_the_round"] for r in logged] == [2, 4]

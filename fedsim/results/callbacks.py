@@ -4,15 +4,15 @@
 summarises; everything else a run does on the way (the budget stop, memory
 sampling, TensorBoard, the metrics file, checkpoints, the progress bar) is a
 :class:`Callback` here, called in order. A user's callbacks (``callbacks=`` of
-``run_simulation``) run after the built-in ones and see the same
-:class:`RunContext`.
+``run_simulation``) see the same :class:`RunContext` and run before the
+writers (:func:`default_callbacks`), so what they add to a row is logged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from fedsim.config import SimConfig
 from fedsim.results.outputs import MetricsLog, Progress, TensorBoardLog
@@ -165,9 +165,12 @@ class ProgressBar(Callback):
             self.bar = None
 
 
-def default_callbacks(cfg: SimConfig) -> list[Callback]:
-    """The built-in callbacks a run uses, in the order they are called."""
-    out: list[Callback] = [BudgetStop(), MemorySampler()]
+def default_callbacks(cfg: SimConfig, user: Sequence[Callback] = ()) -> list[Callback]:
+    """The callbacks a run uses, in the order they are called: the budget stop and
+    the memory sampler, then the ``user``'s (so that the keys they add to a row
+    are written too), then the writers (TensorBoard, the metrics file,
+    checkpoints, the progress bar)."""
+    out: list[Callback] = [BudgetStop(), MemorySampler(), *user]
     if cfg.tensorboard:
         out.append(TensorBoard())
     out += [MetricsFile(), Checkpoints(), ProgressBar()]
