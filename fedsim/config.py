@@ -778,3 +778,19 @@ def import_callable(path: str, option: str) -> Any:
                               f"{getattr(obj, '__name__', type(obj).__name__)!r})", path)
         obj = getattr(obj, part)
     return obj
+
+
+def build_named(path: str, option: str, kind: type, *args: Any) -> Any:
+    """The ``kind`` object that ``module:callable`` names: the attribute itself if
+    it is one, else what calling it with ``args`` returns (a subclass of
+    ``kind`` or a factory); one-line ConfigError naming ``option`` otherwise."""
+    obj = import_callable(path, option)
+    if isinstance(obj, type) and not issubclass(obj, kind):
+        made: Any = obj  # a class of something else: not called
+    else:
+        made = obj(*args) if callable(obj) and not isinstance(obj, kind) else obj
+    if not isinstance(made, kind):
+        got = made.__name__ if isinstance(made, type) else type(made).__name__
+        raise ConfigError(option, f"a {kind.__module__}.{kind.__qualname__} (or a callable "
+                          f"returning one); {path} gives {got}", path)
+    return made

@@ -12,8 +12,7 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
-from fedsim.config import SimConfig, import_callable
-from fedsim.errors import ConfigError
+from fedsim.config import SimConfig, build_named
 
 State = dict[str, Any]
 
@@ -57,16 +56,7 @@ def resolve_algorithm(algorithm: Union[str, Algorithm, None], cfg: SimConfig) ->
     if isinstance(algorithm, Algorithm):
         return algorithm
     name = str(algorithm or "fedavg")
-    obj = import_callable(BUILTIN.get(name, name), "algorithm")
-    if isinstance(obj, type) and not issubclass(obj, Algorithm):
-        made: Any = obj  # a class of something else: not called
-    else:
-        made = obj(cfg) if callable(obj) else obj
-    if not isinstance(made, Algorithm):
-        raise ConfigError("algorithm", "a fedsim.algorithms.base.Algorithm (or a callable of "
-                          f"the SimConfig returning one); {name} gives "
-                          f"{made.__name__ if isinstance(made, type) else type(made).__name__}",
-                          name)
+    made = build_named(BUILTIN.get(name, name), "algorithm", Algorithm, cfg)
     if not made.name:
         made.name = name
     return made

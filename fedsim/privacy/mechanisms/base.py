@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import dp_accounting
 from dp_accounting import DpEvent
 
-from fedsim.config import DP_MECHANISMS, DPConfig, SimConfig, import_callable
+from fedsim.config import DP_MECHANISMS, DPConfig, SimConfig, build_named
 from fedsim.errors import ConfigError
 from fedsim.privacy import noise
 
@@ -107,17 +107,7 @@ def resolve_mechanism(mechanism: Union[str, Mechanism, None]) -> Mechanism:
     if isinstance(mechanism, Mechanism):
         return mechanism
     name = "none" if mechanism is None else str(mechanism)
-    spec = BUILTIN.get(name, name)
-    obj = import_callable(spec, "dp.mechanism")
-    if isinstance(obj, type) and not issubclass(obj, Mechanism):
-        made: Any = obj  # a class of something else: not called
-    else:
-        made = obj() if callable(obj) else obj
-    if not isinstance(made, Mechanism):
-        raise ConfigError("dp.mechanism", "a fedsim.privacy.mechanisms.base.Mechanism (or a "
-                          f"callable returning one); {spec} gives "
-                          f"{made.__name__ if isinstance(made, type) else type(made).__name__}",
-                          name)
+    made = build_named(BUILTIN.get(name, name), "dp.mechanism", Mechanism)
     if not made.name:
         made.name = name
     return made
