@@ -158,18 +158,13 @@ def _decode(obj: Any, arrays: Callable[[str], np.ndarray], path: str) -> Any:
     if len(tags) > 1:
         raise _Unencodable(f"{path}: more than one tag ({', '.join(tags)})")
     val = obj[tag]
-    if tag == "$dp_event":
-        cls = DP_EVENTS.get(val) if isinstance(val, str) else None
+    if tag in ("$dp_event", "$record"):  # an allow-listed attrs event or dataclass record
+        registry, what = (DP_EVENTS, "DpEvent") if tag == "$dp_event" else (RECORDS, "record")
+        cls = registry.get(val) if isinstance(val, str) else None
         if cls is None:
-            raise _Unencodable(f"{path}: unknown DpEvent {val!r} (known: {', '.join(DP_EVENTS)})")
-        names = [f.name for f in attr.fields(cls)]
-        _fields(obj, tag, names, path)
-        return cls(**{n: _decode(obj[n], arrays, f"{path}.{n}") for n in names})
-    if tag == "$record":
-        cls = RECORDS.get(val) if isinstance(val, str) else None
-        if cls is None:
-            raise _Unencodable(f"{path}: unknown record {val!r} (known: {', '.join(RECORDS)})")
-        names = [f.name for f in dataclasses.fields(cls)]
+            raise _Unencodable(f"{path}: unknown {what} {val!r} (known: {', '.join(registry)})")
+        names = [f.name for f in (attr.fields(cls) if tag == "$dp_event"
+                                  else dataclasses.fields(cls))]
         _fields(obj, tag, names, path)
         return cls(**{n: _decode(obj[n], arrays, f"{path}.{n}") for n in names})
     if len(obj) != 1:
