@@ -35,7 +35,7 @@ from fedsim.config import DPConfig, SimConfig
 from fedsim.data.base import FederatedData, check_federated_data
 from fedsim.data.loaders import load_federated_data
 from fedsim.engine.parts import Parts, check_sendable
-from fedsim.engine.ray_setup import connect_ray
+from fedsim.engine.ray_setup import connect_ray, prepare_ray_import
 from fedsim.engine.rounds import RoundFailed, memory_row, run_round_with_retries
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.models.spec import ModelSpec, check_model, model_spec
@@ -197,6 +197,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     (and afterwards stops) one as ``cfg.ray`` says.
     """
     t_start = time.perf_counter()
+    prepare_ray_import(cfg.ray)  # (the pickle check below imports Ray)
     for option, given in (("data", data), ("model", model), ("mechanism", mechanism),
                           ("algorithm", algorithm)):
         if given is not None:
@@ -359,10 +360,10 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                           setup_seconds=setup_seconds, stop_reason=stop_reason,
                           resumed_from=resumed["round"] if resumed else None,
                           workers=n_workers, placement=placement, memory=memory,
-                          num_parameters=num_parameters)
+                          num_parameters=num_parameters, model=spec.name)
     if out:
         plot_metrics(rows, out / "metrics.png", audit_epsilon=audit and audit["epsilon"],
-                     title=f"{cfg.model.name} on {data.name}, {cfg.clients} clients, "
+                     title=f"{spec.name} on {data.name}, {cfg.clients} clients, "
                            f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
         write_json_atomic(out / "summary.json", summary)
     return SimulationResult(rows, summary, out, final_weights)

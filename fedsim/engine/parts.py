@@ -56,15 +56,12 @@ def check_sendable(obj: Any, option: str) -> None:
     """Refuse, before any actor starts, an object given from Python that Ray
     cannot send to the actors: one-line FedsimError naming ``option`` and why.
 
-    Pickles ``obj`` as Ray does (cloudpickle: lambdas and closures are fine,
-    a lock, an open file or a live connection inside them are not) into a sink
-    that keeps nothing. Without the ``cloudpickle`` package (Ray vendors its
-    own copy, importable only once Ray is) the check is left to Ray.
+    Pickles ``obj`` as Ray does (with Ray's cloudpickle: lambdas and closures
+    are fine, a lock, an open file or a live connection inside them are not)
+    into a sink that keeps nothing.
     """
-    try:
-        import cloudpickle
-    except ImportError:  # pragma: no cover - cloudpickle ships with TF Probability
-        return
+    from ray import cloudpickle
+
     try:
         cloudpickle.dump(obj, _Discard(), protocol=5)
     except Exception as err:

@@ -64,13 +64,9 @@ def _stderr_kept_back() -> Iterator[None]:
         sys.stderr.write(held.read().decode(errors="replace"))
 
 
-def connect_ray(rc: RayConfig) -> bool:
-    """Start or join Ray as configured; returns True if this call started it.
-
-    address None: a local instance with ``num_cpus``. ``auto`` or
-    ``ray://host:port``: an existing cluster, to which this project's directory is
-    shipped as the workers' working_dir (outputs excluded).
-    """
+def prepare_ray_import(rc: RayConfig) -> None:
+    """Set the environment switches Ray reads when it is first imported (call
+    before anything imports Ray; a no-op once it is)."""
     if rc.address is None and "ray" not in sys.modules:
         # A local instance's workers run this very interpreter and environment, so
         # Ray's `uv run` hook (which would rebuild the venv for them) is not needed.
@@ -81,6 +77,16 @@ def connect_ray(rc: RayConfig) -> bool:
         os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES",
                               str(max(1, math.ceil(rc.connect_timeout_s))))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def connect_ray(rc: RayConfig) -> bool:
+    """Start or join Ray as configured; returns True if this call started it.
+
+    address None: a local instance with ``num_cpus``. ``auto`` or
+    ``ray://host:port``: an existing cluster, to which this project's directory is
+    shipped as the workers' working_dir (outputs excluded).
+    """
+    prepare_ray_import(rc)
     import ray
 
     if ray.is_initialized():

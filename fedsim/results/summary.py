@@ -88,7 +88,7 @@ def run_summary(cfg: SimConfig, data: FederatedData, rows: list[dict[str, Any]],
                 privacy: dict[str, Any], audit: Any, mechanism: Any, *, started: float,
                 setup_seconds: float, stop_reason: str, resumed_from: Any, workers: int,
                 placement: list[dict[str, str]], memory: dict[str, Any],
-                num_parameters: int) -> dict[str, Any]:
+                num_parameters: int, model: str = "") -> dict[str, Any]:
     """``summary.json``: how the run ended, its final and best results, timings
     (seconds, ``started`` on ``time.perf_counter``'s clock), privacy, audit,
     where the workers ran, memory (MiB), the data, the config and the versions."""
@@ -116,6 +116,7 @@ def run_summary(cfg: SimConfig, data: FederatedData, rows: list[dict[str, Any]],
         "worker_nodes": len({p["node"] for p in placement}),
         "worker_placement": placement,
         "memory_mib": memory,
+        "model": model,  # what trained: the built-in's name, or the user's model's
         "num_parameters": num_parameters,
         "data": {"name": data.name, "num_classes": data.num_classes,
                  "input_shape": list(data.input_shape), "test_examples": int(len(data.y_test))},
