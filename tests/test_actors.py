@@ -8,6 +8,7 @@ import numpy as np
 from fedsim.client.local import LocalTrainer
 from fedsim.config import ModelConfig, RayConfig, SimConfig
 from fedsim.data.loaders import load_federated_data
+from fedsim.engine.parts import resolve_parts
 from fedsim.models.spec import model_spec
 from fedsim.rng import STREAM_SHUFFLE, stream
 from fedsim.engine.server import Server
@@ -19,10 +20,10 @@ def test_one_round_on_ray_equals_hand_computed_fedavg(ray_local):
     cfg = SimConfig(clients=12, clients_per_round=5, rounds=1, local_epochs=2, batch_size=8,
                     model=ModelConfig(name="logreg"), ray=RayConfig(workers=2), seed=3)
     data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
-    server = ray.remote(num_cpus=0)(Server).remote(cfg, model_spec(cfg.model), data.input_shape,
+    server = ray.remote(num_cpus=0)(Server).remote(cfg, resolve_parts(cfg), data.input_shape,
                                                    data.num_classes, data.x_test, data.y_test)
     data_ref = ray.put(data.train)
-    workers = [ray.remote(num_cpus=1)(ClientWorker).remote(cfg, model_spec(cfg.model), data_ref,
+    workers = [ray.remote(num_cpus=1)(ClientWorker).remote(cfg, resolve_parts(cfg), data_ref,
                                                            data.input_shape, data.num_classes)
                for _ in range(2)]
     w0 = ray.get(server.global_weights.remote())

@@ -12,7 +12,7 @@ from scipy import stats
 from fedsim.privacy import noise
 from fedsim.config import DPConfig
 from fedsim.privacy.queries import DPQueryAggregator
-from fedsim.models.spec import model_spec
+from fedsim.engine.parts import resolve_parts
 
 M64 = 2**64
 TF_FLOAT32_CUTOFF = math.sqrt(-2 * math.log(1e-7))  # 5.678: Box-Muller's clamp in TF
@@ -141,7 +141,7 @@ def test_noise_seed_roots_the_servers_noise_and_os_entropy_is_never_the_run_seed
     y = np.zeros(4, np.int32)
 
     def one_step(c):
-        server = Server(c, model_spec(c.model), (8,), 3, x, y)
+        server = Server(c, resolve_parts(c), (8,), 3, x, y)
         dim = server.num_parameters()
         partial = Partial(np.zeros(dim), 1.0, 1, {"clipped": 0.0, "zeroed": 0.0})
         server._step(1, 2, partial, [])

@@ -6,7 +6,7 @@ import numpy as np
 
 from fedsim.config import DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig, ServerConfig, SimConfig
 from fedsim.secure.fixedpoint import FixedPointCodec
-from fedsim.models.spec import model_spec
+from fedsim.engine.parts import resolve_parts
 from fedsim.simulation import run_simulation
 
 
@@ -62,9 +62,9 @@ def test_a_worker_sends_the_same_masked_sum_whether_it_skips_cancelling_masks():
                    dp=DPConfig(mechanism="gaussian", noise_multiplier=0.0, l2_norm_clip=0.5),
                    secagg=SecAggConfig(protocol="secagg_plus", skip_cancelling_masks=skip))
         data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
-        server = Server(cfg, model_spec(cfg.model), data.input_shape, data.num_classes,
+        server = Server(cfg, resolve_parts(cfg), data.input_shape, data.num_classes,
                         data.x_test, data.y_test)
-        workers = [ClientWorker(cfg, model_spec(cfg.model), data.train, data.input_shape,
+        workers = [ClientWorker(cfg, resolve_parts(cfg), data.train, data.input_shape,
                               data.num_classes, index=i)
                    for i in range(2)]
         layout, placed = server.secagg_begin(1, list(range(0, 40, 2)), 2)

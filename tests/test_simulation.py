@@ -10,7 +10,7 @@ import pytest
 
 from fedsim.config import DataConfig, ModelConfig
 from fedsim.errors import FedsimError
-from fedsim.models.spec import model_spec
+from fedsim.engine.parts import resolve_parts
 from fedsim.results.outputs import read_metrics
 from fedsim.simulation import run_simulation
 from helpers import small_config, without_timings
@@ -91,9 +91,9 @@ def test_vectorized_clients_give_the_same_round_as_one_at_a_time():
         cfg = small_config(model=ModelConfig(name="mlp", hidden=[16]),
                            client=ClientConfig(momentum=0.5, vectorize=vectorize))
         data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
-        server = Server(cfg, model_spec(cfg.model), data.input_shape, data.num_classes,
+        server = Server(cfg, resolve_parts(cfg), data.input_shape, data.num_classes,
                         data.x_test, data.y_test)
-        worker = ClientWorker(cfg, model_spec(cfg.model), data.train, data.input_shape,
+        worker = ClientWorker(cfg, resolve_parts(cfg), data.train, data.input_shape,
                               data.num_classes)
         ids = server.plan(1).reporting
         assert len(ids) == 5  # more than one chunk of 4

@@ -39,6 +39,18 @@ class Parts:
     algorithm: Any
 
 
+def resolve_parts(cfg: SimConfig, *, model: Any = None, mechanism: Any = None,
+                  algorithm: Any = None) -> Parts:
+    """The parts ``cfg`` names, or the objects given instead (what
+    :func:`fedsim.simulation.run_simulation` ships to the actors)."""
+    from fedsim.algorithms.base import resolve_algorithm
+    from fedsim.models.spec import model_spec
+
+    return Parts(model_spec(cfg.model, model),
+                 resolve_mechanism(mechanism if mechanism is not None else cfg.dp.mechanism),
+                 resolve_algorithm(algorithm if algorithm is not None else cfg.algorithm, cfg))
+
+
 class _Discard:
     """A file that forgets what is written to it (bytes, or protocol 5's
     PickleBuffers of large arrays), counting the bytes."""
