@@ -387,12 +387,18 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
     return dataclasses.replace(cfg, dp=dp), info, changed
 
 
-def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None) -> SimulationResult:
+def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None, *,
+                   actors: Optional[fedsim.engine.warm.WarmActors] = None) -> SimulationResult:
     """Run a whole federated simulation and write its outputs to ``output_dir``.
 
     Bad configuration and unreadable data raise :class:`FedsimError` before any
     output file is written. Uses the running Ray instance if there is one,
     otherwise starts (and afterwards stops) one as ``cfg.ray`` says.
+
+    ``actors``: a :class:`fedsim.engine.warm.WarmActors` to take the server and
+    worker actors from (reset for this run, started if missing) and to give them
+    back to afterwards, alive; None starts new actors and stops them at the end.
+    The results are the same either way.
     """
     t_start = time.perf_counter()
     data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
@@ -436,11 +442,15 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     pool = server = None
     try:
         data_ref = ray.put(data.train)
-        server = ray.remote(num_cpus=0)(Server).remote(
-            actor_cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
         resources = ray.cluster_resources()
         n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-        pool = make_pool(actor_cfg, data_ref, data.input_shape, data.num_classes, n_workers)
+        if actors is None:
+            server = ray.remote(num_cpus=0)(Server).remote(
+                actor_cfg, data.input_shape, data.num_classes, data.x_test, data.y_test)
+            pool = make_pool(actor_cfg, data_ref, data.input_shape, data.num_classes, n_workers)
+        else:
+            server, pool = actors.acquire(actor_cfg, data_ref, data.input_shape,
+                                          data.num_classes, data.x_test, data.y_test, n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
         # A TFF factory may report DpEvents of its own: they are accounted too.
@@ -531,16 +541,21 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
     finally:
+        failed = sys.exc_info()[0] is not None
         if server is not None and ray.is_initialized():
             try:  # stops e.g. a TFF aggregator's worker_binary child
                 ray.get(server.close.remote(), timeout=15)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                pass  # gone already, or stuck: the kill below ends it (and TFF's
-                # watchdogs then stop its worker_binary)
-            ray.kill(server)  # now, not whenever the handle is collected
+                # gone already, or stuck: the kill below ends it (and TFF's
+                # watchdogs then stop its worker_binary); never reused
+                failed = True
+            if actors is None:
+                ray.kill(server)  # now, not whenever the handle is collected
         if progress:
             progress.close()
-        if pool is not None and pool.placement_group is not None and ray.is_initialized():
+        if actors is not None and ray.is_initialized():
+            actors.release(server, pool, failed=failed)  # kept alive, unless it failed
+        elif pool is not None and pool.placement_group is not None and ray.is_initialized():
             ray.util.remove_placement_group(pool.placement_group)
         if metrics:
             metrics.close()
