@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +48,9 @@ from fedsim.results.checkpoint import (CheckpointError, check_resumable, load_ch
                                        save_checkpoint)
 from fedsim.results.outputs import memory_mib, plot_metrics, read_metrics, write_json_atomic
 from fedsim.results.summary import example_level_privacy, run_summary
+
+if TYPE_CHECKING:
+    from fedsim.engine.warm import WarmActors
 
 __all__ = ["SimulationResult", "run_simulation", "connect_ray", "actor_config"]
 
@@ -170,7 +174,8 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
 def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = None, *,
                    data: Optional[FederatedData] = None, model: Any = None,
                    mechanism: Optional[Mechanism] = None, algorithm: Optional[Algorithm] = None,
-                   callbacks: Sequence[Callback] = ()) -> SimulationResult:
+                   callbacks: Sequence[Callback] = (),
+                   actors: Optional[WarmActors] = None) -> SimulationResult:
     """Run a whole federated simulation and write its outputs to ``output_dir``.
 
     Your own parts, instead of the ones ``cfg`` names (``Extending fedsim`` in
@@ -195,6 +200,11 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     and unreadable data raise :class:`FedsimError` before any output file is
     written. Uses the running Ray instance if there is one, otherwise starts
     (and afterwards stops) one as ``cfg.ray`` says.
+
+    ``actors``: a :class:`fedsim.engine.warm.WarmActors` to take the server and
+    worker actors from (reset for this run, started if missing) and to give them
+    back to afterwards, alive; None starts new actors and stops them at the end.
+    The results are the same either way.
     """
     t_start = time.perf_counter()
     prepare_ray_import(cfg.ray)  # (the pickle check below imports Ray)
@@ -258,12 +268,16 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     pool = server = None
     try:
         data_ref = ray.put(data.train)
-        server = ray.remote(num_cpus=0)(Server).remote(
-            actor_cfg, parts, data.input_shape, data.num_classes, data.x_test, data.y_test)
         resources = ray.cluster_resources()
         n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
-        pool = make_pool(actor_cfg, parts, data_ref, data.input_shape, data.num_classes,
-                         n_workers)
+        if actors is None:
+            server = ray.remote(num_cpus=0)(Server).remote(
+                actor_cfg, parts, data.input_shape, data.num_classes, data.x_test, data.y_test)
+            pool = make_pool(actor_cfg, parts, data_ref, data.input_shape, data.num_classes,
+                             n_workers)
+        else:
+            server, pool = actors.acquire(actor_cfg, parts, data_ref, data.input_shape,
+                                          data.num_classes, data.x_test, data.y_test, n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
         accountant = build_accountant(cfg, num_parameters) if accounted else None
@@ -342,16 +356,21 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
     finally:
+        failed = sys.exc_info()[0] is not None
         if server is not None and ray.is_initialized():
             try:  # stops e.g. a TFF aggregator's worker_binary child
                 ray.get(server.close.remote(), timeout=15)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                pass  # gone already, or stuck: the kill below ends it (and TFF's
-                # watchdogs then stop its worker_binary)
-            ray.kill(server)  # now, not whenever the handle is collected
+                # gone already, or stuck: the kill below ends it (and TFF's
+                # watchdogs then stop its worker_binary); never reused
+                failed = True
+            if actors is None:
+                ray.kill(server)  # now, not whenever the handle is collected
         for hook in hooks:
             hook.close()
-        if pool is not None and pool.placement_group is not None and ray.is_initialized():
+        if actors is not None and ray.is_initialized():
+            actors.release(server, pool, failed=failed)  # kept alive, unless it failed
+        elif pool is not None and pool.placement_group is not None and ray.is_initialized():
             ray.util.remove_placement_group(pool.placement_group)
         if started:
             ray.shutdown()

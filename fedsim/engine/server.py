@@ -30,7 +30,7 @@ from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
 from fedsim.rng import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING, STREAM_SECAGG_GRAPH, stream)
 from fedsim.cohort.sampling import sample_clients
 from fedsim.secure.layout import SecureLayout
-from fedsim.engine.worker import WorkerReport, configure_tensorflow
+from fedsim.engine.worker import WorkerReport, configure_tensorflow, reinit_process
 
 
 def _one_per_return(per_worker: list) -> Any:
@@ -43,9 +43,24 @@ class Server:
     def __init__(self, cfg: SimConfig, parts: Parts, input_shape: Sequence[int],
                  num_classes: int, x_test: np.ndarray, y_test: np.ndarray,
                  num_cpus: float = 1.0) -> None:
-        """parts: the run's model (built here with ``cfg.seed``: the initial global
+        self.reset(cfg, parts, input_shape, num_classes, x_test, y_test, num_cpus)
+
+    def reset(self, cfg: SimConfig, parts: Parts, input_shape: Sequence[int],
+              num_classes: int, x_test: np.ndarray, y_test: np.ndarray,
+              num_cpus: float = 1.0) -> None:
+        """(Re)initialise for a run of ``cfg``: afterwards this server is in the state
+        ``Server(<the same arguments>)`` starts in, and nothing of an earlier run
+        is left (a live aggregator is closed first, Keras's session is cleared).
+
+        parts: the run's model (built here with ``cfg.seed``: the initial global
         model; its loss and metrics for :meth:`evaluate`), DP mechanism and
-        algorithm (:class:`fedsim.engine.parts.Parts`)."""
+        algorithm (:class:`fedsim.engine.parts.Parts`). ``num_cpus`` sizes
+        TensorFlow's thread pools, which a process sizes once: a reset must pass
+        the value the server was constructed with
+        (:class:`fedsim.engine.warm.WarmActors` keys its actors by it)."""
+        if self.__dict__:  # a re-initialisation
+            reinit_process(self, num_cpus)
+        self._num_cpus = num_cpus
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         import tensorflow as tf

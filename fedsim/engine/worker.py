@@ -63,15 +63,51 @@ def configure_tensorflow(num_cpus: float) -> None:
         pass
 
 
+def reinit_process(actor: Any, num_cpus: float) -> None:
+    """Before an actor re-initialises in its own process: check that its TensorFlow
+    thread pools fit ``num_cpus``, close what its last run holds outside Python
+    (``actor.close()``, if it has one), forget every attribute, and clear Keras's
+    global state (layer-name counters, graphs), so that the process looks to the
+    new run as a fresh one does."""
+    if actor.__dict__.get("_num_cpus") != num_cpus:
+        raise ValueError(f"reset with num_cpus={num_cpus}: this process's TensorFlow thread "
+                         f"pools are sized for {actor.__dict__.get('_num_cpus')}")
+    close = getattr(actor, "close", None)
+    if close is not None:
+        try:
+            close()
+        except AttributeError:  # the last (re)initialisation failed before its parts existed
+            pass
+    actor.__dict__.clear()
+    import tensorflow as tf
+
+    tf.keras.backend.clear_session()
+
+
 class ClientWorker:
     """Simulates virtual clients; plain Python, wrapped by Ray in :func:`make_pool`."""
 
     def __init__(self, cfg: SimConfig, parts: Any, client_data: ClientData,
                  input_shape: Sequence[int], num_classes: int, num_cpus: float = 1.0,
                  index: int = 0) -> None:
-        """parts: the run's model the clients train (and its loss) and DP mechanism
+        self.reset(cfg, parts, client_data, input_shape, num_classes, num_cpus, index)
+
+    def reset(self, cfg: SimConfig, parts: Any, client_data: ClientData,
+              input_shape: Sequence[int], num_classes: int, num_cpus: float = 1.0,
+              index: int = 0) -> None:
+        """(Re)initialise for a run of ``cfg``: afterwards this worker is in the state
+        ``ClientWorker(<the same arguments>)`` starts in (nothing of an earlier
+        run is left; Keras's session is cleared).
+
+        parts: the run's model the clients train (and its loss) and DP mechanism
         (:class:`fedsim.engine.parts.Parts`); client_data: every client's examples
-        (``client(cid) -> (x, y)``)."""
+        (``client(cid) -> (x, y)``). ``num_cpus`` sizes TensorFlow's thread pools,
+        which a process sizes once: a reset must pass the value the worker was
+        constructed with (:class:`fedsim.engine.warm.WarmActors` keys its actors
+        by it)."""
+        if self.__dict__:  # a re-initialisation
+            reinit_process(self, num_cpus)
+        self._num_cpus = num_cpus
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         configure_tensorflow(num_cpus)
         from fedsim.engine.parts import build_aggregator
