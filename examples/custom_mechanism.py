@@ -49,7 +49,7 @@ class NumpyGaussianAggregator(Aggregator):
         return {"clipped": 0.0, "zeroed": 0.0}
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
-               num_examples: int) -> Partial:
+               num_examples: float) -> Partial:
         d, norm, zeroed = zero_invalid(delta, self.zeroing_norm)
         clipped = norm > params["clip"]
         if clipped:

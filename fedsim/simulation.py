@@ -155,7 +155,9 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
             acct.restore(ledger)
             event = acct.round_event(mechanism_event(kept.dp, kept.clients_per_round,
                                                      mechanism=mechanism))
-            if acct.epsilon_after(event, cfg.rounds - done) <= cfg.dp.target_epsilon:
+            target = cfg.dp.target_epsilon
+            assert target is not None  # (calibration is asked for a target)
+            if acct.epsilon_after(event, cfg.rounds - done) <= target:
                 return kept, {"noise_multiplier": kept.dp.noise_multiplier,
                               "epsilon_per_round": kept.dp.epsilon,
                               "from_checkpoint": True}, False
@@ -247,8 +249,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         fresh_aggregator = fresh_aggregator or "dp" in privacy["changes_on_resume"]
         if accounted:
             check_ledger(cfg, resumed["ledger"], resumed["config"])
-        output_dir = cfg.resume
-        kept = _kept_rows(Path(cfg.resume), resumed["round"])
+        output_dir = run_dir = Path(str(cfg.resume))
+        kept = _kept_rows(run_dir, resumed["round"])
     out = _prepare_output(Path(output_dir) if output_dir is not None else None,
                           resuming=resumed is not None)
 

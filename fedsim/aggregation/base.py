@@ -101,14 +101,15 @@ class Aggregator(ABC):
 
     @abstractmethod
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
-               num_examples: int) -> Partial:
+               num_examples: float) -> Partial:
         """One client's preprocessed record (clipped, weighted), not yet summed:
         ``accumulate(params, p, delta, n) == merge(p, record(params, delta, n))``.
         Secure aggregation encodes records instead of summing them."""
 
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
-                   num_examples: int) -> Partial:
-        """``partial`` plus one client's record (worker actor)."""
+                   num_examples: float) -> Partial:
+        """``partial`` plus one client's record (worker actor); ``num_examples``:
+        the client's weight under example weighting (a canary's is the mean)."""
         return self.merge(partial, self.record(params, delta, num_examples))
 
     def merge(self, a: Partial, b: Partial) -> Partial:
@@ -191,7 +192,7 @@ class MeanAggregator(Aggregator):
         return {"zeroed": 0.0}
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
-               num_examples: int) -> Partial:
+               num_examples: float) -> Partial:
         w = float(num_examples) if self.weighting == "num_examples" else 1.0
         d = np.asarray(delta, np.float64)
         finite = bool(np.isfinite(d).all())

@@ -140,6 +140,7 @@ class Server:
     def _add_canaries(self, round_num: int, partial: Partial) -> tuple[Partial, int]:
         """Fold this round's canary updates into the sum, through the aggregator's
         own ``accumulate`` (clipped and counted like any client's update)."""
+        assert self.audit is not None  # (called only with audit.kind=canary)
         ids = self.audit.participants(round_num)
         params = self.aggregator.client_params(self.agg_state)
         clip = self.aggregator.current_clip(self.agg_state)
@@ -154,6 +155,7 @@ class Server:
         """The canary audit's empirical epsilon for the model as it is now."""
         # Updates are pseudo-gradients (w <- w - lr * update), so the canaries'
         # directions show in w_0 - w_T, the sum of the applied updates.
+        assert self.audit is not None, "audit.kind=canary asks for an estimate"
         return self.audit.estimate(self.initial_weights - self.weights, rounds, delta)
 
     def _step(self, round_num: int, num_sampled: int, partial: Partial,
@@ -231,6 +233,7 @@ class Server:
         units = self.aggregator.integer_noise(
             stream(self.cfg.noise_root(), STREAM_NOISE, round_num), layout.sizes[0],
             layout.codecs[0].scale)
+        assert total is not None  # (not aborted)
         decoded = layout.decode_sum(total, clear.count, units)
         partial = Partial(decoded[0], clear.weight, clear.count, clear.stats,
                           tuple(decoded[1:]))

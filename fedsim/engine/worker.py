@@ -118,6 +118,7 @@ class ClientWorker:
         model_spec = parts.model
         args = (model_spec, cfg.client, input_shape, num_classes, cfg.batch_size,
                 cfg.local_epochs)
+        self.trainer: Any  # LocalTrainer, VectorizedTrainer (train_many) or DPSGDTrainer
         if cfg.client.optimizer == "dp_sgd":
             from fedsim.client.dp_sgd import DPSGDTrainer
 

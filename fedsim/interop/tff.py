@@ -480,14 +480,14 @@ class TFFAggregator(Aggregator):
                        (np.zeros(0, np.float64),))
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
-               num_examples: int) -> Partial:
+               num_examples: float) -> Partial:
         """One client's update as a one-row stack, with its weight."""
         w = float(num_examples) if self.weighting == "num_examples" else 1.0
         return Partial(np.asarray(delta, np.float32).reshape(1, -1), w, 1, {},
                        (np.array([w], np.float64),))
 
     def accumulate(self, params: Mapping[str, Any], partial: Partial, delta: np.ndarray,
-                   num_examples: int) -> Partial:
+                   num_examples: float) -> Partial:
         """Append one client's update (a row) and weight; nothing is summed."""
         return self.merge(partial, self.record(params, delta, num_examples))
 

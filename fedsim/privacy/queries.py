@@ -272,7 +272,7 @@ class DPQueryAggregator(Aggregator):
         return Partial(flat[0], 0.0, 0, {"clipped": 0.0, "zeroed": 0.0}, tuple(flat[1:]))
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
-               num_examples: int) -> Partial:
+               num_examples: float) -> Partial:
         """One client's record: the update zeroed if non-finite or huge, then
         clipped by the query (``preprocess_record``)."""
         delta, norm, zeroed = zero_invalid(delta, self.zeroing_norm, np.float32)

@@ -159,7 +159,7 @@ class SkellamAggregator(Aggregator):
                                     self.client_variance)
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
-               num_examples: int) -> Partial:
+               num_examples: float) -> Partial:
         """One client's record: the update zeroed if non-finite or huge, clipped
         to L2 norm C (its noise share is added when it is encoded)."""
         d, norm, zeroed = zero_invalid(delta, self.dp.zeroing_norm)
