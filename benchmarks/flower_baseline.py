@@ -30,9 +30,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workload as W  # noqa: E402
-
 import numpy as np  # noqa: E402
+import workload as W  # noqa: E402
 
 _STATE: dict[str, Any] = {}
 
@@ -145,13 +144,12 @@ def main() -> None:
     os.environ["FEDSIM_BENCH_MODEL"] = a.model
     os.environ["FEDSIM_BENCH_DATA"] = str(Path(a.data).resolve())
 
-    import flwr
-    from flwr.simulation import run_simulation
-
     # The client side by reference (module flower_baseline, importable in the actors
     # through PYTHONPATH), not pickled by value from __main__: each actor then keeps
     # its Keras model in the module's _STATE across fit calls.
     import flower_baseline
+    import flwr
+    from flwr.simulation import run_simulation
 
     log: dict[str, list] = {"start": [], "end": [], "fit_seconds": [], "failures": [],
                             "final_accuracy": []}

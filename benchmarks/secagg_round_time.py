@@ -37,8 +37,15 @@ VARIANTS = ("secagg_plus", "secagg_plus:full", "secagg", "secagg:full")
 
 def round_times(cohort: int, variant: str, rounds: int) -> tuple[list[float], list[float]]:
     """Per-round seconds (after the first round) and protocol seconds of one run."""
-    from fedsim.config import (DataConfig, DPConfig, ModelConfig, RayConfig, SecAggConfig,
-                               ServerConfig, SimConfig)
+    from fedsim.config import (
+        DataConfig,
+        DPConfig,
+        ModelConfig,
+        RayConfig,
+        SecAggConfig,
+        ServerConfig,
+        SimConfig,
+    )
     from fedsim.simulation import run_simulation
 
     protocol, _, full = variant.partition(":")

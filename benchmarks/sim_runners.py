@@ -29,9 +29,8 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workload as W  # noqa: E402
-
 import numpy as np  # noqa: E402
+import workload as W  # noqa: E402
 
 
 def _timed_summary(round_seconds: list[float], warmup: int, cpr: int) -> dict[str, Any]:
@@ -47,8 +46,7 @@ def run_fedsim(a: argparse.Namespace, vectorize: int = 0) -> dict[str, Any]:
     workers train that many clients per compiled call)."""
     import dataclasses
 
-    from fedsim.config import (ClientConfig, DataConfig, DPConfig, RayConfig, ServerConfig,
-                               SimConfig)
+    from fedsim.config import ClientConfig, DataConfig, DPConfig, RayConfig, ServerConfig, SimConfig
     from fedsim.simulation import run_simulation
 
     client_kw: dict[str, Any] = {}
@@ -164,8 +162,8 @@ def run_loop(a: argparse.Namespace, vectorized: bool) -> dict[str, Any]:
     import tensorflow as tf
 
     from fedsim.client.local import LocalTrainer
-    from fedsim.config import ClientConfig
     from fedsim.client.vectorized import VectorizedTrainer
+    from fedsim.config import ClientConfig
     from fedsim.models.spec import model_spec
 
     clients = W.Clients(Path(a.data) / "clients.npz")

@@ -53,8 +53,8 @@ def format_error(err: BaseException) -> str:
         if isinstance(e, FedsimError):
             return str(e)
     text = "\n".join(str(e) for e in chain)
-    m = re.search(r"Could not find '([\w/.]+)/([^']+)'.*?Available options in '[^']+':\n((?:\t[^\n]*\n?)+)",
-                  text, re.S)
+    m = re.search(r"Could not find '([\w/.]+)/([^']+)'.*?Available options in '[^']+':\n"
+                  r"((?:\t[^\n]*\n?)+)", text, re.S)
     if m:
         options = ", ".join(o.strip() for o in m.group(3).splitlines() if o.strip())
         return f"{m.group(1).replace('/', '.')}={m.group(2)}: unknown option; allowed: {options}"

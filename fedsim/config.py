@@ -16,7 +16,6 @@ allowed.
 from __future__ import annotations
 
 import importlib
-
 import math
 import re
 from dataclasses import dataclass, field

@@ -40,12 +40,22 @@ from fedsim.engine.ray_setup import connect_ray, prepare_ray_import
 from fedsim.engine.rounds import RoundFailed, memory_row, run_round_with_retries
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.models.spec import ModelSpec, check_model, model_spec
-from fedsim.privacy.accounting import (audit_comparison, build_accountant, calibrate,
-                                       check_ledger, default_delta, mechanism_event)
+from fedsim.privacy.accounting import (
+    audit_comparison,
+    build_accountant,
+    calibrate,
+    check_ledger,
+    default_delta,
+    mechanism_event,
+)
 from fedsim.privacy.mechanisms.base import Mechanism, resolve_mechanism
 from fedsim.results.callbacks import Callback, RunContext, default_callbacks
-from fedsim.results.checkpoint import (CheckpointError, check_resumable, load_checkpoint,
-                                       save_checkpoint)
+from fedsim.results.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedsim.results.outputs import memory_mib, plot_metrics, read_metrics, write_json_atomic
 from fedsim.results.summary import example_level_privacy, run_summary
 
@@ -227,10 +237,11 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         cfg = dataclasses.replace(cfg, algorithm=_name(algorithm))
     missing = sorted(set(algo.client_features) - trainer_features(cfg))
     if missing:
+        honoured = sorted(trainer_features(cfg)) or "none"
         raise ConfigError("algorithm", f"an algorithm whose clients need only what the trainer "
                           f"honours (client.optimizer={cfg.client.optimizer}, client.vectorize="
-                          f"{cfg.client.vectorize} honours {sorted(trainer_features(cfg)) or 'none'};"
-                          f" it needs {', '.join(missing)})", cfg.algorithm)
+                          f"{cfg.client.vectorize} honours {honoured}; it needs "
+                          f"{', '.join(missing)})", cfg.algorithm)
     accounted = mech.private or cfg.aggregator.kind == "tff"  # a TFF factory's own events
     privacy: dict[str, Any] = {}
     resumed: Optional[dict[str, Any]] = None

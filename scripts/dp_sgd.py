@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"argument --mnist: {args.mnist}: allowed is a local Keras mnist.npz file "
                 "(not found; nothing is downloaded)")
 
-    from fedsim.config import ClientConfig, ModelConfig
     from fedsim.client.dp_sgd import load_central, train_central, tutorial_cnn
+    from fedsim.config import ClientConfig, ModelConfig
     from fedsim.errors import FedsimError
 
     try:

@@ -23,13 +23,12 @@ inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
-
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,3 @@
-"""Stage 7, server algorithm: how the server applies the aggregate (:mod:`.optimizers`: FedAvg, FedAdam, FedYogi)."""
+"""Stage 7, server algorithm: how the server applies the aggregate (:mod:`.optimizers`:
+FedAvg, FedAdam, FedYogi).
+"""

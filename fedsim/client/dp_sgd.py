@@ -37,8 +37,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from fractions import Fraction
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Callable, Optional, Sequence
 
 import dp_accounting
@@ -48,12 +48,12 @@ import tensorflow_privacy
 from dp_accounting import DpEvent
 from tensorflow_privacy.privacy.dp_query import gaussian_query
 
-from fedsim.privacy import noise
 from fedsim.client.local import ClientResult, epoch_order
 from fedsim.config import ACCOUNTANTS, BATCH_SAMPLING, ClientConfig, ModelConfig
 from fedsim.errors import ConfigError
 from fedsim.models.keras import FlatWeights
 from fedsim.models.spec import ModelSpec, as_spec, model_spec
+from fedsim.privacy import noise
 
 ASSUMPTIONS = {
     "poisson": "Poisson sampling of each step's batch, as run",

@@ -1,1 +1,3 @@
-"""Stage 2, cohort: which clients a round samples (:mod:`.sampling`) and which of them drop, straggle or report (:mod:`.faults`)."""
+"""Stage 2, cohort: which clients a round samples (:mod:`.sampling`) and which of them
+drop, straggle or report (:mod:`.faults`).
+"""

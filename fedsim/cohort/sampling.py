@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def sample_clients(population: int, per_round: int, method: str,
                    rng: np.random.Generator) -> np.ndarray:
     """Client ids (sorted int64) for one round.

@@ -29,8 +29,8 @@ import numpy as np
 
 from fedsim.config import DATASETS, DataConfig
 from fedsim.data.base import FederatedData
-from fedsim.errors import ConfigError, DataError
 from fedsim.data.partition import Partition, dirichlet_partition, iid_partition
+from fedsim.errors import ConfigError, DataError
 
 # Tags that keep the random streams of this module apart from other users of the
 # same seed (client sampling, model init, ...).
@@ -318,7 +318,7 @@ def _load_emnist(cfg: DataConfig, clients: int) -> FederatedData:
     if not directory.is_dir():
         raise _malformed(directory, "not a directory (expected one holding "
                          f"{_EMNIST_FILES[0][0]} and {_EMNIST_FILES[0][1]})")
-    for train_name, test_name, num_classes in _EMNIST_FILES:
+    for train_name, test_name, num_classes in _EMNIST_FILES:  # noqa: B007 (used after break)
         if (directory / train_name).is_file():
             break
     else:

@@ -450,7 +450,8 @@ def load_sql_client_data(path: os.PathLike | str, clients: Optional[int] = None,
                          num_classes: Optional[int] = None, train_split: Optional[str] = None,
                          test_split: Optional[str] = None, test_fraction: float = 0.2,
                          x_scale: float = 1.0, seed: int = 0) -> FederatedData:
-    """A ``SqlClientData`` sqlite file as :class:`~fedsim.data.base.FederatedData` (module docstring).
+    """A ``SqlClientData`` sqlite file as a :class:`~fedsim.data.base.FederatedData`
+    (module docstring).
 
     clients: how many (None: every client id of the training split).
     """

@@ -22,15 +22,22 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fedsim.aggregation.base import Partial, merge_partials
-from fedsim.engine.parts import Parts, build_aggregator
-from fedsim.privacy.audit import CanaryAudit
-from fedsim.config import SimConfig
-from fedsim.results.outputs import memory_mib
 from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
-from fedsim.rng import (STREAM_CLIENT_FAULTS, STREAM_DROPOUT, STREAM_NOISE, STREAM_SAMPLING, STREAM_SECAGG_GRAPH, stream)
 from fedsim.cohort.sampling import sample_clients
-from fedsim.secure.layout import SecureLayout
+from fedsim.config import SimConfig
+from fedsim.engine.parts import Parts, build_aggregator
 from fedsim.engine.worker import WorkerReport, configure_tensorflow, reinit_process
+from fedsim.privacy.audit import CanaryAudit
+from fedsim.results.outputs import memory_mib
+from fedsim.rng import (
+    STREAM_CLIENT_FAULTS,
+    STREAM_DROPOUT,
+    STREAM_NOISE,
+    STREAM_SAMPLING,
+    STREAM_SECAGG_GRAPH,
+    stream,
+)
+from fedsim.secure.layout import SecureLayout
 
 
 def _one_per_return(per_worker: list) -> Any:

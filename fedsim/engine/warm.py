@@ -103,7 +103,8 @@ class WarmActors:
             else:
                 server_ready = server.reset.remote(cfg, parts, shape, num_classes, x_test, y_test,
                                                    SERVER_TF_CPUS)
-            pool, fresh_pool = self._take_pool(cfg, parts, data_ref, shape, num_classes, num_workers)
+            pool, fresh_pool = self._take_pool(cfg, parts, data_ref, shape, num_classes,
+                                               num_workers)
             worker_ready = [w.ping.remote() if fresh_pool else
                             w.reset.remote(cfg, parts, data_ref, shape, num_classes,
                                            cfg.ray.cpus_per_worker, i)
@@ -200,8 +201,8 @@ class WarmActors:
         self._server = _Slot(key, None)
         return None, True
 
-    def _take_pool(self, cfg: SimConfig, parts: Any, data_ref: Any, shape: tuple, num_classes: int,
-                   size: int) -> tuple[WorkerPool, bool]:
+    def _take_pool(self, cfg: SimConfig, parts: Any, data_ref: Any, shape: tuple,
+                   num_classes: int, size: int) -> tuple[WorkerPool, bool]:
         """The first ``size`` workers of the cached pool when it fits, else a newly
         started (and cached) pool of ``size``; and whether it is new."""
         key = (tuple(sorted(worker_bundle(cfg).items())), _outer_placement_group())

@@ -1,1 +1,3 @@
-"""TensorFlow Federated interop: TFF aggregation factories inside fedsim, and fedsim's parity with TFF."""
+"""TensorFlow Federated interop: TFF aggregation factories inside fedsim, and fedsim's
+parity with TFF.
+"""

@@ -1,1 +1,3 @@
-"""The models clients train: Keras builders and the flat-vector view of their weights (:mod:`.keras`)."""
+"""The models clients train: Keras builders and the flat-vector view of their weights
+(:mod:`.keras`).
+"""

@@ -52,7 +52,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from fedsim.config import ModelConfig, why, import_callable
+from fedsim.config import ModelConfig, import_callable, why
 from fedsim.errors import ConfigError
 
 

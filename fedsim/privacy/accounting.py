@@ -42,9 +42,13 @@ from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedsim.config import DPConfig, SimConfig
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.privacy.events import (
+    DiscreteGaussianDpEvent,
+    SkellamDpEvent,
+    discrete_gaussian_rdp,
+    skellam_rdp,
+)
 from fedsim.privacy.mechanisms.base import resolve_mechanism
-from fedsim.privacy.events import (DiscreteGaussianDpEvent, SkellamDpEvent,
-                                   discrete_gaussian_rdp, skellam_rdp)
 
 CALIBRATION_HEADROOM = 2e-5
 """Relative extra noise of a calibrated noise multiplier: the accountant records
@@ -197,10 +201,10 @@ class PrivacyAccountant:
 
     kind: ``rdp`` (dp-accounting's RdpAccountant) or ``pld`` (PLDAccountant).
     The ledger lists ``[event, count]`` of the round events composed so far,
-    equal events merged (composition is commutative), in order of first use. Under RDP each distinct event's RDP curve
-    is computed once by an RdpAccountant and the curves are summed (RDP
-    composes additively), so a round costs microseconds, not the ~0.3 s of a
-    fresh subsampled-Gaussian RDP computation.
+    equal events merged (composition is commutative), in order of first use. Under
+    RDP each distinct event's RDP curve is computed once by an RdpAccountant and
+    the curves are summed (RDP composes additively), so a round costs one addition
+    of curves, not a fresh subsampled-Gaussian RDP computation.
     """
 
     def __init__(self, kind: str, sampling: str, clients: int, clients_per_round: int,

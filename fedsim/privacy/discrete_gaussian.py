@@ -15,8 +15,10 @@ applies to it.
 Privacy: the multivariate discrete Gaussian with integer L2 sensitivity
 ``Delta`` satisfies ``Delta^2 / (2 sigma^2)``-concentrated DP (CKS20's
 multivariate bound), i.e. RDP ``alpha Delta^2 / (2 sigma^2)`` at every order,
-the continuous Gaussian's (:func:`fedsim.privacy.events.discrete_gaussian_rdp`). One client's rounded update has ``Delta = C scale + sqrt(d)``
-(:func:`fedsim.privacy.accounting.rounded_sensitivity_event` charges the ``sqrt(d)``),
+the continuous Gaussian's (:func:`fedsim.privacy.events.discrete_gaussian_rdp`).
+One client's rounded update has ``Delta = C scale + sqrt(d)``
+(:func:`fedsim.privacy.accounting.rounded_sensitivity_event` charges the
+``sqrt(d)``),
 doubled under replace-one (``sampling=uniform``). The rounds are composed
 WITHOUT sampling amplification: dp-accounting's subsampled-Gaussian analyses
 use the continuous Gaussian's privacy-loss distribution, which the discrete
@@ -30,8 +32,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fedsim.privacy.events import DiscreteGaussianDpEvent
 from fedsim.aggregation.base import Partial, clip_measurements
+from fedsim.privacy.events import DiscreteGaussianDpEvent
 from fedsim.privacy.queries import DPQueryAggregator
 
 

@@ -354,7 +354,8 @@ def discrete_gaussian(rng: np.random.Generator, size: int,
     noise is added to) is an ``int`` or a ``fractions.Fraction`` with
     ``0 < sigma^2 <= 2^100``; a float raises ValueError (pass ``Fraction(x)``
     explicitly). The distribution's variance is strictly below ``sigma^2`` (CKS20), by
-    a relative amount that vanishes exponentially fast in ``sigma^2``. The same ``rng`` state gives the same samples."""
+    a relative amount that vanishes exponentially fast in ``sigma^2``. The same
+    ``rng`` state gives the same samples."""
     rng = _generator(rng)
     m = _size(size)
     s2 = _rational(sigma_squared, "sigma_squared")

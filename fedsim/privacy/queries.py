@@ -43,13 +43,12 @@ from tensorflow_privacy.privacy.dp_query.normalized_query import NormalizedQuery
 from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_sum_query import (
     QuantileAdaptiveClipSumQuery,
 )
-
 from tensorflow_privacy.privacy.dp_query.quantile_estimator_query import QuantileEstimatorQuery
 
-from fedsim.privacy import noise
-from fedsim.privacy.noise import adaptive_clip_noise_params
 from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
 from fedsim.config import DPConfig, SimConfig
+from fedsim.privacy import noise
+from fedsim.privacy.noise import adaptive_clip_noise_params
 
 
 class NoiseSource:

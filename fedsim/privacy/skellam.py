@@ -38,10 +38,10 @@ import attr
 import numpy as np
 
 from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
-from fedsim.config import DPConfig, SimConfig
 from fedsim.cohort.faults import sample_size
-from fedsim.secure.fixedpoint import round_stochastically
+from fedsim.config import DPConfig, SimConfig
 from fedsim.privacy.events import SkellamDpEvent
+from fedsim.secure.fixedpoint import round_stochastically
 from fedsim.secure.protocol import fewest_survivors
 
 TAIL_STDDEVS = 20.0  # modulus headroom for the noise: P(|Skellam| > 20 std) is negligible

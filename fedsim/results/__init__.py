@@ -1,1 +1,3 @@
-"""Stage 8, results: metrics files, plots and TensorBoard (:mod:`.outputs`), checkpoints, and sweep summaries."""
+"""Stage 8, results: metrics files, plots and TensorBoard (:mod:`.outputs`),
+checkpoints, and sweep summaries.
+"""

@@ -59,7 +59,12 @@ def example_level_privacy(cfg: SimConfig, data: FederatedData,
     bound for shuffled fixed-size batches without amplification
     (:func:`fedsim.client.dp_sgd.shuffle_round_event`).
     """
-    from fedsim.client.dp_sgd import (ASSUMPTIONS, client_example_epsilon, microbatch_size, round_steps)
+    from fedsim.client.dp_sgd import (
+        ASSUMPTIONS,
+        client_example_epsilon,
+        microbatch_size,
+        round_steps,
+    )
 
     c = cfg.client
     m = microbatch_size(cfg.batch_size, c.num_microbatches)
