@@ -3,9 +3,9 @@
 ``aggregator=tff`` runs a real ``tff.aggregators.UnweightedAggregationFactory`` or
 ``WeightedAggregationFactory`` in the server actor::
 
-  aggregator.kind: tff
-  aggregator.factory: tensorflow_federated.aggregators:DifferentiallyPrivateFactory.gaussian_adaptive
-  aggregator.args: {noise_multiplier: 0.5, clients_per_round: 10}
+ aggregator.kind: tff
+ aggregator.factory: tensorflow_federated.aggregators:DifferentiallyPrivateFactory.gaussian_adaptive
+ aggregator.args: {noise_multiplier: 0.5, clients_per_round: 10}
 
 ``factory`` is ``module:attr.path``; the attribute is called with ``args`` (ints
 are passed as floats where the callable's annotations ask for a float, since
