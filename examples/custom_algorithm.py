@@ -52,7 +52,7 @@ def fedprox(cfg: SimConfig) -> FedProx:
     return FedProx(cfg, mu=0.01)
 
 
-def main(rounds: int = 3, mu: float = 0.1) -> Any:
+def main(rounds: int = 3, mu: float = 0.1, actors: Any = None) -> Any:
     """FedProx on strongly label-skewed digits (Dirichlet 0.1), from Python."""
     from fedsim.config import DataConfig, ModelConfig, RayConfig
     from fedsim.simulation import run_simulation
@@ -60,7 +60,7 @@ def main(rounds: int = 3, mu: float = 0.1) -> Any:
     cfg = SimConfig(clients=30, clients_per_round=10, rounds=rounds, local_epochs=2,
                     data=DataConfig(name="digits", alpha=0.1), model=ModelConfig(name="logreg"),
                     ray=RayConfig(workers=1), progress=False)
-    result = run_simulation(cfg, algorithm=FedProx(cfg, mu=mu))
+    result = run_simulation(cfg, algorithm=FedProx(cfg, mu=mu), actors=actors)
     print(f"FedProx mu={mu}: accuracy {result.summary['final']['eval_accuracy']:.3f} "
           f"after {rounds} rounds")
     return result

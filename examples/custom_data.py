@@ -17,7 +17,7 @@ plain values (no open files or locks; open those lazily inside ``client``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -74,14 +74,14 @@ def make_data(num_clients: int = 20, examples_per_client: int = 50, test_example
                          input_shape=(DIM,), name="label_skew_gaussians")
 
 
-def main(output_dir: Optional[str] = None, rounds: int = 2) -> SimulationResult:
+def main(output_dir: Optional[str] = None, rounds: int = 2, actors: Any = None) -> SimulationResult:
     """Two rounds of FedAvg of a small MLP on :func:`make_data`'s 20 clients, 5 per
     round; prints one line and returns the result."""
     data = make_data(num_clients=20)
     cfg = SimConfig(clients=data.train.num_clients, clients_per_round=5, rounds=rounds,
                     local_epochs=2, model=ModelConfig(name="mlp", hidden=[32]),
                     ray=RayConfig(workers=1), progress=False, checkpoint_every=0)
-    result = run_simulation(cfg, output_dir, data=data)
+    result = run_simulation(cfg, output_dir, data=data, actors=actors)
     print(f"custom_data: {data.name}, {cfg.clients} clients, {len(data.y_test)} test "
           f"examples, {rounds} rounds: test accuracy {result.metrics[-1]['eval_accuracy']:.3f}")
     return result

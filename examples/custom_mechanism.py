@@ -78,7 +78,7 @@ class NumpyGaussian(Mechanism):
                                        cfg.clients_per_round, cfg.dp.zeroing_norm)
 
 
-def main(rounds: int = 3) -> Any:
+def main(rounds: int = 3, actors: Any = None) -> Any:
     """Three rounds on the bundled digits with the user's mechanism, from Python."""
     from fedsim.config import ModelConfig, RayConfig
     from fedsim.simulation import run_simulation
@@ -87,7 +87,7 @@ def main(rounds: int = 3) -> Any:
                     model=ModelConfig(name="logreg"), ray=RayConfig(workers=1), progress=False,
                     dp=DPConfig(mechanism="gaussian", noise_multiplier=0.8, l2_norm_clip=1.0),
                     server=ServerConfig(weighting="uniform"))
-    result = run_simulation(cfg, mechanism=NumpyGaussian())
+    result = run_simulation(cfg, mechanism=NumpyGaussian(), actors=actors)
     privacy = result.summary["privacy"]
     print(f"{privacy['mechanism']}: epsilon {privacy['epsilon']:.3f} after {rounds} rounds, "
           f"accuracy {result.summary['final']['eval_accuracy']:.3f}")

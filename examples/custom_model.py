@@ -21,7 +21,7 @@ examples.custom_model:MODEL`` selects it on the command line).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 
@@ -58,13 +58,13 @@ MODEL = ModelSpec(build, metrics={"accuracy": accuracy, "top2_accuracy": top2_ac
 """The builder with accuracy and top-2 accuracy (the default loss)."""
 
 
-def main(output_dir: Optional[str] = None, rounds: int = 2) -> SimulationResult:
+def main(output_dir: Optional[str] = None, rounds: int = 2, actors: Any = None) -> SimulationResult:
     """Two rounds of FedAvg on the bundled digits (8x8 images, 20 clients, 5 per
     round, 5 local epochs) with :data:`MODEL`; prints one line and returns the
     result."""
     cfg = SimConfig(clients=20, clients_per_round=5, rounds=rounds, local_epochs=5,
                     ray=RayConfig(workers=1), progress=False, checkpoint_every=0)
-    result = run_simulation(cfg, output_dir, model=MODEL)
+    result = run_simulation(cfg, output_dir, model=MODEL, actors=actors)
     last = result.metrics[-1]
     print(f"custom_model: {MODEL.name}, {result.summary['num_parameters']} parameters, "
           f"{rounds} rounds: test accuracy {last['eval_accuracy']:.3f}, top-2 "

@@ -1,5 +1,6 @@
-"""Shared fixtures: one real local Ray instance for the session, and cleanup of
-TFF's C++ worker_binary children (they outlive Python and hold stdout open)."""
+"""Shared fixtures: one real local Ray instance for the session, warm actors
+reused by the in-process simulations, and cleanup of TFF's C++ worker_binary
+children (they outlive Python and hold stdout open)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,29 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def warm_actors(ray_local):
+    """One :class:`fedsim.engine.warm.WarmActors` for the session: the in-process
+    simulation tests pass it as ``run_simulation(..., actors=warm_actors)``, so
+    that their server and worker actors (each a process that imports TensorFlow)
+    are started once and reset for every run instead of started anew."""
+    from fedsim.engine.warm import WarmActors
+
+    with WarmActors() as actors:
+        yield actors
+
+
+@pytest.fixture(autouse=True)
+def _fresh_actors_get_the_cpus(request):
+    """A test on the session's Ray that starts actors of its own (it uses
+    ``ray_local`` but not ``warm_actors``) finds the CPUs free: the warm actors,
+    whose placement group reserves them, are stopped first (the next test that
+    uses them starts new ones)."""
+    if "ray_local" in request.fixturenames and "warm_actors" not in request.fixturenames:
+        request.getfixturevalue("warm_actors").close()
+    yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,9 +10,15 @@ import pytest
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.privacy.accounting import (PrivacyAccountant, audit_comparison, calibrate, default_delta, mechanism_event)
 from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
 from fedsim.errors import ConfigError
+from fedsim.privacy.accounting import (
+    PrivacyAccountant,
+    audit_comparison,
+    calibrate,
+    default_delta,
+    mechanism_event,
+)
 
 REPLACE = dp_accounting.NeighboringRelation.REPLACE_ONE
 
@@ -165,11 +171,11 @@ def _small_dp(**dp) -> SimConfig:
                      server=ServerConfig(weighting="uniform"), dp=DPConfig(**dp))
 
 
-def test_simulation_records_epsilon_every_round_as_dp_accounting_computes_it(ray_local):
+def test_simulation_records_epsilon_every_round_as_dp_accounting_computes_it(warm_actors):
     from fedsim.simulation import run_simulation
 
     res = run_simulation(_small_dp(mechanism="gaussian", noise_multiplier=1.1,
-                                   l2_norm_clip=0.5))
+                                   l2_norm_clip=0.5), actors=warm_actors)
     delta = default_delta(20)
     for r in res.metrics:
         direct = RdpAccountant(neighboring_relation=REPLACE)
@@ -182,14 +188,14 @@ def test_simulation_records_epsilon_every_round_as_dp_accounting_computes_it(ray
     assert res.summary["privacy"]["rounds_accounted"] == 4
 
 
-def test_max_epsilon_stops_cleanly_before_exceeding(ray_local, tmp_path):
+def test_max_epsilon_stops_cleanly_before_exceeding(warm_actors, tmp_path):
     from fedsim.simulation import run_simulation
 
     # Uniform sampling: replace-one neighbours, so a Laplace round with epsilon=1 for
     # add/remove is a 2-DP release; two rounds spend about 4, a third about 6 > 5.
     budget = 5.0
     cfg = _small_dp(mechanism="laplace", sensitivity=1.0, epsilon=1.0, max_epsilon=budget)
-    res = run_simulation(dataclasses.replace(cfg, rounds=10), tmp_path / "run")
+    res = run_simulation(dataclasses.replace(cfg, rounds=10), tmp_path / "run", actors=warm_actors)
     assert len(res.metrics) == 2
     assert all(r["epsilon"] <= budget for r in res.metrics)
     assert "max_epsilon" in res.summary["stop_reason"]
@@ -254,8 +260,12 @@ def test_secure_rounding_is_charged_to_central_mechanisms():
 
     import numpy as np
 
-    from fedsim.privacy.accounting import (build_accountant, round_down_noise, rounded_sensitivity_factors)
     from fedsim.config import SecAggConfig
+    from fedsim.privacy.accounting import (
+        build_accountant,
+        round_down_noise,
+        rounded_sensitivity_factors,
+    )
     from fedsim.secure.fixedpoint import FixedPointCodec
 
     d, bits, clip = 400, 2, 1.0

@@ -9,10 +9,10 @@ from fedsim.client.local import LocalTrainer
 from fedsim.config import ModelConfig, RayConfig, SimConfig
 from fedsim.data.loaders import load_federated_data
 from fedsim.engine.parts import resolve_parts
-from fedsim.models.spec import model_spec
-from fedsim.rng import STREAM_SHUFFLE, stream
 from fedsim.engine.server import Server
 from fedsim.engine.worker import ClientWorker
+from fedsim.models.spec import model_spec
+from fedsim.rng import STREAM_SHUFFLE, stream
 
 
 def test_one_round_on_ray_equals_hand_computed_fedavg(ray_local):

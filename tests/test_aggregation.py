@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from fedsim.aggregation.base import MeanAggregator, Partial
-from fedsim.config import ServerConfig
 from fedsim.algorithms.optimizers import ServerOptimizer
+from fedsim.config import ServerConfig
 
 
 def _random_updates(k: int, d: int, seed: int = 0):

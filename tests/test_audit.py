@@ -12,12 +12,18 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+from helpers import small_config
 from scipy import integrate, special
 
-from fedsim.privacy.audit import (CanaryAudit, cosine_null_log_sf, epsilon_closed_form_null_gaussian_alt, epsilon_two_gaussians, random_direction)
 from fedsim.config import AuditConfig, DPConfig, ModelConfig, ServerConfig
+from fedsim.privacy.audit import (
+    CanaryAudit,
+    cosine_null_log_sf,
+    epsilon_closed_form_null_gaussian_alt,
+    epsilon_two_gaussians,
+    random_direction,
+)
 from fedsim.simulation import run_simulation
-from helpers import small_config
 
 
 def hockey_stick(mu_p, std_p, mu_q, std_q, eps):
@@ -172,10 +178,10 @@ def _audited(noise: float, canaries: int):
         audit=AuditConfig(kind="canary", canaries=canaries))
 
 
-def test_audit_stays_below_the_accountant_with_noise_and_detects_no_noise(ray_local, tmp_path):
+def test_audit_stays_below_the_accountant_with_noise_and_detects_no_noise(warm_actors, tmp_path):
     # With noise: 1,000 canaries, so that their fitted spread (to which the estimate
     # at delta 1e-5 is sensitive) is a few percent off at most, not ~10% as with 50.
-    noisy = run_simulation(_audited(1.0, canaries=1000), tmp_path / "noisy")
+    noisy = run_simulation(_audited(1.0, canaries=1000), tmp_path / "noisy", actors=warm_actors)
     audit = json.loads((tmp_path / "noisy" / "summary.json").read_text())["audit"]
     assert audit == pytest.approx(noisy.summary["audit"])
     assert audit["method"] == "two_gaussians" and audit["canary_participations"] > 0
@@ -194,7 +200,7 @@ def test_audit_stays_below_the_accountant_with_noise_and_detects_no_noise(ray_lo
 
     # Without noise (50 canaries: a thousand would crowd one another out of the
     # model's 2,410 dimensions) the canaries stand far out of the null.
-    bare = run_simulation(_audited(0.0, canaries=50)).summary
+    bare = run_simulation(_audited(0.0, canaries=50), actors=warm_actors).summary
     assert bare["privacy"]["epsilon"] == "inf"
     assert bare["audit"]["accountant_epsilon_add_remove"] == "inf"
     assert bare["audit"]["cos_canary_mean"] > 4 * bare["audit"]["cos_null_std_theoretical"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
 from fedsim.privacy.accounting import LedgerError
 from fedsim.results.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
-from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
 from fedsim.results.outputs import read_metrics
 from fedsim.simulation import run_simulation
 
@@ -46,8 +46,9 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
-def test_sigkill_after_round_3_then_resume_equals_uninterrupted(ray_local, tmp_path):
-    reference = run_simulation(_cfg(), tmp_path / "reference")
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
+def test_sigkill_after_round_3_then_resume_equals_uninterrupted(warm_actors, tmp_path):
+    reference = run_simulation(_cfg(), tmp_path / "reference", actors=warm_actors)
 
     run_dir = tmp_path / "killed"
     env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
@@ -78,8 +79,9 @@ def test_sigkill_after_round_3_then_resume_equals_uninterrupted(ray_local, tmp_p
     assert "epsilon" in reference.metrics[-1]  # the ledger continued, never reset
 
 
-def test_corrupted_checkpoint_is_refused_and_left_untouched(ray_local, tmp_path):
-    run_simulation(dataclasses.replace(_cfg(), rounds=2, local_epochs=1), tmp_path / "run")
+def test_corrupted_checkpoint_is_refused_and_left_untouched(warm_actors, tmp_path):
+    run_simulation(dataclasses.replace(_cfg(), rounds=2, local_epochs=1), tmp_path / "run",
+                   actors=warm_actors)
     path = tmp_path / "run" / CHECKPOINT
     good = path.read_bytes()
     data = bytearray(good)
@@ -87,12 +89,12 @@ def test_corrupted_checkpoint_is_refused_and_left_untouched(ray_local, tmp_path)
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted or partial"):
         run_simulation(dataclasses.replace(_cfg(), rounds=3, local_epochs=1,
-                                           resume=str(tmp_path / "run")))
+                                           resume=str(tmp_path / "run")), actors=warm_actors)
     assert path.read_bytes() == bytes(data)
     path.write_bytes(bytes(data[:100]))  # truncated
     with pytest.raises(CheckpointError, match="corrupted or partial"):
         run_simulation(dataclasses.replace(_cfg(), rounds=3, local_epochs=1,
-                                           resume=str(tmp_path / "run")))
+                                           resume=str(tmp_path / "run")), actors=warm_actors)
     # The arrays' file (weights, optimizer and aggregator state) is checksummed too.
     path.write_bytes(good)
     (npz,) = path.parent.glob("checkpoint-*.npz")
@@ -101,21 +103,21 @@ def test_corrupted_checkpoint_is_refused_and_left_untouched(ray_local, tmp_path)
     npz.write_bytes(bytes(arrays))
     with pytest.raises(CheckpointError, match=f"{npz.name} is corrupted or partial"):
         run_simulation(dataclasses.replace(_cfg(), rounds=3, local_epochs=1,
-                                           resume=str(tmp_path / "run")))
+                                           resume=str(tmp_path / "run")), actors=warm_actors)
     assert npz.read_bytes() == bytes(arrays)
 
 
-def test_changed_privacy_parameters_need_force_and_the_ledger_keeps_both(ray_local, tmp_path):
+def test_changed_privacy_parameters_need_force_and_the_ledger_keeps_both(warm_actors, tmp_path):
     small = dataclasses.replace(_cfg(), rounds=2, local_epochs=1)
-    run_simulation(small, tmp_path / "run")
+    run_simulation(small, tmp_path / "run", actors=warm_actors)
     louder = dataclasses.replace(small, rounds=3, resume=str(tmp_path / "run"),
                                  dp=dataclasses.replace(small.dp, noise_multiplier=0.35))
     with pytest.raises(CheckpointError, match="privacy parameter dp differs"):
-        run_simulation(louder)
+        run_simulation(louder, actors=warm_actors)
     with pytest.raises(CheckpointError, match="model differs"):
         run_simulation(dataclasses.replace(louder, model=ModelConfig(name="mlp"),
-                                           resume_force=True))
-    res = run_simulation(dataclasses.replace(louder, resume_force=True))
+                                           resume_force=True), actors=warm_actors)
+    res = run_simulation(dataclasses.replace(louder, resume_force=True), actors=warm_actors)
     ledger = res.summary["privacy"]["ledger"]
     assert [e["count"] for e in ledger] == [2, 1]  # both noise levels, never reset
     assert res.metrics[-1]["epsilon"] > res.metrics[1]["epsilon"]
@@ -124,5 +126,5 @@ def test_changed_privacy_parameters_need_force_and_the_ledger_keeps_both(ray_loc
     # (this was dp-accounting's UnsupportedEventError from deep inside the accountant).
     with pytest.raises(LedgerError, match="sampling=poisson changes the neighbouring relation"):
         run_simulation(dataclasses.replace(louder, rounds=4, resume_force=True,
-                                           sampling="poisson"))
+                                           sampling="poisson"), actors=warm_actors)
     assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3

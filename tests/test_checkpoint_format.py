@@ -22,8 +22,15 @@ from fedsim.config import SimConfig
 from fedsim.interop.tff import TFFState
 from fedsim.privacy.events import DiscreteGaussianDpEvent, SkellamDpEvent
 from fedsim.results import checkpoint as ckpt
-from fedsim.results.checkpoint import (CHECKPOINT, DP_EVENTS, FORMAT, CheckpointError,
-                                       check_resumable, load_checkpoint, save_checkpoint)
+from fedsim.results.checkpoint import (
+    CHECKPOINT,
+    DP_EVENTS,
+    FORMAT,
+    CheckpointError,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _same(a, b, path="state"):
@@ -70,7 +77,7 @@ def _arrays() -> dict:
     for name in NUMERIC:
         dt = np.dtype(name)
         raw = rng.integers(0, 256, size=24 * dt.itemsize, dtype=np.uint8)
-        full = raw.view(dt) if dt != bool else raw.astype(bool)
+        full = raw.view(dt) if dt != np.dtype(bool) else raw.astype(bool)
         out[name] = {"2d": full[:12].reshape(3, 4), "0d": np.array(full[0]),
                      "empty": np.zeros((0, 3), dt), "fortran": np.asfortranarray(full[:12].reshape(3, 4)),
                      "scalar": full[1]}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import simulate
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_end_to_end_run_writes_metrics_summary_and_plot(tmp_path):
     """DP under SecAgg+ through the command line (a plain command-line run, with
     the default dp=none, is tests/test_cluster.py's; DP sweeps, tests/test_sweep.py's)."""

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from helpers import ROOT, simulate, small_config, without_timings
 from ray.cluster_utils import Cluster
 
-from fedsim.results.checkpoint import load_checkpoint
 from fedsim.config import RayConfig
+from fedsim.results.checkpoint import load_checkpoint
 from fedsim.simulation import run_simulation
-from helpers import ROOT, simulate, small_config, without_timings
 
 
 @pytest.fixture
@@ -23,6 +23,7 @@ def two_nodes():
     cluster.shutdown()
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_simulate_runs_unchanged_on_a_two_node_cluster_with_the_single_node_result(
         two_nodes, ray_local, tmp_path):
     run_dir = tmp_path / "run"

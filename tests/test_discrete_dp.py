@@ -11,12 +11,24 @@ import numpy as np
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.privacy.accounting import (PrivacyAccountant, build_accountant, default_delta, mechanism_event)
-from fedsim.config import (AuditConfig, DPConfig, ModelConfig, RayConfig, SecAggConfig,
-                           ServerConfig, SimConfig)
-from fedsim.privacy.events import DiscreteGaussianDpEvent
-from fedsim.privacy.discrete_gaussian import DiscreteGaussianAggregator
+from fedsim.config import (
+    AuditConfig,
+    DPConfig,
+    ModelConfig,
+    RayConfig,
+    SecAggConfig,
+    ServerConfig,
+    SimConfig,
+)
 from fedsim.errors import ConfigError
+from fedsim.privacy.accounting import (
+    PrivacyAccountant,
+    build_accountant,
+    default_delta,
+    mechanism_event,
+)
+from fedsim.privacy.discrete_gaussian import DiscreteGaussianAggregator
+from fedsim.privacy.events import DiscreteGaussianDpEvent
 from fedsim.secure.layout import make_layout
 
 
@@ -91,10 +103,10 @@ def test_accounted_unamplified_with_the_rounded_replace_one_sensitivity():
         [[DiscreteGaussianDpEvent(0.0), 1]]))
 
 
-def test_simulation_with_discrete_noise_under_secagg(ray_local, tmp_path):
+def test_simulation_with_discrete_noise_under_secagg(warm_actors, tmp_path):
     from fedsim.simulation import run_simulation
 
-    res = run_simulation(_cfg(), tmp_path / "run")
+    res = run_simulation(_cfg(), tmp_path / "run", actors=warm_actors)
     privacy = res.summary["privacy"]
     assert privacy["noise_sampler"] == "cks20-exact-discrete-gaussian"
     assert privacy["secure_rounding_charged"] == {"model_size": 650, "precision_bits": 16}

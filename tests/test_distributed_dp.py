@@ -10,12 +10,19 @@ import numpy as np
 import pytest
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
+from fedsim.config import (
+    DPConfig,
+    FaultsConfig,
+    ModelConfig,
+    RayConfig,
+    SecAggConfig,
+    ServerConfig,
+    SimConfig,
+)
+from fedsim.errors import ConfigError
 from fedsim.privacy.accounting import PrivacyAccountant, default_delta
-from fedsim.config import (DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig,
-                           ServerConfig, SimConfig)
 from fedsim.privacy.events import SkellamDpEvent, skellam_rdp
 from fedsim.privacy.skellam import SkellamCodec, sensitivities
-from fedsim.errors import ConfigError
 
 
 def test_noise_shares_sum_to_the_central_variance_within_5_sigma():
@@ -96,11 +103,11 @@ def test_config_needs_secure_aggregation_and_rdp():
         dataclasses.replace(_cfg(), sampling="poisson")
 
 
-def test_simulation_accounts_the_clients_noise_shares(ray_local):
+def test_simulation_accounts_the_clients_noise_shares(warm_actors):
     from fedsim.simulation import run_simulation
 
     z, clip = 1.2, 0.8
-    res = run_simulation(_cfg(noise_multiplier=z, l2_norm_clip=clip))
+    res = run_simulation(_cfg(noise_multiplier=z, l2_norm_clip=clip), actors=warm_actors)
     dim = int(res.weights.size)
     scale = 2.0 ** 16 / clip
     l1, l2 = sensitivities(clip, scale, dim)
@@ -115,15 +122,15 @@ def test_simulation_accounts_the_clients_noise_shares(ray_local):
     assert res.metrics[1]["epsilon"] > res.metrics[0]["epsilon"]
 
 
-def test_budget_stop_never_overshoots_when_clients_drop(ray_local):
+def test_budget_stop_never_overshoots_when_clients_drop(warm_actors):
     """dp.max_epsilon checks the least noisy round that can still complete: the
     fewest noise shares secure aggregation accepts (t = 3 of 5 here), not all
     clients_per_round (5). Seed 12's rounds have 3 and 4 reporting clients: a
     check against 5 shares lets round 2 run and overshoot the budget."""
-    from fedsim.privacy.skellam import SkellamAggregator, worst_noise_shares
     from fedsim.cohort.faults import plan_round
-    from fedsim.rng import STREAM_CLIENT_FAULTS, STREAM_SAMPLING, stream
     from fedsim.cohort.sampling import sample_clients
+    from fedsim.privacy.skellam import SkellamAggregator, worst_noise_shares
+    from fedsim.rng import STREAM_CLIENT_FAULTS, STREAM_SAMPLING, stream
     from fedsim.simulation import run_simulation
 
     seed, dim = 12, 650  # logreg on the 64-pixel digits, 10 classes
@@ -145,7 +152,7 @@ def test_budget_stop_never_overshoots_when_clients_drop(ray_local):
     budget = eps(3, 5) * 1.0001
     assert eps(3, 4) > budget  # what the old check (5 shares predicted) let happen
     res = run_simulation(dataclasses.replace(
-        base, dp=dataclasses.replace(base.dp, max_epsilon=budget)))
+        base, dp=dataclasses.replace(base.dp, max_epsilon=budget)), actors=warm_actors)
     assert int(res.weights.size) == dim
     assert [r["clients"] for r in res.metrics] == [3]
     assert all(r["epsilon"] <= budget for r in res.metrics)

@@ -15,17 +15,22 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
+from helpers import small_config
 from scipy import stats
 
 import fedsim.client.dp_sgd as dps
-
+from fedsim.client.dp_sgd import (
+    DPSGDTrainer,
+    client_example_epsilon,
+    dp_sgd_epsilon,
+    dp_sgd_event,
+    microbatch_size,
+)
 from fedsim.client.local import LocalTrainer, epoch_order
 from fedsim.config import ClientConfig, DPConfig, ModelConfig, ServerConfig, SimConfig
-from fedsim.client.dp_sgd import (DPSGDTrainer, client_example_epsilon, dp_sgd_epsilon, dp_sgd_event, microbatch_size)
 from fedsim.errors import ConfigError
 from fedsim.models.spec import model_spec
 from fedsim.simulation import run_simulation
-from helpers import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (8, 8, 1)
@@ -233,6 +238,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_script_on_bundled_digits(tmp_path):
     out = tmp_path / "result.json"
     proc = _script("--epochs", "1", "--json", str(out))
@@ -264,12 +270,12 @@ def test_script_bad_value_one_line_exit_2(args, option):
     assert len(lines) == 1 and option in lines[0] and "allowed" in lines[0], proc.stderr
 
 
-def test_dp_sgd_clients_in_a_simulation_report_example_level_beside_user_level(ray_local):
+def test_dp_sgd_clients_in_a_simulation_report_example_level_beside_user_level(warm_actors):
     cfg = small_config(client=ClientConfig(optimizer="dp_sgd", learning_rate=0.1,
                                            l2_norm_clip=1.0, noise_multiplier=1.1),
                        dp=DPConfig(mechanism="gaussian", noise_multiplier=1.0),
                        server=ServerConfig(weighting="uniform"))
-    res = run_simulation(cfg)
+    res = run_simulation(cfg, actors=warm_actors)
     privacy = res.summary["privacy"]
     assert privacy["epsilon"] > 0  # user-level, central DP
     example = privacy["example_level"]

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import ROOT, SCRIPT
 
 if str(ROOT) not in sys.path:  # `examples` is imported from the repository root
@@ -28,10 +27,10 @@ def _finite(rows, keys):
     return all(r[k] is not None and math.isfinite(r[k]) for r in rows for k in keys)
 
 
-def test_custom_model_example(ray_local, tmp_path, capsys):
+def test_custom_model_example(warm_actors, tmp_path, capsys):
     from examples import custom_model
 
-    result = custom_model.main(str(tmp_path / "run"))
+    result = custom_model.main(str(tmp_path / "run"), actors=warm_actors)
     assert result.summary["num_parameters"] == _count(custom_model.build, (8, 8, 1))
     assert result.weights.size == result.summary["num_parameters"]
     rows = result.metrics
@@ -45,13 +44,13 @@ def test_custom_model_example(ray_local, tmp_path, capsys):
     assert (tmp_path / "run" / "summary.json").exists()
 
 
-def test_custom_data_example(ray_local, capsys):
+def test_custom_data_example(warm_actors, capsys):
     from examples import custom_data
 
     data = custom_data.make_data(num_clients=20)
     labels = [set(data.train.client(c)[1].tolist()) for c in range(data.train.num_clients)]
     assert max(map(len, labels)) <= 4 and np.mean([len(s) for s in labels]) < 3  # label skew
-    result = custom_data.main()
+    result = custom_data.main(actors=warm_actors)
     s = result.summary
     assert s["config"]["clients"] == data.train.num_clients == 20
     assert s["data"] == {"name": "label_skew_gaussians", "num_classes": 10,
@@ -64,7 +63,7 @@ def test_custom_data_example(ray_local, capsys):
         capsys.readouterr().out)
 
 
-def test_builder_from_hydra_composes_and_runs(ray_local):
+def test_builder_from_hydra_composes_and_runs(warm_actors):
     from test_golden import SMALL, compose
 
     from examples import custom_model
@@ -73,14 +72,14 @@ def test_builder_from_hydra_composes_and_runs(ray_local):
     overrides = [o for o in SMALL if not o.startswith("model=")]
     cfg = compose(overrides + ["model=keras", "model.builder=examples.custom_model:build"])
     assert (cfg.model.name, cfg.model.builder) == ("keras", "examples.custom_model:build")
-    result = run_simulation(cfg)
+    result = run_simulation(cfg, actors=warm_actors)
     assert result.summary["num_parameters"] == _count(custom_model.build, (8, 8, 1))
     assert result.summary["config"]["model"]["builder"] == "examples.custom_model:build"
     assert _finite(result.metrics, ("train_loss", "eval_loss", "eval_accuracy"))
     # A ModelSpec by name brings its own metrics.
     spec_cfg = compose(overrides + ["rounds=1", "model=keras",
                                     "model.builder=examples.custom_model:MODEL"])
-    assert "eval_top2_accuracy" in run_simulation(spec_cfg).metrics[-1]
+    assert "eval_top2_accuracy" in run_simulation(spec_cfg, actors=warm_actors).metrics[-1]
 
 
 def _simulate(*args: str, cwd) -> subprocess.CompletedProcess:

@@ -83,12 +83,12 @@ def test_capabilities_are_enforced_for_a_users_mechanism():
             dp=DPConfig(mechanism="gaussian", target_epsilon=1.0)))
 
 
-def test_custom_mechanism_example_runs_and_is_accounted(ray_local):
+def test_custom_mechanism_example_runs_and_is_accounted(warm_actors):
     """examples/custom_mechanism.py from Python: the accountant composes the
     user's events exactly as it composes dp=gaussian's."""
     from examples.custom_mechanism import main
 
-    result = main(rounds=2)
+    result = main(rounds=2, actors=warm_actors)
     privacy = result.summary["privacy"]
     assert privacy["mechanism"] == "examples.custom_mechanism:NumpyGaussian"
     assert result.summary["config"]["dp"]["mechanism"] == privacy["mechanism"]
@@ -100,7 +100,7 @@ def test_custom_mechanism_example_runs_and_is_accounted(ray_local):
     assert all(np.isfinite(r["eval_loss"]) for r in result.metrics)
 
 
-def test_custom_mechanism_from_hydra_with_target_epsilon(ray_local):
+def test_custom_mechanism_from_hydra_with_target_epsilon(warm_actors):
     """``dp.mechanism=module:callable`` from the command line's composition, and
     calibration to ``dp.target_epsilon`` through the user's event."""
     from test_golden import compose
@@ -111,7 +111,7 @@ def test_custom_mechanism_from_hydra_with_target_epsilon(ray_local):
                    "model=logreg", "ray.workers=1", "progress=false", "dp=gaussian",
                    "dp.mechanism=examples.custom_mechanism:NumpyGaussian",
                    "dp.target_epsilon=5.0"])
-    result = run_simulation(cfg)
+    result = run_simulation(cfg, actors=warm_actors)
     privacy = result.summary["privacy"]
     assert privacy["mechanism"] == "examples.custom_mechanism:NumpyGaussian"
     assert privacy["epsilon"] <= 5.0
@@ -211,17 +211,17 @@ def test_algorithm_resolution_and_trainer_refusal():
         run_simulation(vectorized, algorithm=FedProx(vectorized, mu=0.1))
 
 
-def test_fedprox_example_runs_from_python(ray_local):
+def test_fedprox_example_runs_from_python(warm_actors):
     """examples/custom_algorithm.py: FedProx from Python, on label-skewed digits."""
     from examples.custom_algorithm import main
 
-    result = main(rounds=2, mu=0.1)
+    result = main(rounds=2, mu=0.1, actors=warm_actors)
     assert result.summary["config"]["algorithm"] == "examples.custom_algorithm:FedProx"
     assert [r["round"] for r in result.metrics] == [1, 2]
     assert all(np.isfinite(r["eval_loss"]) and r["update_norm"] > 0 for r in result.metrics)
 
 
-def test_user_callbacks_see_the_rounds_add_metrics_and_stop(ray_local, tmp_path):
+def test_user_callbacks_see_the_rounds_add_metrics_and_stop(warm_actors, tmp_path):
     """A user's callback: its hooks run in order, a key it adds to a row reaches
     metrics.jsonl, and its stop reason ends the run."""
     import json
@@ -251,7 +251,7 @@ def test_user_callbacks_see_the_rounds_add_metrics_and_stop(ray_local, tmp_path)
 
     rec = Recorder()
     cfg = _dp_cfg(dp=DPConfig(), rounds=5, server=ServerConfig())
-    result = run_simulation(cfg, tmp_path / "run", callbacks=[rec])
+    result = run_simulation(cfg, tmp_path / "run", callbacks=[rec], actors=warm_actors)
     assert rec.events == [("start", 1, True), ("round", 1), ("round", 2), ("end", 2), ("close",)]
     assert result.summary["stop_reason"] == "two rounds are enough"
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]

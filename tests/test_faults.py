@@ -8,38 +8,49 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
+from helpers import small_config, without_timings
 
+from fedsim.cohort.faults import plan_round, sample_size
+from fedsim.config import DPConfig, FaultsConfig, SecAggConfig, ServerConfig
+from fedsim.errors import FedsimError
 from fedsim.privacy.accounting import PrivacyAccountant
 from fedsim.results.checkpoint import load_checkpoint
-from fedsim.config import DPConfig, FaultsConfig, SecAggConfig, ServerConfig
-from fedsim.cohort.faults import plan_round, sample_size
-from fedsim.errors import FedsimError
 from fedsim.simulation import run_simulation
-from helpers import small_config, without_timings
 
 
 def _cfg(**kw):
     return small_config(clients_per_round=6, **kw)
 
 
-def test_worker_crash_mid_round_is_retried_with_the_same_result(ray_local):
-    reference = run_simulation(_cfg())
-    crashed = run_simulation(_cfg(faults=FaultsConfig(crash_worker_at_round=2)))
+def test_worker_crash_mid_round_is_retried_with_the_same_result(warm_actors):
+    # On warm actors: the worker that dies is restarted in its bundle and the
+    # restart takes its place in the cache (a fresh pool restarts it the same way).
+    reference = run_simulation(_cfg(), actors=warm_actors)
+    before = warm_actors.handles()  # the server, then the workers
+    crashed = run_simulation(_cfg(faults=FaultsConfig(crash_worker_at_round=2)),
+                             actors=warm_actors)
     assert [r["retries"] for r in crashed.metrics] == [0, 1, 0]
     assert (without_timings(crashed.metrics, also={"retries"})
             == without_timings(reference.metrics, also={"retries"}))
     assert (crashed.weights == reference.weights).all()
+    after = warm_actors.handles()
+    assert after[0] == before[0] and after[1] != before[1] and after[2:] == before[2:]
+    again = run_simulation(_cfg(), actors=warm_actors)  # on the restarted worker
+    assert warm_actors.handles() == after
+    assert without_timings(again.metrics) == without_timings(reference.metrics)
+    assert (again.weights == reference.weights).all()
 
 
-def test_past_the_retry_bound_a_clear_error_and_a_checkpoint(ray_local, tmp_path):
+def test_past_the_retry_bound_a_clear_error_and_a_checkpoint(warm_actors, tmp_path):
     # Under secure aggregation, whose messages go actor to actor as object refs:
     # the dead worker still surfaces as such.
     cfg = _cfg(faults=FaultsConfig(crash_worker_at_round=2, max_retries=0),
                secagg=SecAggConfig(protocol="secagg_plus"),
                server=ServerConfig(weighting="uniform"))
     with pytest.raises(FedsimError, match=r"round 2: worker actors died 1 times .*resume="):
-        run_simulation(cfg, tmp_path / "run")
+        run_simulation(cfg, tmp_path / "run", actors=warm_actors)
     assert load_checkpoint(tmp_path / "run")["round"] == 1  # (resuming: test_checkpoint.py)
+    assert len(warm_actors) == 0  # a failed run's actors are stopped, not kept
 
 
 # -- simulated client faults: dropouts, stragglers, over-selection -------------------
@@ -82,12 +93,12 @@ def test_over_selection_keeps_the_first_k_to_finish():
     assert sample_size(10, FaultsConfig(over_selection=0.3), 12) == 12
 
 
-def test_client_faults_in_a_simulation_and_the_accountant_charges_the_sampled_cohort(ray_local):
+def test_client_faults_in_a_simulation_and_the_accountant_charges_the_sampled_cohort(warm_actors):
     faults = FaultsConfig(client_dropout=0.2, device_speed_sigma=1.0, straggler_timeout=2.0,
                           over_selection=0.5)
     dp = DPConfig(mechanism="gaussian", noise_multiplier=1.0)
     cfg = _cfg(rounds=4, faults=faults, dp=dp, server=ServerConfig(weighting="uniform"))
-    res = run_simulation(cfg)
+    res = run_simulation(cfg, actors=warm_actors)
     for r in res.metrics:
         assert r["sampled"] == 9  # ceil(6 * 1.5)
         assert r["clients"] == r["sampled"] - r["dropped"] - r["stragglers"] - r["unused"]

@@ -44,10 +44,12 @@ def compose(overrides: list[str]):
         return to_sim_config(hydra_compose("config", overrides=overrides))
 
 
-def fingerprint(name: str) -> dict:
+def fingerprint(name: str, actors=None) -> dict:
+    """Case ``name``'s fingerprint, run on ``actors`` (a WarmActors; None: fresh
+    actors, as the committed fingerprints were made)."""
     from fedsim.simulation import run_simulation
 
-    result = run_simulation(compose(SMALL + CASES[name]))
+    result = run_simulation(compose(SMALL + CASES[name]), actors=actors)
     return {"overrides": CASES[name],
             "metrics": without_timings(result.metrics, also=("retries",)),
             "weights_sha256": hashlib.sha256(result.weights.tobytes()).hexdigest()}
@@ -58,9 +60,11 @@ def _json(value) -> object:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_golden_fingerprint(ray_local, name):
+def test_golden_fingerprint(warm_actors, name):
+    # On the session's warm actors, which earlier runs (other cases and tests)
+    # used: a reset actor must compute what a fresh one computed, bit for bit.
     want = json.loads(GOLDEN.read_text())[name]
-    got = _json(fingerprint(name))
+    got = _json(fingerprint(name, warm_actors))
     assert got["metrics"] == want["metrics"]
     assert got["weights_sha256"] == want["weights_sha256"]
 

@@ -12,8 +12,14 @@ import pytest
 
 from fedsim.config import ClientConfig, ModelConfig
 from fedsim.errors import ConfigError
-from fedsim.models.spec import (BuiltinModel, ModelSpec, accuracy, check_model, model_spec,
-                                sparse_categorical_crossentropy)
+from fedsim.models.spec import (
+    BuiltinModel,
+    ModelSpec,
+    accuracy,
+    check_model,
+    model_spec,
+    sparse_categorical_crossentropy,
+)
 
 
 def dense_builder(input_shape, num_classes, seed):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedsim.privacy import noise
 from fedsim.config import DPConfig
-from fedsim.privacy.queries import DPQueryAggregator
 from fedsim.engine.parts import resolve_parts
+from fedsim.privacy import noise
+from fedsim.privacy.queries import DPQueryAggregator
 
 M64 = 2**64
 TF_FLOAT32_CUTOFF = math.sqrt(-2 * math.log(1e-7))  # 5.678: Box-Muller's clamp in TF
@@ -118,8 +118,8 @@ def test_noise_seed_roots_the_servers_noise_and_os_entropy_is_never_the_run_seed
 
     from fedsim.aggregation.base import Partial
     from fedsim.config import ServerConfig, SimConfig
-    from fedsim.errors import ConfigError
     from fedsim.engine.server import Server
+    from fedsim.errors import ConfigError
     from fedsim.simulation import actor_config
 
     def cfg(noise_seed):

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from fedsim.data.partition import (
+    Partition,
+    _donations,
+    dirichlet_partition,
+    iid_partition,
+    label_skew,
+)
 from fedsim.errors import ConfigError
-from fedsim.data.partition import (Partition, _donations, dirichlet_partition, iid_partition, label_skew)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,23 @@ from scipy import special
 
 from fedsim.errors import FedsimError
 from fedsim.secure.fixedpoint import FixedPointCodec
-from fedsim.secure.protocol import (PRIME, SecAggAbort, SecAggError, SecAggServer, SharesDelivery, UnmaskRequest, clients_advertise, clients_mask, clients_share_keys, clients_unmask, default_neighbours, harary_graph, run_secure_sum, shamir_reconstruct, shamir_split)
+from fedsim.secure.protocol import (
+    PRIME,
+    SecAggAbort,
+    SecAggError,
+    SecAggServer,
+    SharesDelivery,
+    UnmaskRequest,
+    clients_advertise,
+    clients_mask,
+    clients_share_keys,
+    clients_unmask,
+    default_neighbours,
+    harary_graph,
+    run_secure_sum,
+    shamir_reconstruct,
+    shamir_split,
+)
 
 ABORT = re.compile(r"secure aggregation aborted in round \d: only \d+ of the t=\d+ shares needed "
                    r"to recover client \d+ are available; the round's update is discarded")
@@ -338,7 +354,15 @@ def test_server_steps_out_of_order_are_refused() -> None:
 
 def test_relayed_sums_of_masked_inputs_unmask_to_the_same_sum():
     """A worker may add its clients' masked inputs before sending (MaskedSum)."""
-    from fedsim.secure.protocol import (SecAggError, SecAggServer, clients_advertise, clients_mask, clients_share_keys, clients_unmask, sum_masked)
+    from fedsim.secure.protocol import (
+        SecAggError,
+        SecAggServer,
+        clients_advertise,
+        clients_mask,
+        clients_share_keys,
+        clients_unmask,
+        sum_masked,
+    )
 
     rng = np.random.default_rng(5)
     bits, d, ids = 20, 64, list(range(9))
@@ -365,7 +389,15 @@ def test_clients_mask_sum_equals_the_sum_of_per_client_masked_inputs(bits):
     """A worker's relayed sum skips the pairwise masks that cancel inside it; the
     server must receive exactly what summing the clients' own masked inputs gives,
     also when a neighbour dropped before masking (its masks stay in)."""
-    from fedsim.secure.protocol import (SecAggServer, clients_advertise, clients_mask, clients_mask_sum, clients_share_keys, clients_unmask, sum_masked)
+    from fedsim.secure.protocol import (
+        SecAggServer,
+        clients_advertise,
+        clients_mask,
+        clients_mask_sum,
+        clients_share_keys,
+        clients_unmask,
+        sum_masked,
+    )
 
     rng = np.random.default_rng(8)
     d, ids, dropped = 48, list(range(0, 30, 2)), {6, 20}

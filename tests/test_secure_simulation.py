@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.config import DPConfig, FaultsConfig, ModelConfig, RayConfig, SecAggConfig, ServerConfig, SimConfig
-from fedsim.secure.fixedpoint import FixedPointCodec
+from fedsim.config import (
+    DPConfig,
+    FaultsConfig,
+    ModelConfig,
+    RayConfig,
+    SecAggConfig,
+    ServerConfig,
+    SimConfig,
+)
 from fedsim.engine.parts import resolve_parts
+from fedsim.secure.fixedpoint import FixedPointCodec
 from fedsim.simulation import run_simulation
 
 
@@ -18,7 +26,7 @@ def _cfg(**kw) -> SimConfig:
     return SimConfig(**base)
 
 
-def test_secure_training_matches_plain_within_the_quantization_bound(ray_local):
+def test_secure_training_matches_plain_within_the_quantization_bound(warm_actors):
     """SecAgg+ with a real Harary graph (20 clients per round, k = 10), clients
     dropping before upload (their masks are recovered): the model is the plain
     run's within the fixed-point bound. Skipping the masks that cancel in a
@@ -28,10 +36,12 @@ def test_secure_training_matches_plain_within_the_quantization_bound(ray_local):
     kw = dict(clients=40, clients_per_round=n0,
               dp=DPConfig(mechanism="gaussian", noise_multiplier=0.0, l2_norm_clip=0.5),
               faults=FaultsConfig(client_dropout=0.2))
-    plain = run_simulation(_cfg(**kw, ray=RayConfig(workers=1)))  # (one TF start-up fewer)
+    plain = run_simulation(_cfg(**kw, ray=RayConfig(workers=1)),  # (one TF start-up fewer)
+                           actors=warm_actors)
     # Full SecAgg runs in the simulation in the dropout test below, and both
     # protocols sum bit-exactly in tests/test_secagg.py.
-    secure = run_simulation(_cfg(**kw, secagg=SecAggConfig(protocol="secagg_plus")))
+    secure = run_simulation(_cfg(**kw, secagg=SecAggConfig(protocol="secagg_plus")),
+                            actors=warm_actors)
     row = secure.metrics[0]
     n = row["clients"]
     assert row["secagg"] == "ok" and row["dropped"] > 0 and n == n0 - row["dropped"]
@@ -52,9 +62,9 @@ def test_a_worker_sends_the_same_masked_sum_whether_it_skips_cancelling_masks():
     server receives from it, is the same bit for bit whether it skips the
     masks that cancel inside it or every client masks in full."""
     from fedsim.data.loaders import load_federated_data
-    from fedsim.secure.protocol import SecAggServer
     from fedsim.engine.server import Server
     from fedsim.engine.worker import ClientWorker
+    from fedsim.secure.protocol import SecAggServer
 
     sent = []
     for skip in (True, False):
@@ -86,9 +96,10 @@ def test_a_worker_sends_the_same_masked_sum_whether_it_skips_cancelling_masks():
     np.testing.assert_array_equal(fast.y, full.y)
 
 
-def test_dropouts_recovered_or_round_aborted_without_touching_model_or_budget(ray_local):
+def test_dropouts_recovered_or_round_aborted_without_touching_model_or_budget(warm_actors):
     res = run_simulation(_cfg(rounds=8, dp=DPConfig(mechanism="gaussian", noise_multiplier=1.0),
-                              secagg=SecAggConfig(protocol="secagg", dropout=0.35)))
+                              secagg=SecAggConfig(protocol="secagg", dropout=0.35)),
+                         actors=warm_actors)
     rows = res.metrics
     recovered = [r for r in rows if r["secagg"] == "ok" and r["secagg_dropped"] > 0]
     aborted = [r for r in rows if r["secagg"] == "aborted"]

@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 import pytest
-
-from fedsim.config import DataConfig, ModelConfig
-from fedsim.errors import FedsimError
-from fedsim.engine.parts import resolve_parts
-from fedsim.results.outputs import read_metrics
-from fedsim.simulation import run_simulation
 from helpers import small_config, without_timings
 
+from fedsim.config import DataConfig, ModelConfig
+from fedsim.engine.parts import resolve_parts
+from fedsim.errors import FedsimError
+from fedsim.results.outputs import read_metrics
+from fedsim.simulation import run_simulation
 
-def test_same_seed_gives_identical_metrics(ray_local, tmp_path):
-    a = run_simulation(small_config(seed=5, tensorboard=True), tmp_path / "a")
-    b = run_simulation(small_config(seed=5), tmp_path / "b")
-    c = run_simulation(small_config(seed=6), tmp_path / "c")
+
+def test_same_seed_gives_identical_metrics(warm_actors, tmp_path):
+    a = run_simulation(small_config(seed=5, tensorboard=True), tmp_path / "a", actors=warm_actors)
+    b = run_simulation(small_config(seed=5), tmp_path / "b", actors=warm_actors)
+    c = run_simulation(small_config(seed=6), tmp_path / "c", actors=warm_actors)
     ra = without_timings(read_metrics(tmp_path / "a" / "metrics.jsonl"))
     rb = without_timings(read_metrics(tmp_path / "b" / "metrics.jsonl"))
     assert ra == rb
@@ -48,19 +47,20 @@ def test_same_seed_gives_identical_metrics(ray_local, tmp_path):
     assert not (tmp_path / "b" / "tb").exists()
 
 
-def test_training_learns_and_poisson_cohorts_vary(ray_local):
+def test_training_learns_and_poisson_cohorts_vary(warm_actors):
     res = run_simulation(small_config(rounds=8, clients_per_round=8, sampling="poisson",
                                 local_epochs=3, eval_every=4,
-                                model=ModelConfig(name="mlp", hidden=[32])))
+                                model=ModelConfig(name="mlp", hidden=[32])), actors=warm_actors)
     sizes = [r["clients"] for r in res.metrics]
     assert len(set(sizes)) > 1  # Poisson cohort sizes vary
     assert [r["eval_accuracy"] is None for r in res.metrics] == [True, True, True, False] * 2
     assert res.metrics[-1]["eval_accuracy"] > 0.5  # far above chance (0.1)
 
 
-def test_large_synthetic_population_runs_with_flat_memory(ray_local):
+def test_large_synthetic_population_runs_with_flat_memory(warm_actors):
     res = run_simulation(small_config(clients=10_000, clients_per_round=10, rounds=2,
-                                data=DataConfig(name="synthetic", test_clients=20)))
+                                data=DataConfig(name="synthetic", test_clients=20)),
+                         actors=warm_actors)
     assert [r["clients"] for r in res.metrics] == [10, 10]
     assert res.summary["data"]["name"] == "synthetic"
 

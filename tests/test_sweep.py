@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsim.results.sweep import (COMPLETED, FAILED, INCOMPLETE, NOT_STARTED, collect_runs, plot_privacy_utility, summarize, write_sweep_report)
+from fedsim.results.sweep import (
+    COMPLETED,
+    FAILED,
+    INCOMPLETE,
+    NOT_STARTED,
+    collect_runs,
+    plot_privacy_utility,
+    summarize,
+    write_sweep_report,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATE = ROOT / "scripts" / "simulate.py"
@@ -59,6 +68,7 @@ def dp_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return sweep_dir, proc
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_sweep_end_writes_summary_csv_with_mean_and_std_over_seeds(dp_sweep):
     sweep_dir, _ = dp_sweep
     points = read_csv(sweep_dir / "sweep_points.csv")
@@ -82,6 +92,7 @@ def test_sweep_end_writes_summary_csv_with_mean_and_std_over_seeds(dp_sweep):
     assert float(groups[1]["epsilon_mean"]) < float(groups[0]["epsilon_mean"])
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_sweep_end_writes_markdown_table_and_plot(dp_sweep):
     sweep_dir, proc = dp_sweep
     text = (sweep_dir / "sweep_summary.md").read_text()
@@ -100,6 +111,7 @@ def test_sweep_end_writes_markdown_table_and_plot(dp_sweep):
     assert (sweep_dir / "privacy_utility.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_report_script_regenerates_sweep_and_run_reports(dp_sweep, tmp_path):
     sweep_dir, _ = dp_sweep
     before = (sweep_dir / "sweep_summary.csv").read_text()
@@ -133,6 +145,7 @@ def test_report_script_refuses_missing_or_foreign_directories(tmp_path):
 
 # ---------------------------------------------------------------------- the Ray launcher
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_ray_launcher_runs_grid_points_in_parallel(dp_sweep):
     sweep_dir, proc = dp_sweep
     assert "Launching 4 jobs on Ray (2 CPUs" in proc.stdout + proc.stderr

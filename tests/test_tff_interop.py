@@ -12,11 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fedsim.config import (AggregatorConfig, DataConfig, DPConfig, ModelConfig, RayConfig,
-                           SecAggConfig, ServerConfig)
-from fedsim.errors import ConfigError, DataError
 from helpers import ROOT, small_config
+
+from fedsim.config import (
+    AggregatorConfig,
+    DataConfig,
+    DPConfig,
+    ModelConfig,
+    RayConfig,
+    SecAggConfig,
+    ServerConfig,
+)
+from fedsim.errors import ConfigError, DataError
 
 ADAPTIVE = "tensorflow_federated.aggregators:DifferentiallyPrivateFactory.gaussian_adaptive"
 MEAN = "tensorflow_federated.aggregators:MeanFactory"
@@ -106,8 +113,8 @@ def test_workers_build_and_stack_without_importing_tensorflow():
 
 
 def test_gaussian_adaptive_matches_native_aggregator_and_reports_dp_events():
-    from fedsim.privacy.queries import DPQueryAggregator
     from fedsim.interop.tff import TFFAggregator
+    from fedsim.privacy.queries import DPQueryAggregator
 
     d, k = 60, 5
     native = DPQueryAggregator(DPConfig(mechanism="gaussian_adaptive", noise_multiplier=0.0), k)
@@ -134,8 +141,8 @@ def test_gaussian_adaptive_matches_native_aggregator_and_reports_dp_events():
 def test_dp_event_with_noise_is_the_native_event_and_checkpoints_resume_exactly():
     import dp_accounting
 
-    from fedsim.privacy.queries import DPQueryAggregator
     from fedsim.interop.tff import TFFAggregator, TFFState
+    from fedsim.privacy.queries import DPQueryAggregator
 
     d, k = 30, 10
     args = {"noise_multiplier": 0.5, "clients_per_round": k}
@@ -465,7 +472,7 @@ def _wait_gone(before, timeout=20.0):
     return _live_worker_binaries() - before
 
 
-def test_simulation_on_tff_client_data_native_and_tff_aggregation_agree(ray_local, sql_file):
+def test_simulation_on_tff_client_data_native_and_tff_aggregation_agree(warm_actors, sql_file):
     """End to end on a TFF SqlClientData file: native dp=gaussian_adaptive and the same
     mechanism as TFF's DifferentiallyPrivateFactory (noise off) give the same model."""
     from fedsim.simulation import run_simulation
@@ -478,11 +485,11 @@ def test_simulation_on_tff_client_data_native_and_tff_aggregation_agree(ray_loca
                   server=ServerConfig(weighting="uniform"), model=ModelConfig(name="logreg"),
                   ray=RayConfig(workers=1))  # merging across workers: unit tests above
     before = _live_worker_binaries()
-    native = run_simulation(small_config(**common))
+    native = run_simulation(small_config(**common), actors=warm_actors)
     # The TFF factory is the whole aggregator, its DP included (fedsim's dp is none).
     tff_cfg = small_config(**(common | {"dp": DPConfig()}), aggregator=AggregatorConfig(
         kind="tff", factory=ADAPTIVE, args={"noise_multiplier": 0, "clients_per_round": 4}))
-    via_tff = run_simulation(tff_cfg)
+    via_tff = run_simulation(tff_cfg, actors=warm_actors)
     np.testing.assert_allclose(via_tff.weights, native.weights, rtol=1e-4, atol=1e-6)
     for a, b in zip(native.metrics, via_tff.metrics):
         assert b["tff/dp_query_metrics/clip"] > 0 and a["clip"] > 0

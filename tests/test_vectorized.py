@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedsim.client.local import LocalTrainer
-from fedsim.config import ClientConfig, ModelConfig
 from fedsim.client.vectorized import VectorizedTrainer, batch_plan
+from fedsim.config import ClientConfig, ModelConfig
 from fedsim.models.spec import model_spec
 
 # Unequal clients: a partial last batch (23, 7, 12), fewer examples than a batch
