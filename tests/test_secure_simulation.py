@@ -79,7 +79,7 @@ def test_a_worker_sends_the_same_masked_sum_whether_it_skips_cancelling_masks():
                    for i in range(2)]
         layout, placed = server.secagg_begin(1, list(range(0, 40, 2)), 2)
         shards = sent[0][1] if sent else placed  # the same shards (the ring's) both times
-        sa = server._sa  # the round's protocol server, to drive the rounds by hand
+        sa = server._secure.protocol  # the round's protocol server, to drive the rounds by hand
         assert isinstance(sa, SecAggServer) and sorted(map(len, shards)) == [10, 10]
         setups = sa.receive_keys([m for w, s in zip(workers, shards)
                                   for m in w.secagg_advertise(1, s)])

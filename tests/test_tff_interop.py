@@ -98,7 +98,7 @@ def test_workers_build_and_stack_without_importing_tensorflow():
     code = (
         "import sys\n"
         "import numpy as np\n"
-        "from fedsim.aggregation.base import build_aggregator\n"
+        "from fedsim.engine.parts import build_aggregator\n"
         "from fedsim.config import AggregatorConfig, SimConfig\n"
         f"cfg = SimConfig(aggregator=AggregatorConfig(kind='tff', factory={ADAPTIVE!r}))\n"
         "agg = build_aggregator(cfg)\n"
