@@ -75,6 +75,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 @pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_exit_2_and_no_results(tmp_path, args, message):
     run_dir = tmp_path / "run"

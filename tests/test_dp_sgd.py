@@ -261,6 +261,7 @@ def test_script_on_bundled_digits(tmp_path):
     assert saved["assumption"] in line
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 @pytest.mark.parametrize("args,option", [(("--noise-multiplier", "-1"), "--noise-multiplier"),
                                          (("--num-microbatches", "7"), "--num-microbatches")])
 def test_script_bad_value_one_line_exit_2(args, option):

@@ -108,6 +108,7 @@ BAD_BUILDERS = [
 ]
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 @pytest.mark.parametrize("args,message", BAD_BUILDERS, ids=[" ".join(a) for a, _ in BAD_BUILDERS])
 def test_bad_builder_through_the_cli_is_one_line_exit_2(tmp_path, args, message):
     proc = _simulate(*args, cwd=tmp_path)

@@ -133,6 +133,7 @@ def test_report_script_regenerates_sweep_and_run_reports(dp_sweep, tmp_path):
     assert (run_dir / "run_summary.md").read_text() in proc.stdout
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 def test_report_script_refuses_missing_or_foreign_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     for target, words in ((tmp_path / "nope", "no such directory"),
@@ -159,6 +160,7 @@ def test_ray_launcher_runs_grid_points_in_parallel(dp_sweep):
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
 
 
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
 @pytest.mark.parametrize("override,words", [
     ("hydra.launcher.max_parallel=0", "hydra.launcher.max_parallel=0: allowed is an integer >= 1"),
     ("clients_per_round=500",
