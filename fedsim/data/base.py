@@ -1,11 +1,13 @@
 """What a simulation asks of a dataset: :class:`ClientData` (one client's
 examples on request) and :class:`FederatedData` (the clients plus a central
-test split). A user's own dataset is any object with these two members."""
+test split and the task kind). A user's own population is any object with
+``num_clients`` and ``client``; :class:`ExampleSpec` is the layout of its
+tensors, read off the test split."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,9 +21,53 @@ class ClientData(Protocol):
         ...
 
     def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training examples of client ``cid``: x float32 ``(n, *input_shape)``,
-        y int32 ``(n,)``, with ``n >= 1``."""
+        """Training examples of client ``cid``, ``n >= 1`` of them: x
+        ``(n, *input_shape)``, y ``(n, *label_shape)``, in the dtypes of the
+        :class:`ExampleSpec` (float32 or int32 inputs; int32 or float32 labels).
+
+        A population whose clients also hold their OWN test examples (TFF's
+        EMNIST writers, Shakespeare roles, LEAF users) offers the capability
+        ``client_test(cid) -> (x, y)``: client ``cid``'s test examples (possibly
+        none: zero-length arrays of the same layout). Federated evaluation and
+        personalization evaluation ask for it (``hasattr``)."""
         ...
+
+
+@dataclass(frozen=True)
+class ExampleSpec:
+    """The layout of a dataset's tensors, without the example axis.
+
+    input_shape, input_dtype: one input (``float32`` features or images,
+    ``int32`` token ids). label_shape, label_dtype: one label (``()`` int32
+    class ids; ``(T,)`` int32 next tokens; ``(K,)`` float32 multi-hot tags;
+    float32 regression targets). The trainers' compiled graphs are traced for
+    exactly this layout.
+    """
+
+    input_shape: tuple[int, ...]
+    input_dtype: str = "float32"
+    label_shape: tuple[int, ...] = ()
+    label_dtype: str = "int32"
+
+    @property
+    def is_default(self) -> bool:
+        """float32 inputs and one int32 label per example (image/feature
+        classification: what every trainer has always supported)."""
+        return (self.input_dtype, self.label_shape, self.label_dtype) == ("float32", (), "int32")
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray) -> "ExampleSpec":
+        """The layout of examples ``x`` and labels ``y`` (integer arrays are
+        int32, everything else float32)."""
+        def kind(a: np.ndarray) -> str:
+            return "int32" if np.issubdtype(np.asarray(a).dtype, np.integer) else "float32"
+
+        return cls(tuple(int(d) for d in np.shape(x)[1:]), kind(x),
+                   tuple(int(d) for d in np.shape(y)[1:]), kind(y))
+
+    def cast(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` and ``y`` in this layout's dtypes (no copy when they already are)."""
+        return (np.asarray(x, dtype=self.input_dtype), np.asarray(y, dtype=self.label_dtype))
 
 
 @dataclass(frozen=True)
@@ -29,9 +75,14 @@ class FederatedData:
     """Everything a simulation needs from a dataset.
 
     train: the clients' training data. x_test, y_test: the global test split
-    (float32 ``(m, *input_shape)``, int32 ``(m,)``) the server evaluates on.
-    num_classes: labels lie in ``[0, num_classes)``. input_shape: shape of one
-    example. name: the dataset (``DataConfig.name``).
+    the server evaluates on (``(m, *input_shape)`` and ``(m, *label_shape)``;
+    their dtypes and shapes are the run's :class:`ExampleSpec`). num_classes:
+    the model's output width (classes, vocabulary size incl. special tokens,
+    tags; 1 for binary and scalar regression). input_shape: shape of one
+    example. name: the dataset (``DataConfig.name``). task: the task kind, a
+    :class:`fedsim.tasks.base.Task` or a built-in kind's name
+    (``classification``, ``next_token``, ``multilabel``, ``binary``,
+    ``regression``).
     """
 
     train: ClientData
@@ -40,6 +91,12 @@ class FederatedData:
     num_classes: int
     input_shape: tuple[int, ...]
     name: str
+    task: Any = "classification"
+
+    @property
+    def example(self) -> ExampleSpec:
+        """The layout of this dataset's tensors (read off the test split)."""
+        return ExampleSpec.of(self.x_test, self.y_test)
 
 
 def check_federated_data(data: object, clients: int) -> FederatedData:

@@ -1,0 +1,113 @@
+"""Next-token prediction over sequences (TFF's Shakespeare character and
+StackOverflow word prediction baselines).
+
+Inputs and labels are int32 token sequences of one length ``T`` (labels are
+the inputs shifted by one); the model outputs logits ``[T, vocab]``.
+
+The loss, as TFF's baselines train it (``SparseCategoricalCrossentropy
+(from_logits=True)``, every position, padding included), is per example the
+mean over its ``T`` positions: the batch mean of that is Keras' mean over all
+``batch * T`` positions. Accuracies count tokens, as TFF's
+``MaskedCategoricalAccuracy`` does: per example ``(correct unmasked tokens,
+unmasked tokens)``, so the reported value is correct / counted over the whole
+split. ``accuracy`` masks padding; with out-of-vocabulary tokens given,
+``accuracy_without_out_of_vocab`` masks them too, and with an end-of-sentence
+token ``accuracy_without_out_of_vocab_or_end_of_sentence`` masks that as well
+(the names of TFF's StackOverflow task).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from fedsim.tasks.base import Metric, Task
+
+
+def sequence_crossentropy(y_true: Any, logits: Any) -> Any:
+    """Per example: the mean over positions of the sparse cross-entropy, ``[batch]``."""
+    import tensorflow as tf
+
+    per_token = tf.keras.losses.sparse_categorical_crossentropy(
+        tf.cast(y_true, tf.int32), logits, from_logits=True)
+    return tf.reduce_mean(per_token, axis=-1)
+
+
+@dataclass(frozen=True)
+class MaskedTokenAccuracy:
+    """Per example ``(correct tokens, counted tokens)`` over the positions whose
+    label is not one of ``masked`` (TFF's ``MaskedCategoricalAccuracy``)."""
+
+    masked: tuple[int, ...]
+
+    def __call__(self, y_true: Any, logits: Any) -> Any:
+        import tensorflow as tf
+
+        y = tf.cast(y_true, tf.int32)
+        keep = tf.ones_like(y, tf.bool)
+        for token in self.masked:
+            keep = tf.logical_and(keep, tf.not_equal(y, token))
+        keep = tf.cast(keep, tf.float32)
+        hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
+        return tf.reduce_sum(hit * keep, axis=-1), tf.reduce_sum(keep, axis=-1)
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """Per example: its unmasked tokens (reported summed, as TFF's
+    ``NumTokensCounter``; the ratio form has denominator 1 per example, so
+    the reported mean is tokens per example)."""
+
+    masked: tuple[int, ...]
+
+    def __call__(self, y_true: Any, logits: Any) -> Any:
+        import tensorflow as tf
+
+        y = tf.cast(y_true, tf.int32)
+        keep = tf.ones_like(y, tf.bool)
+        for token in self.masked:
+            keep = tf.logical_and(keep, tf.not_equal(y, token))
+        return tf.reduce_sum(tf.cast(keep, tf.float32), axis=-1)
+
+
+class NextTokenPrediction(Task):
+    """pad: the padding token id (masked from every accuracy). oov: the
+    out-of-vocabulary token ids. eos: the end-of-sentence id (None: none).
+    ``num_classes`` is the whole vocabulary, special tokens included."""
+
+    name = "next_token"
+    primary_metric = "accuracy"
+
+    def __init__(self, pad: int = 0, oov: Sequence[int] = (), eos: Optional[int] = None) -> None:
+        self.pad = int(pad)
+        self.oov = tuple(int(t) for t in oov)
+        self.eos = None if eos is None else int(eos)
+
+    def output_shape(self, example: Any, num_classes: int) -> tuple[int, ...]:
+        return (*tuple(example.label_shape), int(num_classes))
+
+    def default_loss(self) -> Metric:
+        return sequence_crossentropy
+
+    def default_metrics(self) -> dict[str, Metric]:
+        metrics: dict[str, Metric] = {"accuracy": MaskedTokenAccuracy((self.pad,))}
+        if self.oov:
+            metrics["accuracy_without_out_of_vocab"] = MaskedTokenAccuracy(
+                (self.pad, *self.oov))
+        if self.eos is not None:
+            metrics["accuracy_without_out_of_vocab_or_end_of_sentence"] = MaskedTokenAccuracy(
+                (self.pad, self.eos, *self.oov))
+        return metrics
+
+    def named_metric(self, name: str) -> Metric | None:
+        if name == "num_tokens":
+            return TokenCount((self.pad,))
+        return super().named_metric(name)
+
+    def check_example(self, example: Any) -> str | None:
+        if (len(example.label_shape) != 1 or example.label_dtype != "int32"
+                or example.input_dtype != "int32"):
+            return (f"int32 token sequences as inputs and labels (inputs are "
+                    f"{example.input_dtype} {list(example.input_shape)}, labels "
+                    f"{example.label_dtype} {list(example.label_shape)})")
+        return None
