@@ -166,12 +166,22 @@ class ModelConfig:
       ``model=keras model.builder=examples.custom_model:build``. Only the format
       is checked here; the module is imported when the run starts
       (:func:`fedsim.models.spec.model_spec`). hidden and filters are ignored.
+    loss: null (the task's default loss, or the ModelSpec's own), a Keras loss
+      function's name (applied to logits, e.g. ``binary_crossentropy``) or
+      ``module:callable`` naming a per-example loss ``(y_true, logits) -> [batch]``.
+    metrics: null (the task's defaults, or the ModelSpec's own) or a list of
+      names: the task's metrics (e.g. ``accuracy``, ``recall_at_5``,
+      ``num_tokens``), Keras metric functions (e.g.
+      ``sparse_top_k_categorical_accuracy``) or ``module:callable``; each is
+      reported as ``eval_<name>`` (:mod:`fedsim.tasks.base`).
     """
 
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [200, 200])
     filters: list[int] = field(default_factory=lambda: [32, 64])
     builder: Optional[str] = None
+    loss: Optional[str] = None
+    metrics: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         _one_of("model.name", self.name, MODELS)
@@ -186,6 +196,13 @@ class ModelConfig:
                "a list of integers >= 1", self.hidden)
         _check(len(self.filters) >= 1 and all(int(f) >= 1 for f in self.filters),
                "model.filters", "a non-empty list of integers >= 1", self.filters)
+        _check(self.loss is None or (isinstance(self.loss, str) and self.loss != ""),
+               "model.loss", "null, a Keras loss name or module:callable", self.loss)
+        if self.metrics is not None:
+            self.metrics = list(self.metrics)
+            _check(len(self.metrics) >= 1 and all(isinstance(m, str) and m for m in self.metrics)
+                   and len(set(self.metrics)) == len(self.metrics), "model.metrics",
+                   "null or a non-empty list of distinct metric names", self.metrics)
 
 
 @dataclass
@@ -581,6 +598,61 @@ class AuditConfig:
 
 
 @dataclass
+class FederatedEvalConfig:
+    """Evaluation of the global model on the clients' OWN test data, in the
+    worker actors, every ``eval_every`` rounds (as TFF's federated evaluation;
+    the central test split is evaluated as well).
+
+    clients: how many clients to evaluate: 0 (off), an integer (that many of
+      the population, sampled without replacement from the stream
+      ``(seed, EVAL_CLIENTS, round)``, the same for every run of the seed) or
+      ``all``. Needs data whose clients hold test splits of their own (the
+      ``client_test`` capability, :class:`fedsim.data.base.ClientData`).
+      Clients without test examples are skipped.
+    personalization_steps: k > 0 also evaluates each of those clients after k
+      steps of plain SGD (batches of ``batch_size``, rate
+      ``personalization_lr``) on its own training data, starting from the
+      global model (TFF's personalization evaluation), reported with the
+      prefix ``pers_``. 0: off.
+    personalization_lr: the fine-tuning rate; null: ``client.learning_rate``.
+    batch_size: evaluation batch size (it changes nothing but memory and speed).
+
+    Each metric (and the loss) is reported as ``fed_<metric>`` (the mean over
+    all evaluated examples, or for ratio metrics the ratio of the sums),
+    ``fed_<metric>_mean`` (the unweighted mean over clients) and
+    ``fed_<metric>_p10``/``_p50``/``_p90`` (percentiles across clients, numpy's
+    linear interpolation); ``fed_clients`` counts the clients evaluated.
+    """
+
+    clients: Any = 0
+    personalization_steps: int = 0
+    personalization_lr: Optional[float] = None
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.clients == "all" or (isinstance(self.clients, int)
+                                         and not isinstance(self.clients, bool)
+                                         and self.clients >= 0),
+               "federated_eval.clients", "0 (off), an integer >= 1 or all", self.clients)
+        _check(isinstance(self.personalization_steps, int) and self.personalization_steps >= 0,
+               "federated_eval.personalization_steps", "an integer >= 0 (0: off)",
+               self.personalization_steps)
+        _check(self.personalization_lr is None or self.personalization_lr > 0,
+               "federated_eval.personalization_lr", "null or a number > 0",
+               self.personalization_lr)
+        _check(self.batch_size >= 1, "federated_eval.batch_size", "an integer >= 1",
+               self.batch_size)
+        _check(self.personalization_steps == 0 or self.clients != 0,
+               "federated_eval.personalization_steps", "0 while federated_eval.clients=0 "
+               "(personalization evaluates the clients federated evaluation visits)",
+               self.personalization_steps)
+
+    @property
+    def enabled(self) -> bool:
+        return self.clients != 0
+
+
+@dataclass
 class SimConfig:
     """One federated simulation.
 
@@ -602,6 +674,8 @@ class SimConfig:
       clients, clients_per_round); the ledger then records both.
     algorithm: the server algorithm, ``fedavg`` (with ``server.optimizer``) or a
       user's ``module:callable`` (:func:`fedsim.algorithms.base.resolve_algorithm`).
+    federated_eval: evaluation on the clients' own test data
+      (:class:`FederatedEvalConfig`).
     """
 
     clients: int = 100
@@ -628,6 +702,7 @@ class SimConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    federated_eval: FederatedEvalConfig = field(default_factory=FederatedEvalConfig)
     tensorboard: bool = False
 
     def __post_init__(self) -> None:

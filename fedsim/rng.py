@@ -19,6 +19,8 @@ STREAM_DROPOUT = 6
 STREAM_SECAGG_GRAPH = 7
 STREAM_CLIENT_FAULTS = 8
 STREAM_AUDIT = 9
+STREAM_EVAL_CLIENTS = 10  # which clients federated evaluation visits
+STREAM_PERSONALIZE = 11  # personalization evaluation's fine-tuning batches
 
 
 def stream(seed: int, purpose: int, *keys: int) -> np.random.Generator:

@@ -37,7 +37,12 @@ from fedsim.data.base import FederatedData, check_federated_data
 from fedsim.data.loaders import load_federated_data
 from fedsim.engine.parts import Parts, check_sendable
 from fedsim.engine.ray_setup import connect_ray, prepare_ray_import
-from fedsim.engine.rounds import RoundFailed, memory_row, run_round_with_retries
+from fedsim.engine.rounds import (
+    RoundFailed,
+    federated_evaluation,
+    memory_row,
+    run_round_with_retries,
+)
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.models.spec import ModelSpec, check_model, model_spec
 from fedsim.privacy.accounting import (
@@ -56,7 +61,14 @@ from fedsim.results.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedsim.results.outputs import memory_mib, plot_metrics, read_metrics, write_json_atomic
+from fedsim.results.outputs import (
+    append_jsonl,
+    keep_rounds,
+    memory_mib,
+    plot_metrics,
+    read_metrics,
+    write_json_atomic,
+)
 from fedsim.results.summary import example_level_privacy, run_summary
 
 if TYPE_CHECKING:
@@ -76,18 +88,46 @@ class SimulationResult:
 
 
 def check_compatible(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> None:
-    """Refuse model/data combinations that cannot train, before any actor starts.
+    """Refuse model/data/task combinations that cannot train, before any actor
+    starts.
 
-    A user's model (not a built-in with the default loss) is built once here and
-    run on a batch of zeros (:func:`fedsim.models.spec.check_model`, which
-    imports TF in the driver); with ``client.vectorize`` > 1 it must be one that
-    vectorized training implements (:func:`fedsim.client.vectorized.check_vectorizable`).
+    The task kind must take the data's tensors (:meth:`fedsim.tasks.base.Task.check_example`);
+    a built-in model needs float32 inputs and a task whose output is
+    ``[num_classes]``. A user's model (not a built-in with the default loss)
+    is built once here and run on a batch of zeros
+    (:func:`fedsim.models.spec.check_model`, which imports TF in the driver);
+    with ``client.vectorize`` > 1 it must be one that vectorized training
+    implements (:func:`fedsim.client.vectorized.check_vectorizable`).
+    Federated evaluation needs clients with test data of their own.
     """
+    task, example = spec.kind, spec.layout
+    problem = task.check_example(example)
+    if problem is not None:
+        raise ConfigError("data", f"data for task {task.name}: {problem}", data.name)
+    if cfg.federated_eval.enabled and not callable(getattr(data.train, "client_test", None)):
+        raise ConfigError("federated_eval.clients", f"0 for data={data.name} (its clients hold "
+                          "no test data of their own, the client_test capability; use a "
+                          "natively federated dataset such as tff_client_data or leaf)",
+                          cfg.federated_eval.clients)
+    if cfg.client.vectorize > 1 and not (example.is_default and task.name == "classification"):
+        raise ConfigError("client.vectorize", f"0 or 1 for task {task.name} on "
+                          f"{example.input_dtype} inputs (vectorized training supports "
+                          "classification of float32 inputs)", cfg.client.vectorize)
     if spec.is_builtin:
         if spec.name == "cnn" and len(data.input_shape) != 3:
             raise ConfigError("model", f"logreg or mlp for data={data.name} (its examples have "
                               f"shape {data.input_shape}; cnn needs images)", "cnn")
-        return
+        if example.input_dtype != "float32":
+            raise ConfigError("model", f"model=keras with an embedding for data={data.name} "
+                              f"(its inputs are {example.input_dtype} token ids; {spec.name} "
+                              "needs float32 features)", spec.name)
+        out_shape = task.output_shape(example, data.num_classes)
+        if out_shape != (data.num_classes,):
+            raise ConfigError("model", f"model=keras for task {task.name} (its output is "
+                              f"{list(out_shape)} per example; {spec.name} outputs "
+                              f"[{data.num_classes}])", spec.name)
+        if task.name == "classification" and not spec.own_metrics:
+            return
     option = "model.builder" if cfg.model.builder is not None else "model"
     check_model(spec, data.input_shape, data.num_classes, cfg.seed, option)
     if cfg.client.vectorize > 1:
@@ -226,7 +266,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             check_sendable(given, option)
     data = (load_federated_data(cfg.data, cfg.clients, cfg.seed) if data is None
             else check_federated_data(data, cfg.clients))
-    spec = model_spec(cfg.model, model)
+    spec = model_spec(cfg.model, model, task=data.task, example=data.example)
     check_compatible(cfg, data, spec)
     mech = resolve_mechanism(mechanism if mechanism is not None else cfg.dp.mechanism)
     if mechanism is not None:  # the config names what runs (summary, checkpoints)
@@ -264,6 +304,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         kept = _kept_rows(run_dir, resumed["round"])
     out = _prepare_output(Path(output_dir) if output_dir is not None else None,
                           resuming=resumed is not None)
+    if out is not None and resumed is not None:
+        keep_rounds(out / "client_eval.jsonl", resumed["round"])
 
     accountant = None
     actor_cfg = actor_config(cfg)
@@ -344,6 +386,12 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                 t1 = time.perf_counter()
                 row.update(ray.get(server.evaluate.remote()))
                 row["eval_seconds"] = time.perf_counter() - t1
+                if cfg.federated_eval.enabled:
+                    t1 = time.perf_counter()
+                    fed_row, per_client = federated_evaluation(ray, cfg, server, workers, rnd)
+                    row.update(fed_row, fed_eval_seconds=time.perf_counter() - t1)
+                    if out is not None:
+                        append_jsonl(out / "client_eval.jsonl", per_client)
             else:
                 row.update(eval_loss=None, eval_accuracy=None)
             rows.append(row)

@@ -143,7 +143,7 @@ def test_check_model_refuses_what_cannot_train():
     assert check_model(ModelSpec(dense_builder), shape, 10, 0) == 64 * 12 + 12 + 12 * 10 + 10
     assert check_model(ModelSpec(subclassed_builder), shape, 10, 0) == 64 * 10 + 10
     cases = [
-        (ModelSpec(lambda s, c, seed: dense_builder(s, c + 1, seed)), "[batch, num_classes=10]"),
+        (ModelSpec(lambda s, c, seed: dense_builder(s, c + 1, seed)), "[batch, 10] logits (num_classes=10"),
         (ModelSpec(lambda s, c, seed: "not a model"), "returned a str, not a tf.keras.Model"),
         (ModelSpec(lambda s, c, seed: 1 / 0), "ZeroDivisionError"),
         (ModelSpec(dense_builder, loss=lambda y, z: sparse_categorical_crossentropy(y, z)

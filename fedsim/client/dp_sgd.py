@@ -636,8 +636,8 @@ class DPSGDTrainer:
         self._opt._create_all_weights(self.model.trainable_variables)
         self.last_steps: Optional[int] = None
         self.last_batch_sizes: Optional[np.ndarray] = None
-        x_spec = tf.TensorSpec([None, *input_shape], tf.float32)
-        common = [tf.TensorSpec([None], tf.float32), x_spec, tf.TensorSpec([None], tf.int32)]
+        x_spec, y_spec = model.tensor_specs(input_shape)  # the data's layout
+        common = [tf.TensorSpec([None], tf.float32), x_spec, y_spec]
         key_spec = tf.TensorSpec([2], tf.int64)
         if self.batch_sampling == "shuffle":
             self._train = tf.function(
@@ -680,7 +680,7 @@ class DPSGDTrainer:
         m = self.microbatch_size
         variables = self.model.trainable_variables
         xm = tf.reshape(xb, tf.concat([[-1, m], tf.shape(xb)[1:]], axis=0))
-        ym = tf.reshape(yb, [-1, m])
+        ym = tf.reshape(yb, tf.concat([[-1, m], tf.shape(yb)[1:]], axis=0))
 
         def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:
             x1, y1 = args

@@ -70,19 +70,18 @@ class LocalTrainer:
         self._use_momentum = client_cfg.momentum > 0
         self._velocity = [tf.Variable(tf.zeros_like(v), trainable=False)
                           for v in self.model.trainable_variables]
-        x_spec = tf.TensorSpec([None, *input_shape], tf.float32)
+        x_spec, y_spec = model.tensor_specs(input_shape)  # the data's layout
         self._train = tf.function(
             self._train_graph,
-            input_signature=[tf.TensorSpec([None], tf.float32), x_spec,
-                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32)],
+            input_signature=[tf.TensorSpec([None], tf.float32), x_spec, y_spec,
+                             tf.TensorSpec([None], tf.int32)],
         )
         # FedProx's objective (an algorithm's ``proximal_mu``): its own graph, so that
         # plain FedAvg runs exactly the graph it always ran.
         self._train_prox = tf.function(
             self._train_graph,
-            input_signature=[tf.TensorSpec([None], tf.float32), x_spec,
-                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
-                             tf.TensorSpec([], tf.float32)],
+            input_signature=[tf.TensorSpec([None], tf.float32), x_spec, y_spec,
+                             tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32)],
         )
 
     @property

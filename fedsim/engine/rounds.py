@@ -10,7 +10,9 @@ import numpy as np
 
 from fedsim.config import SimConfig
 from fedsim.errors import FedsimError
+from fedsim.results.client_metrics import client_rows, summarize_clients
 from fedsim.results.outputs import memory_mib
+from fedsim.rng import STREAM_EVAL_CLIENTS, stream
 
 
 def run_round(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
@@ -81,6 +83,39 @@ def secure_round(ray: Any, server: Any, workers: list, plan: Any, rnd: int,
     requests = per_worker(server.secagg_collect, n, rnd, *reports)
     responses = [w.secagg_unmask.remote(requests[i]) for i, (w, _) in enumerate(active)]
     return ray.get(server.secagg_finish.remote(rnd, len(plan.sampled), *responses))
+
+
+def evaluation_clients(cfg: SimConfig, rnd: int) -> np.ndarray:
+    """The clients federated evaluation visits after round ``rnd`` (sorted):
+    ``federated_eval.clients`` of the population, drawn without replacement
+    from the stream ``(seed, EVAL_CLIENTS, round)``, or all of them."""
+    n = cfg.federated_eval.clients
+    if n == "all" or n >= cfg.clients:
+        return np.arange(cfg.clients)
+    rng = stream(cfg.seed, STREAM_EVAL_CLIENTS, rnd)
+    return np.sort(rng.choice(cfg.clients, size=int(n), replace=False))
+
+
+def federated_evaluation(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int
+                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate the global model on the clients' own test data, in the workers
+    (one contiguous shard of :func:`evaluation_clients` each). Returns the
+    row's ``fed_*`` (and with personalization ``pers_*``) keys
+    (:func:`fedsim.results.client_metrics.summarize_clients`) and one row per
+    client for ``client_eval.jsonl``."""
+    ids = evaluation_clients(cfg, rnd)
+    weights_ref = server.global_weights.remote()
+    shards = [s for s in np.array_split(ids, len(workers))]
+    results = ray.get([w.evaluate_clients.remote(rnd, weights_ref, shard)
+                       for w, shard in zip(workers, shards) if len(shard)])
+    plain = [e for r in results for e in r[0]]
+    personalized = [e for r in results for e in r[1]]
+    row = summarize_clients(plain, "fed")
+    per_client = client_rows(rnd, plain, "fed")
+    if cfg.federated_eval.personalization_steps > 0:
+        row.update(summarize_clients(personalized, "pers"))
+        per_client += client_rows(rnd, personalized, "pers")
+    return row, per_client
 
 
 def memory_row(ray: Any, server: Any, workers: list) -> dict[str, float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -89,15 +89,20 @@ class Server:
         self.x_test = x_test
         self.y_test = y_test
 
+        from fedsim.tasks.base import metric_parts
+
         def _eval_batch(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-            """Sums over the batch: of the loss, and of each metric."""
+            """Sums over the batch: of the loss, and of each metric's numerator and
+            denominator."""
             logits = self.model(x, training=False)
-            sums = {name: tf.reduce_sum(tf.cast(metric(y, logits), tf.float32))
-                    for name, metric in model_spec.metrics.items()}
+            sums = {}
+            for name, metric in model_spec.metrics.items():
+                num, den = metric_parts(metric(y, logits))
+                sums[name] = tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)])
             return tf.reduce_sum(model_spec.loss(y, logits)), sums
 
-        self._eval_batch = tf.function(_eval_batch, input_signature=[
-            tf.TensorSpec([None, *input_shape], tf.float32), tf.TensorSpec([None], tf.int32)])
+        self._eval_batch = tf.function(_eval_batch,
+                                       input_signature=list(model_spec.tensor_specs(input_shape)))
 
     def num_parameters(self) -> int:
         return int(self.weights.size)
@@ -284,15 +289,17 @@ class Server:
             template, [tf.constant(v) if tf.is_tensor(t) else v.item() if np.ndim(v) == 0
                        else v for t, v in zip(tf.nest.flatten(template), state["agg_state"])])
 
-    def evaluate(self, batch_size: int = 1000) -> dict[str, float]:
-        """The global model on the test split: ``eval_loss`` and ``eval_<metric>``
-        for each of the spec's metrics (``eval_accuracy``), means per example."""
+    def evaluate(self, batch_size: int = 1000) -> dict[str, Optional[float]]:
+        """The global model on the test split: ``eval_loss`` (mean per example) and
+        ``eval_<metric>`` for each of the spec's metrics (``eval_accuracy``): the
+        ratio of its numerator and denominator sums (:mod:`fedsim.tasks.base`)."""
         self._flat.assign(self.weights)
         loss, n = 0.0, len(self.x_test)
-        sums = dict.fromkeys(self.spec.metrics, 0.0)
+        sums = {name: np.zeros(2) for name in self.spec.metrics}
         for s in range(0, n, batch_size):
             lb, mb = self._eval_batch(self.x_test[s:s + batch_size], self.y_test[s:s + batch_size])
             loss += float(lb)
             for name in sums:
-                sums[name] += float(mb[name])
-        return {"eval_loss": loss / n, **{f"eval_{k}": v / n for k, v in sums.items()}}
+                sums[name] += mb[name].numpy()
+        return {"eval_loss": loss / n, **{f"eval_{k}": float(v[0]) / float(v[1]) if v[1] else None
+                                          for k, v in sums.items()}}

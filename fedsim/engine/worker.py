@@ -25,7 +25,7 @@ from fedsim.config import SimConfig
 from fedsim.data.base import ClientData
 from fedsim.errors import FedsimError
 from fedsim.results.outputs import memory_mib
-from fedsim.rng import STREAM_NOISE, STREAM_SECAGG, STREAM_SHUFFLE, stream
+from fedsim.rng import STREAM_NOISE, STREAM_PERSONALIZE, STREAM_SECAGG, STREAM_SHUFFLE, stream
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,8 @@ class ClientWorker:
             from fedsim.client.local import LocalTrainer
 
             self.trainer = LocalTrainer(*args, seed=cfg.seed)
+        self._model_args = (model_spec, tuple(input_shape), int(num_classes))
+        self._evaluator: Any = None  # a ClientEvaluator, built on first use
         self._secagg_states: dict[int, Any] = {}
         self._secagg_input: Any = None  # (report, client ids, bits, encodings) of train_round
         self._secagg_seconds = 0.0  # spent on this round's protocol steps so far
@@ -215,6 +217,37 @@ class ClientWorker:
         for cid in ids:
             x, y = self.data.client(cid)
             yield cid, self.trainer.train(weights, x, y, rng(cid), **(payload or {}))
+
+    def evaluate_clients(self, round_num: int, weights: np.ndarray,
+                         client_ids: Sequence[int]) -> tuple[list, list]:
+        """Federated evaluation of ``weights`` on ``client_ids``' own test data
+        (``client_test``): one :class:`fedsim.client.evaluation.ClientEval` each,
+        and, with ``federated_eval.personalization_steps`` > 0, one each after
+        that many SGD steps on the client's training data (shuffled with the
+        stream ``(seed, PERSONALIZE, round, c)``); otherwise the second list is
+        empty."""
+        fe = self.cfg.federated_eval
+        if self._evaluator is None:
+            from fedsim.client.evaluation import ClientEvaluator
+
+            spec, input_shape, num_classes = self._model_args
+            lr = (fe.personalization_lr if fe.personalization_lr is not None
+                  else self.cfg.client.learning_rate)
+            self._evaluator = ClientEvaluator(spec, input_shape, num_classes, self.cfg.seed,
+                                              fe.batch_size, self.cfg.batch_size, lr)
+        plain, personalized = [], []
+        for cid in (int(c) for c in client_ids):
+            x, y = self.data.client_test(cid)  # type: ignore[attr-defined]
+            plain.append(self._evaluator.evaluate(weights, cid, x, y))
+            if fe.personalization_steps > 0:
+                if len(x):
+                    xt, yt = self.data.client(cid)
+                    personalized.append(self._evaluator.personalize(
+                        weights, cid, xt, yt, x, y, fe.personalization_steps,
+                        stream(self.cfg.seed, STREAM_PERSONALIZE, round_num, cid)))
+                else:
+                    personalized.append(plain[-1])
+        return plain, personalized
 
     # -- secure aggregation, on behalf of this worker's clients of the round -------
     def secagg_advertise(self, round_num: int, client_ids: Sequence[int]) -> list:

@@ -45,37 +45,19 @@ Contract of a spec's parts (all TF ops, traced into the trainers' graphs):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from fedsim.config import ModelConfig, import_callable, why
+from fedsim.data.base import ExampleSpec
 from fedsim.errors import ConfigError
-
-
-def sparse_categorical_crossentropy(y_true: Any, logits: Any) -> Any:
-    """Per-example cross-entropy of integer labels on logits, ``[batch]``
-    (Keras' ``SparseCategoricalCrossentropy(from_logits=True)``, reduction NONE:
-    its sum is bit for bit the SUM-reduced loss fedsim used before specs)."""
-    import tensorflow as tf
-
-    return tf.keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=tf.keras.losses.Reduction.NONE)(y_true, logits)
-
-
-def accuracy(y_true: Any, logits: Any) -> Any:
-    """1.0 where ``argmax(logits) == y_true``, else 0.0, per example (float32)."""
-    import tensorflow as tf
-
-    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.cast(tf.equal(predicted, tf.cast(y_true, tf.int32)), tf.float32)
-
-
-def _default_metrics() -> dict[str, Callable]:
-    return {"accuracy": accuracy}
+from fedsim.tasks.base import Task, metric_name, resolve_loss, resolve_metric, resolve_task
+from fedsim.tasks.classification import accuracy, sparse_categorical_crossentropy
 
 
 @dataclass(frozen=True)
@@ -83,29 +65,48 @@ class ModelSpec:
     """A model and how to train and evaluate it (see the module docstring).
 
     builder: ``(input_shape, num_classes, seed) -> tf.keras.Model`` (logits).
-    loss: per-example loss ``(y_true, logits) -> [batch]``; default
-      :func:`sparse_categorical_crossentropy`.
-    metrics: name -> per-example metric ``(y_true, logits) -> [batch]``;
-      default ``{"accuracy": accuracy}``.
+    loss: per-example loss ``(y_true, logits) -> [batch]``; None: the task's
+      default (sparse categorical cross-entropy for classification).
+    metrics: name -> per-example metric ``(y_true, logits) -> [batch]`` or
+      ``(numerator, denominator)`` (:mod:`fedsim.tasks.base`); None: the
+      task's defaults (``{"accuracy": accuracy}`` for classification).
     name: what the model is called (default: the builder's name).
+    task, example: the task kind and the layout of the data's tensors
+      (:class:`fedsim.data.base.ExampleSpec`). A run sets both
+      (:meth:`bind`) from its dataset; None means classification of float32
+      inputs with int32 labels.
 
     Everything must pickle (cloudpickle, as Ray sends it to the actors):
     module-level functions, or closures over picklable values.
     """
 
     builder: Callable[..., Any]
-    loss: Callable[[Any, Any], Any] = sparse_categorical_crossentropy
+    # None is only an argument (the task's default); a constructed spec holds callables.
+    loss: Callable[[Any, Any], Any] = None  # type: ignore[assignment]
     metrics: Mapping[str, Callable[[Any, Any], Any]] = field(
-        default_factory=_default_metrics, hash=False)
+        default=None, hash=False)  # type: ignore[arg-type]
     name: str = ""
+    task: Optional[Task] = None
+    example: Optional[ExampleSpec] = None
+    own_loss: bool = field(default=False, init=False, compare=False)
+    own_metrics: bool = field(default=False, init=False, compare=False)
 
     def __post_init__(self) -> None:
         if not callable(self.builder):
             raise ConfigError("model", "a builder callable (input_shape, num_classes, seed) "
                               "-> tf.keras.Model", type(self.builder).__name__)
+        if self.task is not None:
+            object.__setattr__(self, "task", resolve_task(self.task))
+        kind = self.task if self.task is not None else resolve_task("classification")
+        object.__setattr__(self, "own_loss", self.loss is not None)
+        object.__setattr__(self, "own_metrics", self.metrics is not None)
+        if self.loss is None:
+            object.__setattr__(self, "loss", kind.default_loss())
         if not callable(self.loss):
             raise ConfigError("model.loss", "a callable (y_true, logits) -> per-example "
                               "losses", type(self.loss).__name__)
+        if self.metrics is None:
+            object.__setattr__(self, "metrics", kind.default_metrics())
         if not isinstance(self.metrics, Mapping) or not all(
                 isinstance(k, str) and k.isidentifier() and callable(v)
                 for k, v in self.metrics.items()):
@@ -118,10 +119,37 @@ class ModelSpec:
                                               type(self.builder).__name__))))
 
     @property
+    def kind(self) -> Task:
+        """The task kind (classification when none is bound)."""
+        return self.task if self.task is not None else resolve_task("classification")
+
+    @property
+    def layout(self) -> ExampleSpec:
+        """The data layout the trainers trace for (float32 inputs, int32 labels
+        when none is bound; the input shape is then the caller's)."""
+        return self.example if self.example is not None else ExampleSpec(())
+
+    def bind(self, task: Any, example: ExampleSpec) -> "ModelSpec":
+        """This spec for a dataset's task kind and tensor layout: a loss and
+        metrics the spec did not set become the task's defaults."""
+        task = resolve_task(task)
+        return dataclasses.replace(self, task=task, example=example,
+                                   loss=self.loss if self.own_loss else None,  # type: ignore
+                                   metrics=self.metrics if self.own_metrics
+                                   else None)  # type: ignore[arg-type]
+
+    def tensor_specs(self, input_shape: Sequence[int]) -> tuple[Any, Any]:
+        """``tf.TensorSpec`` of a batch of inputs and of labels (batch axis None)."""
+        import tensorflow as tf
+
+        ex = self.layout
+        return (tf.TensorSpec([None, *input_shape], ex.input_dtype),
+                tf.TensorSpec([None, *ex.label_shape], ex.label_dtype))
+
+    @property
     def is_builtin(self) -> bool:
-        """True for fedsim's own logreg, mlp and cnn with the default loss."""
-        return (isinstance(self.builder, BuiltinModel)
-                and self.loss is sparse_categorical_crossentropy)
+        """True for fedsim's own logreg, mlp and cnn with the task's default loss."""
+        return isinstance(self.builder, BuiltinModel) and not self.own_loss
 
     def build(self, input_shape: Sequence[int], num_classes: int, seed: int) -> Any:
         """A fresh, built ``tf.keras.Model`` (a subclassed model is called once on a
@@ -133,7 +161,7 @@ class ModelSpec:
             raise TypeError(f"the builder returned a {type(model).__name__}, not a "
                             "tf.keras.Model")
         if not model.built:
-            model(tf.zeros([1, *input_shape], tf.float32), training=False)
+            model(tf.zeros([1, *input_shape], self.layout.input_dtype), training=False)
         return model
 
     def num_parameters(self, input_shape: Sequence[int], num_classes: int, seed: int) -> int:
@@ -245,49 +273,77 @@ def as_spec(model: Any, option: str = "model") -> ModelSpec:
     return ModelSpec(model)
 
 
-def model_spec(cfg_model: ModelConfig, model: Any = None) -> ModelSpec:
+def model_spec(cfg_model: ModelConfig, model: Any = None, *, task: Any = None,
+               example: Optional[ExampleSpec] = None) -> ModelSpec:
     """The ModelSpec a run trains.
 
     1. ``model`` (from Python: ``run_simulation(cfg, model=...)``), a ModelSpec or a
-       builder callable (wrapped with the default loss and metrics);
+       builder callable (wrapped with the task's default loss and metrics);
     2. else ``cfg_model.builder`` (``model=keras model.builder=module:callable``),
        imported here: a ModelSpec, or a builder callable;
     3. else the built-in ``cfg_model.name``.
 
-    Errors are one-line ConfigErrors naming ``model`` or ``model.builder``.
-    Imports the builder's module (and whatever it imports), never TF itself.
+    ``cfg_model.loss`` / ``cfg_model.metrics`` (names, :mod:`fedsim.tasks.base`)
+    then replace the spec's loss / metrics, and with ``task`` and ``example``
+    (the dataset's) the spec is bound to them (:meth:`ModelSpec.bind`).
+
+    Errors are one-line ConfigErrors naming ``model``, ``model.builder``,
+    ``model.loss`` or ``model.metrics``. Imports the builder's module (and
+    whatever it imports); TensorFlow itself only to look up Keras loss or
+    metric names.
     """
     if model is not None:
         if cfg_model.builder is not None:
             raise ConfigError("model.builder", "null when a model is passed from Python "
                               "(run_simulation's model=): one model per run",
                               cfg_model.builder)
-        return as_spec(model, "model")
-    if cfg_model.builder is not None:
+        spec = as_spec(model, "model")
+    elif cfg_model.builder is not None:
         obj = _import_callable(cfg_model.builder, "model.builder")
         if isinstance(obj, ModelSpec):
-            return obj
-        if not callable(obj) or isinstance(obj, types.ModuleType):
+            spec = obj
+        elif not callable(obj) or isinstance(obj, types.ModuleType):
             raise ConfigError("model.builder", "a callable (input_shape, num_classes, seed) "
                               f"-> tf.keras.Model, or a ModelSpec (got a {type(obj).__name__})",
                               cfg_model.builder)
-        return ModelSpec(obj, name=cfg_model.builder)
-    return builtin_spec(cfg_model)
+        else:
+            spec = ModelSpec(obj, name=cfg_model.builder)
+    else:
+        spec = builtin_spec(cfg_model)
+    kind = resolve_task(task) if task is not None else spec.kind
+    changes: dict[str, Any] = {}
+    if cfg_model.loss is not None:
+        with _quiet_tensorflow_start():
+            changes["loss"] = resolve_loss(cfg_model.loss, kind)
+    if cfg_model.metrics is not None:
+        with _quiet_tensorflow_start():
+            changes["metrics"] = {metric_name(m): resolve_metric(m, kind)
+                                  for m in cfg_model.metrics}
+    if changes:
+        spec = dataclasses.replace(
+            spec, loss=changes.get("loss", spec.loss if spec.own_loss else None),
+            metrics=changes.get("metrics", spec.metrics if spec.own_metrics else None))
+    if task is not None or example is not None:
+        spec = spec.bind(kind, example if example is not None else spec.layout)
+    return spec
 
 
 def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, seed: int,
                 option: str = "model", batch: int = 2) -> int:
     """Build ``spec``'s model once and run it, its loss and its metrics on a batch
-    of zeros; returns the parameter count. Refuses, with a one-line ConfigError
-    naming ``option``, a builder that fails or does not return a Keras model, a
-    model whose output is not ``[batch, num_classes]`` logits, a model without
-    trainable weights, and a loss or metric that is not one value per example.
-    Imports TensorFlow (the driver calls it for users' models only)."""
+    of zeros in the spec's tensor layout; returns the parameter count. Refuses,
+    with a one-line ConfigError naming ``option``, a builder that fails or does
+    not return a Keras model, a model whose output is not the task's
+    (:meth:`fedsim.tasks.base.Task.output_shape`, e.g. ``[batch, num_classes]``
+    logits), a model without trainable weights, and a loss or metric that is
+    not one value (or one numerator and denominator) per example. Imports
+    TensorFlow (the driver calls it for users' models only)."""
     import numpy as np
 
     with _quiet_tensorflow_start():
         import tensorflow as tf
     _tf_shares_gpus()
+    ex, task = spec.layout, spec.kind
     try:
         model = spec.build(input_shape, num_classes, seed)
     except Exception as err:
@@ -295,30 +351,37 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
                           f"{tuple(input_shape)} and {num_classes} classes ({spec.name} raised "
                           f"{why(err)})",
                           spec.name) from err
-    x = tf.zeros([batch, *input_shape], tf.float32)
-    y = tf.zeros([batch], tf.int32)
+    x = tf.zeros([batch, *input_shape], ex.input_dtype)
+    y = tf.zeros([batch, *ex.label_shape], ex.label_dtype)
     try:
         logits = model(x, training=False)
     except Exception as err:
-        raise ConfigError(option, f"a model that runs on float32 inputs of shape [batch, "
-                          f"{', '.join(str(int(d)) for d in input_shape)}] ({why(err)})",
+        raise ConfigError(option, f"a model that runs on {ex.input_dtype} inputs of shape "
+                          f"[batch, {', '.join(str(int(d)) for d in input_shape)}] ({why(err)})",
                           spec.name) from err
-    if tuple(logits.shape) != (batch, num_classes):
-        raise ConfigError(option, f"a model whose output is [batch, num_classes={num_classes}] "
-                          f"logits (it gave shape {list(logits.shape)} for a batch of {batch})",
-                          spec.name)
+    want = (batch, *task.output_shape(ex, num_classes))
+    if tuple(logits.shape) != want:
+        shown = ", ".join(["batch", *(str(d) for d in want[1:])])
+        raise ConfigError(option, f"a model whose output for task {task.name} is [{shown}] "
+                          f"logits (num_classes={num_classes}; it gave shape "
+                          f"{list(logits.shape)} for a batch of {batch})", spec.name)
     if not model.trainable_variables:
         raise ConfigError(option, "a model with trainable weights", spec.name)
     parts = [("loss", spec.loss)] + [(f"metrics[{k!r}]", m) for k, m in spec.metrics.items()]
     for what, fn in parts:
         try:
-            out = np.asarray(fn(y, logits))
+            out = fn(y, logits)
+            if what != "loss" and isinstance(out, (tuple, list)) and len(out) == 2:
+                shapes = {np.asarray(o).shape for o in out}
+                shape = shapes.pop() if len(shapes) == 1 else None
+            else:
+                shape = np.asarray(out).shape
         except Exception as err:
             raise ConfigError(option, f"a {what} (y_true, logits) -> one value per example "
                               f"({why(err)})", spec.name) from err
-        if out.shape != (batch,):
+        if shape != (batch,):
             raise ConfigError(option, f"a {what} that returns one value per example, shape "
-                              f"[batch] (it returned shape {list(out.shape)} for a batch of "
+                              f"[batch] (it returned shape {list(shape or ())} for a batch of "
                               f"{batch}; do not reduce it)", spec.name)
     from fedsim.models.keras import count_parameters
 
@@ -338,4 +401,4 @@ def _tf_shares_gpus() -> None:
 
 
 __all__ = ["ModelSpec", "BuiltinModel", "model_spec", "builtin_spec", "as_spec",
-           "check_model", "sparse_categorical_crossentropy", "accuracy"]
+           "check_model", "sparse_categorical_crossentropy", "accuracy", "ExampleSpec"]

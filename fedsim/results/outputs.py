@@ -42,6 +42,27 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def append_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append one JSON line per row to ``path`` (created if missing), flushed."""
+    with open(path, "a") as f:
+        f.writelines(json.dumps({k: _jsonable(v) for k, v in r.items()}, sort_keys=True) + "\n"
+                     for r in rows)
+
+
+def keep_rounds(path: Path, last_round: int) -> None:
+    """Rewrite the JSON-lines file ``path`` (atomically) to hold only its rows of
+    rounds ``<= last_round`` (a resumed run drops what came after its
+    checkpoint); nothing happens if it does not exist."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["round"] <= last_round]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """Appends one JSON line per round to ``metrics.jsonl`` (created on first write).
 

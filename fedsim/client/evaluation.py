@@ -1,0 +1,113 @@
+"""Evaluation on one client's own test data, in the worker: the client side of
+federated (and personalization) evaluation.
+
+A :class:`ClientEvaluator` owns one copy of the model. :meth:`~ClientEvaluator.evaluate`
+loads the global weights and returns, for one client, the sum of the spec's
+per-example loss and each metric's numerator and denominator sums over the
+client's test examples (:class:`ClientEval`); the driver turns many of them
+into means and percentiles across clients
+(:func:`fedsim.results.client_metrics.summarize_clients`).
+
+Personalization (TFF's personalization evaluation): :meth:`~ClientEvaluator.personalize`
+starts from the global weights and takes ``steps`` steps of plain SGD on the
+mean loss of a minibatch of the client's TRAINING examples; step ``j`` uses
+examples ``order[j*b:(j+1)*b]`` of the concatenated per-epoch permutations
+(:func:`fedsim.client.local.epoch_order`), ``b = min(batch_size, n)``. The
+personalized model is then evaluated like the global one. The global weights
+the worker trains from are never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from fedsim.client.local import epoch_order
+from fedsim.models.keras import FlatWeights
+from fedsim.models.spec import ModelSpec
+from fedsim.tasks.base import metric_parts
+
+
+@dataclass(frozen=True)
+class ClientEval:
+    """One client's evaluation sums.
+
+    cid: the client. num_examples: its test examples. loss_sum: sum over them
+    of the per-example loss. metrics: name -> (numerator sum, denominator sum).
+    """
+
+    cid: int
+    num_examples: int
+    loss_sum: float
+    metrics: dict[str, tuple[float, float]]
+
+
+class ClientEvaluator:
+    """Evaluates (and optionally personalizes) the global model on clients' data.
+
+    model: the run's ModelSpec; batch_size: evaluation batch; train_batch_size
+    and learning_rate: personalization's SGD batches and step size.
+    """
+
+    def __init__(self, model: ModelSpec, input_shape: Sequence[int], num_classes: int,
+                 seed: int, batch_size: int = 256, train_batch_size: int = 10,
+                 learning_rate: float = 0.1) -> None:
+        self.spec = model
+        self.model = model.build(input_shape, num_classes, seed)
+        self.flat = FlatWeights(self.model.trainable_variables)
+        self.batch_size = int(batch_size)
+        self.train_batch_size = int(train_batch_size)
+        self._lr = tf.constant(float(learning_rate), tf.float32)
+        x_spec, y_spec = model.tensor_specs(input_shape)
+        self._sums = tf.function(self._sums_graph, input_signature=[x_spec, y_spec])
+        self._step = tf.function(self._step_graph, input_signature=[x_spec, y_spec])
+
+    def _sums_graph(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        logits = self.model(x, training=False)
+        sums = {}
+        for name, metric in self.spec.metrics.items():
+            num, den = metric_parts(metric(y, logits))
+            sums[name] = tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)])
+        return tf.reduce_sum(self.spec.loss(y, logits)), sums
+
+    def _step_graph(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        variables = self.model.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(self.spec.loss(y, self.model(x, training=True)))
+        for var, g in zip(variables, tape.gradient(loss, variables)):
+            if g is not None:
+                var.assign_sub(self._lr * g)
+        return loss
+
+    def _evaluate_loaded(self, cid: int, x: np.ndarray, y: np.ndarray) -> ClientEval:
+        loss, sums = 0.0, {name: np.zeros(2) for name in self.spec.metrics}
+        for s in range(0, len(x), self.batch_size):
+            lb, mb = self._sums(x[s:s + self.batch_size], y[s:s + self.batch_size])
+            loss += float(lb)
+            for name in sums:
+                sums[name] += mb[name].numpy()
+        return ClientEval(int(cid), int(len(x)), loss,
+                          {k: (float(v[0]), float(v[1])) for k, v in sums.items()})
+
+    def evaluate(self, weights: np.ndarray, cid: int, x: np.ndarray, y: np.ndarray
+                 ) -> ClientEval:
+        """The model with ``weights`` on client ``cid``'s test examples ``x, y``."""
+        self.flat.assign(weights)
+        return self._evaluate_loaded(cid, x, y)
+
+    def personalize(self, weights: np.ndarray, cid: int, x_train: np.ndarray,
+                    y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, steps: int,
+                    rng: np.random.Generator) -> ClientEval:
+        """``steps`` SGD steps from ``weights`` on the client's training examples
+        (``rng`` shuffles them), then the evaluation on its test examples."""
+        self.flat.assign(weights)
+        n = len(x_train)
+        b = min(self.train_batch_size, n)
+        order = epoch_order(n, -(-steps * b // n), rng)
+        for j in range(steps):
+            idx = order[j * b:(j + 1) * b]
+            self._step(x_train[idx], y_train[idx])
+        return self._evaluate_loaded(cid, x_test, y_test)
