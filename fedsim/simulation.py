@@ -393,7 +393,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                     if out is not None:
                         append_jsonl(out / "client_eval.jsonl", per_client)
             else:
-                row.update(eval_loss=None, eval_accuracy=None)
+                row.update(eval_loss=None, **{f"eval_{k}": None for k in spec.metrics})
             rows.append(row)
             for hook in hooks:
                 hook.on_round_end(ctx, row)
@@ -440,9 +440,10 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                           setup_seconds=setup_seconds, stop_reason=stop_reason,
                           resumed_from=resumed["round"] if resumed else None,
                           workers=n_workers, placement=placement, memory=memory,
-                          num_parameters=num_parameters, model=spec.name)
+                          num_parameters=num_parameters, model=spec.name, task=spec.kind)
     if out:
         plot_metrics(rows, out / "metrics.png", audit_epsilon=audit and audit["epsilon"],
+                     metric=spec.kind.primary_metric, bounded=spec.kind.higher_is_better,
                      title=f"{spec.name} on {data.name}, {cfg.clients} clients, "
                            f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
         write_json_atomic(out / "summary.json", summary)

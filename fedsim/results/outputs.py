@@ -176,18 +176,27 @@ def summary_line(summary: Mapping[str, Any], output_dir: Any) -> str:
         ref = (f"; add/remove accountant {ref:.4g}" if isinstance(ref, float) else
                f"; add/remove accountant {ref}" if ref is not None else "")
         spent += f", canary-audit epsilon {audit['epsilon']:.3g} (empirical{ref})"
-    accuracy = summary["final"].get("eval_accuracy")
+    primary = summary.get("primary_metric", "eval_accuracy")
+    value = summary["final"].get(primary)
+    fed = summary["final"].get("fed_" + primary[len("eval_"):] + "_p10")
+    spent = (f", clients' 10th percentile {fed:.4f}" if fed is not None else "") + spent
     return (f"fedsim: {summary['rounds_completed']} rounds ({summary['stop_reason']}), test "
-            f"accuracy {accuracy if accuracy is not None else float('nan'):.4f}{spent}, "
+            f"{primary[len('eval_'):].replace('_', ' ')} "
+            f"{value if value is not None else float('nan'):.4f}{spent}, "
             f"{summary['wall_seconds']:.1f} s; outputs in {output_dir}")
 
 
 def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "",
-                 audit_epsilon: Optional[float] = None) -> None:
-    """Save a PNG with eval accuracy, train/eval loss and (with DP) epsilon per round.
+                 audit_epsilon: Optional[float] = None, metric: str = "accuracy",
+                 bounded: bool = True) -> None:
+    """Save a PNG with the eval ``metric`` (accuracy), train/eval loss and (with
+    DP) epsilon per round. With federated evaluation the metric's panel also
+    shows the clients' weighted value, their 10th-90th percentile band and
+    median, and the personalized median.
 
     ``audit_epsilon``: the canary audit's empirical estimate for the final model,
-    drawn as a level beside the accountant's curve."""
+    drawn as a level beside the accountant's curve. ``bounded``: the metric lies
+    in [0, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,17 +204,34 @@ def plot_metrics(rows: Iterable[Mapping[str, Any]], path: Path, title: str = "",
 
     rows = list(rows)
     rounds = [r["round"] for r in rows]
-    ev = [(r["round"], r["eval_accuracy"], r["eval_loss"]) for r in rows
-          if r.get("eval_accuracy") is not None]
+    ev = [(r["round"], r.get(f"eval_{metric}"), r["eval_loss"]) for r in rows
+          if r.get("eval_loss") is not None]
+    fed = [(r["round"], r[f"fed_{metric}_p10"], r[f"fed_{metric}_p50"], r[f"fed_{metric}_p90"],
+            r[f"fed_{metric}"]) for r in rows if r.get(f"fed_{metric}_p10") is not None]
+    pers = [(r["round"], r[f"pers_{metric}_p50"]) for r in rows
+            if r.get(f"pers_{metric}_p50") is not None]
     eps = [(r["round"], r.get("epsilon")) for r in rows if "epsilon" in r]
     panel = bool(eps) or audit_epsilon is not None
     fig, axes = plt.subplots(1, 3 if panel else 2, figsize=(16 if panel else 11, 4))
     ax_acc, ax_loss = axes[0], axes[1]
     if ev:
-        ax_acc.plot([e[0] for e in ev], [e[1] for e in ev], marker=".", color="tab:blue")
+        ax_acc.plot([e[0] for e in ev], [e[1] for e in ev], marker=".", color="tab:blue",
+                    label="central test split")
+    if fed:
+        r_, lo, mid, hi, weighted = zip(*fed)
+        ax_acc.fill_between(r_, lo, hi, color="tab:green", alpha=0.2,
+                            label="clients, 10th-90th percentile")
+        ax_acc.plot(r_, mid, color="tab:green", label="clients, median")
+        ax_acc.plot(r_, weighted, color="tab:green", linestyle=":", label="clients, weighted")
+    if pers:
+        ax_acc.plot([p[0] for p in pers], [p[1] for p in pers], color="tab:orange",
+                    label="personalized, median")
+    if fed or pers:
+        ax_acc.legend(fontsize="small")
     ax_acc.set_xlabel("round")
-    ax_acc.set_ylabel("test accuracy")
-    ax_acc.set_ylim(0, 1)
+    ax_acc.set_ylabel(f"test {metric.replace('_', ' ')}")
+    if bounded:
+        ax_acc.set_ylim(0, 1)
     ax_acc.grid(alpha=0.3)
     ax_loss.plot(rounds, [r.get("train_loss") for r in rows], label="train (local steps)")
     if ev:

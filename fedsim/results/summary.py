@@ -93,7 +93,7 @@ def run_summary(cfg: SimConfig, data: FederatedData, rows: list[dict[str, Any]],
                 privacy: dict[str, Any], audit: Any, mechanism: Any, *, started: float,
                 setup_seconds: float, stop_reason: str, resumed_from: Any, workers: int,
                 placement: list[dict[str, str]], memory: dict[str, Any],
-                num_parameters: int, model: str = "") -> dict[str, Any]:
+                num_parameters: int, model: str = "", task: Any = None) -> dict[str, Any]:
     """``summary.json``: how the run ended, its final and best results, timings
     (seconds, ``started`` on ``time.perf_counter``'s clock), privacy, audit,
     where the workers ran, memory (MiB), the data, the config and the versions."""
@@ -102,16 +102,27 @@ def run_summary(cfg: SimConfig, data: FederatedData, rows: list[dict[str, Any]],
 
     from fedsim.results.outputs import versions
 
-    evaluated = [r for r in rows if r.get("eval_accuracy") is not None]
+    name, higher = ((task.primary_metric, task.higher_is_better) if task is not None
+                    else ("accuracy", True))
+    primary = f"eval_{name}"
+    evaluated = [r for r in rows if r.get("eval_loss") is not None]
     final = evaluated[-1] if evaluated else {}
+    scores = [r[primary] for r in evaluated if r.get(primary) is not None]
     return {
         "status": "completed",
         "stop_reason": stop_reason,
         "rounds_completed": len(rows),
         "resumed_from_round": resumed_from,
-        "final": {k: final.get(k) for k in ("round", "eval_accuracy", "eval_loss")},
+        # the last evaluation: central (eval_*), federated (fed_*), personalized (pers_*)
+        "final": {**{k: final.get(k) for k in ("round", "eval_accuracy", "eval_loss")},
+                  **{k: v for k, v in final.items() if k.startswith(("eval_", "fed_", "pers_"))
+                     and not k.endswith("_seconds")}},
         "final_train_loss": rows[-1]["train_loss"] if rows else None,
-        "best_eval_accuracy": max((r["eval_accuracy"] for r in evaluated), default=None),
+        "best_eval_accuracy": max((r["eval_accuracy"] for r in evaluated
+                                   if r.get("eval_accuracy") is not None), default=None),
+        "task": getattr(task, "name", "classification"),
+        "primary_metric": primary,  # the number the task is judged by
+        "best": {primary: (max if higher else min)(scores) if scores else None},
         "wall_seconds": time.perf_counter() - started,
         "setup_seconds": setup_seconds,
         "mean_round_seconds": float(np.mean([r["round_seconds"] for r in rows])),
