@@ -59,11 +59,26 @@ def test_next_token_accuracies_and_loss_match_tffs_baseline_metrics():
     # The loss: TFF trains with Keras' mean over every position of every example.
     y, logits = batches[0]
     want = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
-    got = task.default_loss()(tf.constant(y), tf.constant(logits))
-    assert got.shape == (5,)
-    assert float(tf.reduce_mean(got)) == pytest.approx(float(want), rel=1e-6)
+    num, den = task.default_loss()(tf.constant(y), tf.constant(logits))
+    assert num.shape == den.shape == (5,) and float(tf.reduce_sum(den)) == 5 * 6  # no mask
+    assert float(tf.reduce_sum(num) / tf.reduce_sum(den)) == pytest.approx(float(want), rel=1e-6)
     assert ratio(task.named_metric("num_tokens"), batches[:1]) == pytest.approx(
         np.count_nonzero(y != pad) / len(y))  # unpadded tokens per example
+
+
+def test_next_token_loss_is_keras_loss_on_the_masked_output_of_a_padded_model():
+    """With mask_zero (fedsim's char LSTM, as TFF's), Keras' loss class averages
+    over the unpadded input positions only; the task's (sum, count) gives the same."""
+    from fedsim.models.char_lstm import build
+
+    model = build((6,), 9, seed=0)
+    x = np.array([[3, 4, 5, 0, 0, 0], [1, 2, 3, 4, 5, 6]], np.int32)
+    y = np.array([[4, 5, 8, 0, 0, 0], [2, 3, 4, 5, 6, 8]], np.int32)
+    logits = model(x)
+    want = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
+    num, den = NextTokenPrediction().default_loss()(tf.constant(y), logits)
+    np.testing.assert_array_equal(den, [3, 6])
+    assert float(tf.reduce_sum(num) / tf.reduce_sum(den)) == pytest.approx(float(want), rel=1e-6)
 
 
 def test_multilabel_precision_recall_at_5_and_loss_match_keras():

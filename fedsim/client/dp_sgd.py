@@ -685,11 +685,18 @@ class DPSGDTrainer:
         def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:
             x1, y1 = args
             with tf.GradientTape() as tape:
-                losses = self.spec.loss(y1, self.model(x1, training=True))
-                mean = tf.reduce_mean(losses)
+                out = self.spec.loss(y1, self.model(x1, training=True))
+                if isinstance(out, (tuple, list)):  # (numerator, denominator) per example
+                    mean = tf.reduce_sum(out[0]) / tf.maximum(tf.reduce_sum(out[1]), 1e-12)
+                    total = mean * tf.cast(tf.shape(x1)[0], tf.float32)
+                else:
+                    mean = tf.reduce_mean(out)
+                    total = tf.reduce_sum(out)
+                if self.model.losses:  # regularizers: data-independent, no sensitivity
+                    mean += tf.add_n(self.model.losses)
             grads = tape.gradient(mean, variables,
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return tf.reduce_sum(losses), grads
+            return total, grads
 
         return tf.vectorized_map(one, (xm, ym))
 

@@ -36,13 +36,16 @@ class ClientEval:
     """One client's evaluation sums.
 
     cid: the client. num_examples: its test examples. loss_sum: sum over them
-    of the per-example loss. metrics: name -> (numerator sum, denominator sum).
+    of the per-example loss (its numerators, for a ratio loss). metrics: name ->
+    (numerator sum, denominator sum). loss_den: the loss's denominator sum
+    (None: ``num_examples``; a ratio loss counts e.g. tokens).
     """
 
     cid: int
     num_examples: int
     loss_sum: float
     metrics: dict[str, tuple[float, float]]
+    loss_den: float | None = None
 
 
 class ClientEvaluator:
@@ -71,26 +74,31 @@ class ClientEvaluator:
         for name, metric in self.spec.metrics.items():
             num, den = metric_parts(metric(y, logits))
             sums[name] = tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)])
-        return tf.reduce_sum(self.spec.loss(y, logits)), sums
+        num, den = metric_parts(self.spec.loss(y, logits))
+        return tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)]), sums
 
     def _step_graph(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(self.spec.loss(y, self.model(x, training=True)))
+            num, den = metric_parts(self.spec.loss(y, self.model(x, training=True)))
+            loss = tf.reduce_sum(num) / tf.maximum(tf.reduce_sum(den), 1e-12)
+            if self.model.losses:
+                loss += tf.add_n(self.model.losses)
         for var, g in zip(variables, tape.gradient(loss, variables)):
             if g is not None:
                 var.assign_sub(self._lr * g)
         return loss
 
     def _evaluate_loaded(self, cid: int, x: np.ndarray, y: np.ndarray) -> ClientEval:
-        loss, sums = 0.0, {name: np.zeros(2) for name in self.spec.metrics}
+        loss, sums = np.zeros(2), {name: np.zeros(2) for name in self.spec.metrics}
         for s in range(0, len(x), self.batch_size):
             lb, mb = self._sums(x[s:s + self.batch_size], y[s:s + self.batch_size])
-            loss += float(lb)
+            loss += lb.numpy()
             for name in sums:
                 sums[name] += mb[name].numpy()
-        return ClientEval(int(cid), int(len(x)), loss,
-                          {k: (float(v[0]), float(v[1])) for k, v in sums.items()})
+        return ClientEval(int(cid), int(len(x)), float(loss[0]),
+                          {k: (float(v[0]), float(v[1])) for k, v in sums.items()},
+                          float(loss[1]))
 
     def evaluate(self, weights: np.ndarray, cid: int, x: np.ndarray, y: np.ndarray
                  ) -> ClientEval:

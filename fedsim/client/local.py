@@ -51,7 +51,10 @@ class LocalTrainer:
     momentum).
 
     Each step's gradient is that of the batch's mean loss,
-    ``sum(model.loss(y, logits)) / batch``; SGD with momentum m:
+    ``sum(model.loss(y, logits)) / batch`` (for a loss given as per-example
+    ``(numerator, denominator)``, e.g. the token losses of a sequence and its
+    unmasked tokens, ``sum(numerators) / sum(denominators)``), plus the model's
+    regularization losses (``model.losses``) if it has any; SGD with momentum m:
     ``v <- m * v + g; w <- w - lr * v``, with ``v`` reset to zero for every
     client (clients keep no state between rounds, as in TFF). ``seed`` seeds the
     model's initial weights (overwritten by the global weights in ``train``).
@@ -112,8 +115,16 @@ class LocalTrainer:
             xb = tf.gather(x, idx)
             yb = tf.gather(y, idx)
             with tf.GradientTape() as tape:
-                loss_sum = tf.reduce_sum(self.spec.loss(yb, self.model(xb, training=True)))
-                loss = loss_sum / tf.cast(stop - start, tf.float32)
+                out = self.spec.loss(yb, self.model(xb, training=True))
+                if isinstance(out, (tuple, list)):  # (numerator, denominator) per example
+                    num, den = (tf.reduce_sum(part) for part in out)
+                    loss = num / tf.maximum(den, 1e-12)  # e.g. TFF's mean over real tokens
+                    loss_sum = loss * tf.cast(stop - start, tf.float32)
+                else:
+                    loss_sum = tf.reduce_sum(out)
+                    loss = loss_sum / tf.cast(stop - start, tf.float32)
+                if self.model.losses:  # the model's regularizers, as Keras/TFF add them
+                    loss += tf.add_n(self.model.losses)
             grads = tape.gradient(loss, variables)
             if anchors is not None:
                 grads = [g + mu * (var - a) for g, var, a in zip(grads, variables, anchors)]

@@ -99,7 +99,8 @@ class Server:
             for name, metric in model_spec.metrics.items():
                 num, den = metric_parts(metric(y, logits))
                 sums[name] = tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)])
-            return tf.reduce_sum(model_spec.loss(y, logits)), sums
+            num, den = metric_parts(model_spec.loss(y, logits))
+            return tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)]), sums
 
         self._eval_batch = tf.function(_eval_batch,
                                        input_signature=list(model_spec.tensor_specs(input_shape)))
@@ -294,12 +295,13 @@ class Server:
         ``eval_<metric>`` for each of the spec's metrics (``eval_accuracy``): the
         ratio of its numerator and denominator sums (:mod:`fedsim.tasks.base`)."""
         self._flat.assign(self.weights)
-        loss, n = 0.0, len(self.x_test)
+        loss, n = np.zeros(2), len(self.x_test)
         sums = {name: np.zeros(2) for name in self.spec.metrics}
         for s in range(0, n, batch_size):
             lb, mb = self._eval_batch(self.x_test[s:s + batch_size], self.y_test[s:s + batch_size])
-            loss += float(lb)
+            loss += lb.numpy()
             for name in sums:
                 sums[name] += mb[name].numpy()
-        return {"eval_loss": loss / n, **{f"eval_{k}": float(v[0]) / float(v[1]) if v[1] else None
-                                          for k, v in sums.items()}}
+        metrics = {f"eval_{k}": float(v[0]) / float(v[1]) if v[1] else None
+                   for k, v in sums.items()}
+        return {"eval_loss": float(loss[0]) / float(loss[1]), **metrics}

@@ -371,7 +371,7 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
     for what, fn in parts:
         try:
             out = fn(y, logits)
-            if what != "loss" and isinstance(out, (tuple, list)) and len(out) == 2:
+            if isinstance(out, (tuple, list)) and len(out) == 2:
                 shapes = {np.asarray(o).shape for o in out}
                 shape = shapes.pop() if len(shapes) == 1 else None
             else:

@@ -12,11 +12,16 @@ import numpy as np
 PERCENTILES = (10, 50, 90)
 
 
+def _loss_den(e: Any) -> float:
+    return e.num_examples if e.loss_den is None else e.loss_den
+
+
 def client_values(evals: Sequence[Any]) -> dict[str, np.ndarray]:
     """name -> one value per client (``loss``: its mean loss per example; each
     metric: its numerator over its denominator). Clients without a single
     counted example of a metric (denominator 0) are left out of that metric."""
-    values: dict[str, list[float]] = {"loss": [e.loss_sum / e.num_examples for e in evals]}
+    values: dict[str, list[float]] = {"loss": [e.loss_sum / _loss_den(e) for e in evals
+                                               if _loss_den(e) > 0]}
     for e in evals:
         for name, (num, den) in e.metrics.items():
             if den > 0:
@@ -40,7 +45,7 @@ def summarize_clients(evals: Iterable[Any], prefix: str) -> dict[str, Any]:
                            f"{prefix}_examples": int(sum(e.num_examples for e in evals))}
     if not evals:
         return row
-    totals = {"loss": (sum(e.loss_sum for e in evals), sum(e.num_examples for e in evals))}
+    totals = {"loss": (sum(e.loss_sum for e in evals), sum(_loss_den(e) for e in evals))}
     for name in evals[0].metrics:
         totals[name] = (sum(e.metrics[name][0] for e in evals),
                         sum(e.metrics[name][1] for e in evals))
@@ -63,7 +68,8 @@ def client_rows(round_num: int, evals: Iterable[Any], prefix: str) -> list[dict[
         if e.num_examples == 0:
             continue
         row: dict[str, Any] = {"round": round_num, "kind": prefix, "client": e.cid,
-                               "examples": e.num_examples, "loss": e.loss_sum / e.num_examples}
+                               "examples": e.num_examples,
+                               "loss": e.loss_sum / _loss_den(e) if _loss_den(e) else None}
         for name, (num, den) in e.metrics.items():
             row[name] = num / den if den > 0 else None
         rows.append(row)

@@ -4,10 +4,11 @@ StackOverflow word prediction baselines).
 Inputs and labels are int32 token sequences of one length ``T`` (labels are
 the inputs shifted by one); the model outputs logits ``[T, vocab]``.
 
-The loss, as TFF's baselines train it (``SparseCategoricalCrossentropy
-(from_logits=True)``, every position, padding included), is per example the
-mean over its ``T`` positions: the batch mean of that is Keras' mean over all
-``batch * T`` positions. Accuracies count tokens, as TFF's
+The loss, as TFF's baselines train it (Keras' ``SparseCategoricalCrossentropy
+(from_logits=True)`` on the output of a model whose embedding masks padding),
+is the mean over the positions the model's mask keeps: per example a pair
+``(sum of token losses, tokens kept)``, and the trainers divide the batch's sums.
+Accuracies count tokens, as TFF's
 ``MaskedCategoricalAccuracy`` does: per example ``(correct unmasked tokens,
 unmasked tokens)``, so the reported value is correct / counted over the whole
 split. ``accuracy`` masks padding; with out-of-vocabulary tokens given,
@@ -25,12 +26,18 @@ from fedsim.tasks.base import Metric, Task
 
 
 def sequence_crossentropy(y_true: Any, logits: Any) -> Any:
-    """Per example: the mean over positions of the sparse cross-entropy, ``[batch]``."""
+    """Per example ``(sum of its token cross-entropies, tokens counted)``: the
+    positions the model's Keras mask keeps (``logits._keras_mask``, set by an
+    ``Embedding(mask_zero=True)``), or every position for a model without one.
+    The ratio of the sums over a batch is Keras' ``SparseCategoricalCrossentropy
+    (from_logits=True)`` on the masked model output, i.e. TFF's baseline loss."""
     import tensorflow as tf
 
     per_token = tf.keras.losses.sparse_categorical_crossentropy(
         tf.cast(y_true, tf.int32), logits, from_logits=True)
-    return tf.reduce_mean(per_token, axis=-1)
+    mask = getattr(logits, "_keras_mask", None)
+    weights = tf.ones_like(per_token) if mask is None else tf.cast(mask, per_token.dtype)
+    return tf.reduce_sum(per_token * weights, axis=-1), tf.reduce_sum(weights, axis=-1)
 
 
 @dataclass(frozen=True)
