@@ -40,6 +40,17 @@ def sequence_crossentropy(y_true: Any, logits: Any) -> Any:
     return tf.reduce_sum(per_token * weights, axis=-1), tf.reduce_sum(weights, axis=-1)
 
 
+def _kept(y_true: Any, masked: tuple[int, ...]) -> tuple[Any, Any]:
+    """(int32 labels, float32 1.0 where the label is none of ``masked``)."""
+    import tensorflow as tf
+
+    y = tf.cast(y_true, tf.int32)
+    keep = tf.ones_like(y, tf.bool)
+    for token in masked:
+        keep = tf.logical_and(keep, tf.not_equal(y, token))
+    return y, tf.cast(keep, tf.float32)
+
+
 @dataclass(frozen=True)
 class MaskedTokenAccuracy:
     """Per example ``(correct tokens, counted tokens)`` over the positions whose
@@ -50,11 +61,7 @@ class MaskedTokenAccuracy:
     def __call__(self, y_true: Any, logits: Any) -> Any:
         import tensorflow as tf
 
-        y = tf.cast(y_true, tf.int32)
-        keep = tf.ones_like(y, tf.bool)
-        for token in self.masked:
-            keep = tf.logical_and(keep, tf.not_equal(y, token))
-        keep = tf.cast(keep, tf.float32)
+        y, keep = _kept(y_true, self.masked)
         hit = tf.cast(tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y), tf.float32)
         return tf.reduce_sum(hit * keep, axis=-1), tf.reduce_sum(keep, axis=-1)
 
@@ -70,11 +77,7 @@ class TokenCount:
     def __call__(self, y_true: Any, logits: Any) -> Any:
         import tensorflow as tf
 
-        y = tf.cast(y_true, tf.int32)
-        keep = tf.ones_like(y, tf.bool)
-        for token in self.masked:
-            keep = tf.logical_and(keep, tf.not_equal(y, token))
-        return tf.reduce_sum(tf.cast(keep, tf.float32), axis=-1)
+        return tf.reduce_sum(_kept(y_true, self.masked)[1], axis=-1)
 
 
 class NextTokenPrediction(Task):
