@@ -247,8 +247,9 @@ def test_stackoverflow_matches_tff_word_and_tag_preprocessing(stackoverflow_dir)
                 continue
             ds = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
                 (k, [p[k] for p in posts]) for k in sorted(posts[0])))
-            read = (lambda fd: fd.train.client(cid)) if split == "train" else (
-                lambda fd: fd.train.client_test(cid))
+            def read(fd, cid=cid, split=split):
+                return fd.train.client(cid) if split == "train" else fd.train.client_test(cid)
+
             x, y = _collect(word_fn(ds))
             ox, oy = read(nwp)
             np.testing.assert_array_equal(ox, x.astype(np.int32))
