@@ -23,7 +23,11 @@ from typing import Any, Optional
 
 from fedsim.errors import ConfigError
 
-DATASETS = ("digits", "synthetic", "mnist", "emnist", "tff_client_data")
+DATASETS = ("digits", "synthetic", "mnist", "emnist", "tff_client_data", "leaf")
+TFF_DATASET_NAMES = ("emnist", "emnist_only_digits", "cifar100", "shakespeare", "stackoverflow")
+LEAF_DATASETS = ("femnist", "shakespeare", "sent140")
+STACKOVERFLOW_TASKS = ("nwp", "tp")
+CIFAR100_LABELS = ("label", "coarse_label")
 MODELS = ("logreg", "mlp", "cnn", "keras")
 # module.path:attr.path, as ``model.builder`` (and ``aggregator.factory``) name a callable
 CALLABLE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -64,10 +68,15 @@ class DataConfig:
       ``mnist`` (Keras ``mnist.npz`` at ``path``), ``emnist`` (TFF's federated EMNIST
       h5 files in the directory ``path``), ``tff_client_data`` (a TFF ``ClientData``:
       a ``SqlClientData`` sqlite file, or a TFF dataset from TFF's cache; see
-      :mod:`fedsim.data.tff`).
+      :mod:`fedsim.data.tff`), ``leaf`` (LEAF's JSON files of ``leaf_dataset``;
+      :mod:`fedsim.data.leaf`).
     path: local file or directory for ``mnist``/``emnist``; never downloaded. For
       ``tff_client_data``: the ``SqlClientData`` sqlite file, or with
-      ``tff_dataset`` TFF's cache directory (null: ``~/.tff``) or the file itself.
+      ``tff_dataset`` TFF's cache directory (null: ``~/.tff``) or the file itself
+      (stackoverflow: the vocabulary files ``stackoverflow.word_count`` and
+      ``stackoverflow.tag_count`` lie next to the sqlite file). For ``leaf``: the
+      dataset's ``data`` directory (holding ``train/`` and ``test/``) or a
+      directory above it (``<path>/data``, ``<path>/<leaf_dataset>/data``).
     partition: ``dirichlet`` (label skew, per-class proportions ~ Dir(alpha)) or
       ``iid`` (uniform random split). Ignored by natively federated data
       (``synthetic``, ``emnist``).
@@ -79,9 +88,12 @@ class DataConfig:
     test_clients: synthetic only: how many clients' held-out 20% form the global
       test split.
     tff_dataset: ``tff_client_data`` only: ``emnist`` (62 classes),
-      ``emnist_only_digits`` or ``cifar100``, read from the sqlite file that
+      ``emnist_only_digits``, ``cifar100``, ``shakespeare`` (character
+      next-token prediction, :mod:`fedsim.data.shakespeare`) or ``stackoverflow``
+      (:mod:`fedsim.data.stackoverflow`), read from the sqlite file that
       ``tff.simulation.datasets.<name>.load_data(cache_dir=path)`` caches
-      (``emnist_all.sqlite``, ``cifar100.sqlite``); null: ``path`` is a custom file.
+      (``emnist_all.sqlite``, ``cifar100.sqlite``, ``shakespeare.sqlite``,
+      ``stackoverflow.sqlite``); null: ``path`` is a custom file.
     x_key, y_key: features of each element that are the input and the label
       (custom files; the TFF datasets set their own).
     x_shape: shape of one input (e.g. ``[28, 28, 1]``); null: as stored (tf.Example
@@ -92,6 +104,25 @@ class DataConfig:
       the seed) are held out as the global test split.
     num_classes: custom files: labels lie in ``[0, num_classes)``; null: read
       from the labels of the selected clients and the test split (one pass).
+    leaf_dataset: ``leaf`` only (required): ``femnist`` (62 classes),
+      ``shakespeare`` (next character of 80) or ``sent140`` (binary sentiment).
+    stackoverflow_task: ``tff_dataset=stackoverflow`` only: ``nwp`` (next-word
+      prediction, TFF's ``word_prediction_preprocessing``) or ``tp`` (tag
+      prediction, TFF's ``tag_prediction_preprocessing``). Default ``nwp``.
+    vocab_size: words in the vocabulary (the most frequent ones): StackOverflow's
+      word vocabulary (default 10000, TFF's ``DEFAULT_WORD_VOCAB_SIZE``) and
+      sent140's (built from the training users' words). >= 1.
+    tag_vocab_size: StackOverflow ``tp``: tags predicted (the most frequent;
+      default 500, TFF's ``DEFAULT_TAG_VOCAB_SIZE``). >= 1.
+    sequence_length: tokens per example; null: the dataset's default (TFF
+      Shakespeare 80, StackOverflow ``nwp`` 20, LEAF sent140 25; LEAF
+      Shakespeare's 80-character inputs are as stored). >= 1.
+    cifar100_label: ``tff_dataset=cifar100`` only: ``label`` (100 fine classes,
+      default) or ``coarse_label`` (20 superclasses).
+    max_test_examples: StackOverflow only: at most this many examples in the
+      global test split (the test rows of the selected clients, in client order;
+      the first rows of the whole test split when they have none); default
+      10000, null: no cap.
     """
 
     name: str = "digits"
@@ -111,6 +142,13 @@ class DataConfig:
     train_split: Optional[str] = None
     test_split: Optional[str] = None
     num_classes: Optional[int] = None
+    leaf_dataset: Optional[str] = None
+    stackoverflow_task: str = "nwp"
+    vocab_size: int = 10000
+    tag_vocab_size: int = 500
+    sequence_length: Optional[int] = None
+    cifar100_label: str = "label"
+    max_test_examples: Optional[int] = 10000
 
     def __post_init__(self) -> None:
         _one_of("data.name", self.name, DATASETS)
@@ -128,15 +166,30 @@ class DataConfig:
                self.synthetic_classes)
         _check(self.test_clients >= 1, "data.test_clients", "an integer >= 1",
                self.test_clients)
-        if self.name in ("mnist", "emnist") and not self.path:
+        if self.name in ("mnist", "emnist", "leaf") and not self.path:
             raise ConfigError("data.path", f"a local path to the {self.name} data "
                               "(nothing is downloaded)", self.path)
+        if self.name == "leaf" or self.leaf_dataset is not None:
+            _check(self.leaf_dataset in LEAF_DATASETS, "data.leaf_dataset", "one of "
+                   + ", ".join(LEAF_DATASETS) + " (with data.name=leaf)", self.leaf_dataset)
+        _one_of("data.stackoverflow_task", self.stackoverflow_task, STACKOVERFLOW_TASKS)
+        _one_of("data.cifar100_label", self.cifar100_label, CIFAR100_LABELS)
+        _check(isinstance(self.vocab_size, int) and self.vocab_size >= 1, "data.vocab_size",
+               "an integer >= 1", self.vocab_size)
+        _check(isinstance(self.tag_vocab_size, int) and self.tag_vocab_size >= 1,
+               "data.tag_vocab_size", "an integer >= 1", self.tag_vocab_size)
+        if self.sequence_length is not None:
+            _check(isinstance(self.sequence_length, int) and self.sequence_length >= 1,
+                   "data.sequence_length", "an integer >= 1 (or null: the dataset's default)",
+                   self.sequence_length)
+        if self.max_test_examples is not None:
+            _check(isinstance(self.max_test_examples, int) and self.max_test_examples >= 1,
+                   "data.max_test_examples", "an integer >= 1 (or null: no cap)",
+                   self.max_test_examples)
         if self.tff_dataset is not None:
-            _check(self.tff_dataset in ("emnist", "emnist_only_digits", "cifar100"),
-                   "data.tff_dataset", "one of emnist, emnist_only_digits, cifar100, or null "
-                   "for a custom SqlClientData file in data.path (text datasets such as "
-                   "shakespeare and stackoverflow need sequence models fedsim does not have)",
-                   self.tff_dataset)
+            _check(self.tff_dataset in TFF_DATASET_NAMES, "data.tff_dataset", "one of "
+                   + ", ".join(TFF_DATASET_NAMES) + ", or null for a custom SqlClientData "
+                   "file in data.path", self.tff_dataset)
         elif self.name == "tff_client_data" and not self.path:
             raise ConfigError("data.path", "a TFF SqlClientData sqlite file, or set "
                               "data.tff_dataset (nothing is downloaded)", self.path)

@@ -412,7 +412,7 @@ def test_missing_tff_cache_file_names_the_expected_file(tmp_path):
         load_federated_data(DataConfig(name="tff_client_data", path=str(tmp_path / "x.sqlite")),
                             clients=5, seed=0)
     with pytest.raises(ConfigError, match="data.tff_dataset"):
-        DataConfig(name="tff_client_data", tff_dataset="shakespeare")
+        DataConfig(name="tff_client_data", tff_dataset="gldv2")
     junk = tmp_path / "junk.sqlite"
     junk.write_bytes(b"not a database" * 100)
     with pytest.raises(DataError, match="malformed file"):

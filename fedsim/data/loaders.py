@@ -12,6 +12,10 @@ ints:
 * :class:`SyntheticClientData`: LEAF's synthetic(alpha, beta), generated per
   client on demand from ``(seed, cid)``; a population of any size costs nothing.
 
+TFF's SqlClientData files (``tff_client_data``: :mod:`fedsim.data.tff`,
+:mod:`fedsim.data.shakespeare`, :mod:`fedsim.data.stackoverflow`) and LEAF's JSON
+files (``leaf``: :mod:`fedsim.data.leaf`) are read lazily, one client at a time.
+
 Nothing is ever downloaded: ``mnist`` and ``emnist`` read local files, and a
 missing or malformed file raises :class:`fedsim.errors.DataError` (one line,
 naming the file).
@@ -151,9 +155,21 @@ def load_federated_data(cfg: DataConfig, clients: int, seed: int) -> FederatedDa
     if cfg.name == "emnist":
         return _load_emnist(cfg, clients)
     if cfg.name == "tff_client_data":
+        if cfg.tff_dataset == "shakespeare":
+            from fedsim.data.shakespeare import load_shakespeare
+
+            return load_shakespeare(cfg, clients)
+        if cfg.tff_dataset == "stackoverflow":
+            from fedsim.data.stackoverflow import load_stackoverflow
+
+            return load_stackoverflow(cfg, clients)
         from fedsim.data.tff import load_tff_data
 
         return load_tff_data(cfg, clients, seed)
+    if cfg.name == "leaf":
+        from fedsim.data.leaf import load_leaf
+
+        return load_leaf(cfg, clients)
     raise ConfigError("data.name", "one of " + ", ".join(DATASETS), cfg.name)
 
 

@@ -6,7 +6,10 @@ TFF's hosted datasets and of ``tff.simulation.datasets.save_to_sql_client_data``
 - ``data.tff_dataset=emnist`` / ``emnist_only_digits``: ``emnist_all.sqlite``
   (splits ``all_train``/``all_test``, 62 classes, or ``digits_only_train``/
   ``digits_only_test``, 10); ``cifar100``: ``cifar100.sqlite`` (``train``/``test``,
-  100 fine labels, images scaled to [0, 1]). The file is looked up where
+  100 fine labels, or with ``data.cifar100_label=coarse_label`` the 20 coarse
+  ones, images scaled to [0, 1]). ``shakespeare`` and ``stackoverflow`` are
+  read by :mod:`fedsim.data.shakespeare` / :mod:`fedsim.data.stackoverflow`
+  through this module's sqlite helpers. The file is looked up where
   ``tff.simulation.datasets.<name>.load_data(cache_dir=...)`` caches it:
   ``data.path`` as the cache directory (null: ``~/.tff``) or the file itself.
   A missing file is a :class:`DataError` naming the expected path; nothing is
@@ -21,8 +24,11 @@ Client ids, sorted (as ``SqlClientData.client_ids``), become virtual clients
 clients than ids is a :class:`ConfigError`. The global test split is the test
 split's examples of those same ids (EMNIST's writers have both), or the whole
 test split when it shares no ids with them (CIFAR-100's test clients are other
-ones). A custom file without ``test_split`` holds out ``test_fraction`` of its
-client ids (at least one, drawn with the seed) as the test split instead.
+ones). When they share ids, each client also offers ``client_test(cid)``: its
+own rows of the test split (:class:`SqlTFFClientDataWithTest`); CIFAR-100's
+clients have no such capability. A custom file without ``test_split`` holds out
+``test_fraction`` of its client ids (at least one, drawn with the seed) as the
+test split instead.
 
 Workers stay lazy: what is shipped to them (:class:`SqlTFFClientData`) holds the
 file's path, the selected ids and the parsing parameters, never examples. Each
@@ -80,6 +86,13 @@ TFF_DATASETS: dict[str, TFFDataset] = {
                                      1.0, "emnist.load_data(only_digits=True)"),
     "cifar100": TFFDataset("cifar100.sqlite", "train", "test", "image", "label", (32, 32, 3),
                            100, 1.0 / 255.0, "cifar100.load_data()"),
+}
+
+# TFF's text datasets: their files (read by fedsim.data.shakespeare and
+# fedsim.data.stackoverflow, through the sqlite helpers below) and loaders.
+TFF_TEXT_DATASETS: dict[str, tuple[str, str]] = {
+    "shakespeare": ("shakespeare.sqlite", "shakespeare.load_data()"),
+    "stackoverflow": ("stackoverflow.sqlite", "stackoverflow.load_data()"),
 }
 
 _HOLDOUT_STREAM = 0x74666664  # seeded choice of held-out test clients
@@ -140,8 +153,9 @@ def _packed_varints(buf: bytes) -> np.ndarray:
     return out.view(np.int64)
 
 
-def _feature(buf: bytes) -> np.ndarray:
-    """A ``tf.train.Feature``'s values: float32 or int64 (bytes lists are refused)."""
+def _feature(buf: bytes, allow_bytes: bool = False) -> Any:
+    """A ``tf.train.Feature``'s values: float32 or int64 arrays; a bytes list as a
+    list of ``bytes`` when ``allow_bytes`` (refused otherwise)."""
     for number, _, lst in _fields(buf):
         if number == 2:  # FloatList
             parts = [np.frombuffer(v, "<f4") for n, w, v in _fields(lst) if n == 1]
@@ -151,18 +165,15 @@ def _feature(buf: bytes) -> np.ndarray:
                      np.array([v - (1 << 64) if v >= 1 << 63 else v], np.int64)
                      for n, w, v in _fields(lst) if n == 1]
             return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        if number == 1:
-            raise ValueError("a bytes feature (fedsim needs numeric inputs and labels)")
+        if number == 1:  # BytesList
+            if not allow_bytes:
+                raise ValueError("a bytes feature (fedsim needs numeric inputs and labels)")
+            return [bytes(v) for n, _, v in _fields(lst) if n == 1]
     return np.zeros(0, np.float32)
 
 
-def parse_example(serialized: bytes, keys: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
-    """Decode a serialized ``tf.train.Example`` into flat numpy arrays.
-
-    keys: the features to decode (None: all). Float features come back float32,
-    integer ones int64. Pure Python and numpy: TensorFlow is not imported.
-    """
-    out: dict[str, np.ndarray] = {}
+def _parse(serialized: bytes, keys: Optional[Sequence[str]], allow_bytes: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for number, _, features in _fields(serialized):
         if number != 1:
             continue
@@ -176,8 +187,25 @@ def parse_example(serialized: bytes, keys: Optional[Sequence[str]] = None) -> di
                 elif n3 == 2:
                     value = v
             if key is not None and (keys is None or key in keys):
-                out[key] = _feature(value)
+                out[key] = _feature(value, allow_bytes)
     return out
+
+
+def parse_example(serialized: bytes, keys: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """Decode a serialized ``tf.train.Example`` into flat numpy arrays.
+
+    keys: the features to decode (None: all). Float features come back float32,
+    integer ones int64. Pure Python and numpy: TensorFlow is not imported.
+    """
+    return _parse(serialized, keys, False)
+
+
+def parse_example_features(serialized: bytes,
+                           keys: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """:func:`parse_example` that also decodes bytes features, as a list of
+    ``bytes`` (one per value: TFF's text datasets store one string per feature,
+    e.g. Shakespeare's ``snippets``, StackOverflow's ``tokens``)."""
+    return _parse(serialized, keys, True)
 
 
 # ----------------------------------------------------------------------------- sqlite
@@ -237,6 +265,38 @@ def _client_ids(path: Path, split: Optional[str], exclude_split: Optional[str]) 
         "SELECT client_id, SUM(num_examples) FROM client_metadata WHERE 1 = 1" + clause
         + " GROUP BY client_id", params).fetchall()
     return sorted(str(cid) for cid, n in rows if n and n > 0)
+
+
+def client_ids_in_split(path: os.PathLike | str, split: Optional[str]) -> list[str]:
+    """Sorted ids of the clients with at least one example in ``split`` of the
+    ``SqlClientData`` file ``path`` (``client_metadata``, as TFF's
+    ``SqlClientData.client_ids``; None: any split)."""
+    return _client_ids(Path(path), split, None)
+
+
+def client_rows(path: os.PathLike | str, client_id: str, split: Optional[str]) -> list[bytes]:
+    """The serialized ``tf.train.Example`` protos of one client in one split, in
+    file order (what TFF's ``SqlClientData.create_tf_dataset_for_client`` reads)."""
+    clause, params = _split_clause(split, None)
+    rows = _connect(str(path)).execute(
+        "SELECT serialized_example_proto FROM examples WHERE client_id = ?" + clause
+        + " ORDER BY rowid", (client_id, *params)).fetchall()
+    return [bytes(r[0]) for r in rows]
+
+
+def split_rows(path: os.PathLike | str, split: str, limit: Optional[int]) -> list[bytes]:
+    """The first ``limit`` (None: all) serialized protos of ``split``, in file order."""
+    sql = "SELECT serialized_example_proto FROM examples WHERE split_name = ? ORDER BY rowid"
+    params: tuple = (split,)
+    if limit is not None:
+        sql += " LIMIT ?"
+        params = (split, int(limit))
+    return [bytes(r[0]) for r in _connect(str(path)).execute(sql, params).fetchall()]
+
+
+def check_database(path: os.PathLike | str) -> None:
+    """One-line DataError unless ``path`` is a TFF ``SqlClientData`` database."""
+    _check_database(Path(path))
 
 
 def _check_keys(element: Mapping[str, Any], everything: Any, x_key: str, y_key: str,
@@ -329,6 +389,31 @@ class SqlTFFClientData:
         return _client_xy(self, cid, f"{self.path}: client")
 
 
+@dataclass(frozen=True)
+class SqlTFFClientDataWithTest(SqlTFFClientData):
+    """:class:`SqlTFFClientData` whose clients also hold their OWN test rows: the
+    same client id's rows in ``test_split`` (TFF's EMNIST writers are in both
+    ``*_train`` and ``*_test``). Adds the ``client_test`` capability; a file whose
+    test clients are other ids (CIFAR-100) is a plain :class:`SqlTFFClientData`."""
+
+    test_split: str = "test"
+
+    def client_test(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client ``cid``'s examples in ``test_split`` (zero-length arrays of the
+        training layout when it has none)."""
+        if not 0 <= cid < self.num_clients:
+            raise IndexError(f"client {cid} out of range [0, {self.num_clients})")
+        name = self.client_ids[cid]
+        test = SqlTFFClientData(self.path, self.client_ids, self.x_key, self.y_key,
+                                self.x_shape, self.num_classes, self.x_scale, self.test_split)
+        elements = test.elements(name)
+        if not elements:
+            shape = self.x_shape if self.x_shape is not None else self.client(cid)[0].shape[1:]
+            return np.zeros((0, *shape), np.float32), np.zeros(0, np.int32)
+        return _as_xy(elements, f"{self.path}: test split of client {name!r}", self.x_key,
+                      self.y_key, self.x_shape, self.x_scale, self.num_classes)
+
+
 def _client_xy(data: Any, cid: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Virtual client ``cid`` of ``data`` (a SqlTFFClientData or ObjectTFFClientData)
     as fedsim's ``(x, y)`` arrays; ``where`` names the source in errors."""
@@ -384,11 +469,28 @@ class ObjectTFFClientData:
 def tff_cache_file(dataset: str, path: Optional[str] = None) -> Path:
     """The sqlite file TFF's ``load_data`` reads for ``dataset``: ``path`` as its
     ``cache_dir`` (None: ``~/.tff``), or ``path`` itself when it names a file."""
-    spec = TFF_DATASETS[dataset]
+    file = (TFF_DATASETS[dataset].file if dataset in TFF_DATASETS
+            else TFF_TEXT_DATASETS[dataset][0])
     base = Path(path).expanduser() if path else TFF_CACHE_DIR.expanduser()
     if base.is_file() or base.suffix == ".sqlite":
         return base
-    return base / spec.file
+    return base / file
+
+
+def find_tff_file(dataset: str, path: Optional[str]) -> Path:
+    """:func:`tff_cache_file`, checked: a one-line DataError naming the expected
+    path when it is missing (nothing is downloaded)."""
+    file = tff_cache_file(dataset, path)
+    if not file.is_file():
+        name, loader = ((TFF_DATASETS[dataset].file, TFF_DATASETS[dataset].loader)
+                        if dataset in TFF_DATASETS else TFF_TEXT_DATASETS[dataset])
+        raise DataError(
+            f"data.path: file not found: {file} (data.tff_dataset={dataset} reads "
+            f"{name}, the file tff.simulation.datasets.{loader} caches in its "
+            f"cache_dir (default ~/.tff); set data.path to that directory or file. Nothing is "
+            f"downloaded: fetch https://storage.googleapis.com/tff-datasets-public/"
+            f"{name}.lzma and decompress it there)")
+    return file
 
 
 def _select(ids: Sequence[str], clients: Optional[int], where: str) -> list[str]:
@@ -440,8 +542,11 @@ def _finish(train: Any, test_source: Any, test_ids: Sequence[str], name: str,
     if x0.shape[1:] != x_test.shape[1:]:
         raise DataError(f"{name}: training inputs have shape {list(x0.shape[1:])} but test "
                         f"inputs {list(x_test.shape[1:])}")
+    from fedsim.tasks.classification import Classification
+
     return FederatedData(train=train, x_test=x_test, y_test=y_test, num_classes=num_classes,
-                         input_shape=tuple(int(n) for n in x0.shape[1:]), name="tff_client_data")
+                         input_shape=tuple(int(n) for n in x0.shape[1:]), name="tff_client_data",
+                         task=Classification())
 
 
 def load_sql_client_data(path: os.PathLike | str, clients: Optional[int] = None, *,
@@ -475,11 +580,20 @@ def load_sql_client_data(path: os.PathLike | str, clients: Optional[int] = None,
     if not ids:
         raise DataError(f"data.train_split={train_split!r}: no clients with examples in {file}")
     chosen = _select(ids, clients, str(file))
+    own_tests = False
     if test_split is not None:
         test_ids = _test_ids(test_ids, chosen)
+        own_tests = bool(set(test_ids) & set(chosen))
     shape = tuple(int(n) for n in x_shape) if x_shape is not None else None
-    train = SqlTFFClientData(str(file), tuple(chosen), x_key, y_key, shape, num_classes or 0,
-                             x_scale, train_split, exclude)
+    train: SqlTFFClientData
+    if own_tests:  # the clients' own test rows (EMNIST): the client_test capability
+        assert test_split is not None
+        train = SqlTFFClientDataWithTest(str(file), tuple(chosen), x_key, y_key, shape,
+                                         num_classes or 0, x_scale, train_split, exclude,
+                                         test_split)
+    else:
+        train = SqlTFFClientData(str(file), tuple(chosen), x_key, y_key, shape,
+                                 num_classes or 0, x_scale, train_split, exclude)
     test = SqlTFFClientData(str(file), (), x_key, y_key, shape, num_classes or 0, x_scale,
                             *test_filter)
     return _finish(train, test, test_ids, str(file), num_classes)
@@ -560,15 +674,11 @@ def load_tff_data(cfg: DataConfig, clients: int, seed: int) -> FederatedData:
                                     train_split=cfg.train_split, test_split=cfg.test_split,
                                     test_fraction=cfg.test_fraction, seed=seed)
     spec = TFF_DATASETS[cfg.tff_dataset]
-    file = tff_cache_file(cfg.tff_dataset, cfg.path)
-    if not file.is_file():
-        raise DataError(
-            f"data.path: file not found: {file} (data.tff_dataset={cfg.tff_dataset} reads "
-            f"{spec.file}, the file tff.simulation.datasets.{spec.loader} caches in its "
-            f"cache_dir (default ~/.tff); set data.path to that directory or file. Nothing is "
-            f"downloaded: fetch https://storage.googleapis.com/tff-datasets-public/"
-            f"{spec.file}.lzma and decompress it there)")
-    return load_sql_client_data(file, clients, x_key=spec.x_key, y_key=spec.y_key,
+    y_key, num_classes = spec.y_key, spec.num_classes
+    if cfg.tff_dataset == "cifar100" and cfg.cifar100_label == "coarse_label":
+        y_key, num_classes = "coarse_label", 20  # cifar100.load_data()'s 20 superclasses
+    file = find_tff_file(cfg.tff_dataset, cfg.path)
+    return load_sql_client_data(file, clients, x_key=spec.x_key, y_key=y_key,
                                 x_shape=cfg.x_shape or spec.x_shape,
-                                num_classes=spec.num_classes, train_split=spec.train_split,
+                                num_classes=num_classes, train_split=spec.train_split,
                                 test_split=spec.test_split, x_scale=spec.x_scale, seed=seed)
