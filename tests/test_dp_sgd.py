@@ -564,3 +564,32 @@ def test_dp_sgd_noise_is_gaussian_with_tails_beyond_float32_box_muller():
     assert abs(stats.kurtosis(g)) < 5 * math.sqrt(24 / size)
     assert stats.kstest(g, "norm").pvalue > 1e-5
     assert np.abs(g).max() > math.sqrt(-2 * math.log(1e-7))  # 5.678: beyond TF's cut-off
+
+
+def test_recurrent_models_get_each_microbatchs_own_gradient():
+    """A GRU (examples/custom_task.py) cannot go through tf.vectorized_map's
+    gradient; its microbatches run in a graph loop instead, and each gradient is
+    still that microbatch's own mean loss's (checked one by one here)."""
+    import tensorflow as tf
+
+    from examples import custom_task
+    from fedsim.models.spec import ModelSpec
+
+    data = custom_task.make_data(4)
+    spec = ModelSpec(custom_task.build).bind(data.task, data.example)
+    trainer = DPSGDTrainer(spec, ClientConfig(optimizer="dp_sgd", l2_norm_clip=1.0,
+                                              noise_multiplier=0.0),
+                           data.input_shape, data.num_classes, 3, 1, seed=0)
+    assert trainer._loop_microbatches
+    x, y = data.train.client(3)  # padded sequences (odd client)
+    x, y = tf.constant(x[:3]), tf.constant(y[:3])
+    totals, grads = trainer._microbatch_grads(x, y)
+    variables = trainer.model.trainable_variables
+    for i in range(3):
+        with tf.GradientTape() as tape:
+            num, den = spec.loss(y[i:i + 1], trainer.model(x[i:i + 1], training=True))
+            loss = tf.reduce_sum(num) / tf.reduce_sum(den)
+        want = tape.gradient(loss, variables)
+        assert float(totals[i]) == pytest.approx(float(loss), rel=1e-6)
+        for g, w in zip(grads, want):
+            np.testing.assert_allclose(g[i], tf.convert_to_tensor(w), rtol=1e-5, atol=1e-7)

@@ -74,3 +74,22 @@ def test_preset_runs_end_to_end_on_files_in_the_real_schema(preset, files, warm_
         assert 0.0 <= summary["final"]["fed_accuracy_p50"] <= 1.0
     if preset == "shakespeare_cnp":
         assert summary["task"] == "next_token" and summary["final"]["pers_clients"] >= 1
+
+
+@pytest.mark.slow  # a fresh process, as a user runs it
+def test_a_users_subclassed_model_trains_a_preset_from_the_command_line(files, tmp_path):
+    """examples/custom_task.py's subclassed GRU, with a Keras metric by name, on the
+    Shakespeare preset, through scripts/simulate.py."""
+    from tests.test_examples import _simulate
+
+    proc = _simulate("task=shakespeare_cnp", f"data.path={files / 'shakespeare'}",
+                     "model.builder=examples.custom_task:build", "clients=2",
+                     "clients_per_round=2", "batch_size=2", "progress=false",
+                     "model.metrics=[accuracy,num_tokens]", "federated_eval.clients=all",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy" in proc.stdout and "clients' 10th percentile" in proc.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["model"]["builder"] == "examples.custom_task:build"
+    assert summary["model"] == "examples.custom_task:build"
+    assert summary["final"]["eval_num_tokens"] > 0 and summary["final"]["fed_clients"] == 2

@@ -634,6 +634,10 @@ class DPSGDTrainer:
         # Create the optimizer's variables now (not inside the first trace), so
         # the momentum slots can be reset at the start of every client.
         self._opt._create_all_weights(self.model.trainable_variables)
+        # Per-microbatch gradients: vectorized (tf.vectorized_map), or for models with
+        # recurrent layers, whose loop gradients pfor cannot convert, a graph loop.
+        self._loop_microbatches = any(isinstance(layer, tf.keras.layers.RNN)
+                                      for layer in self.model.submodules)
         self.last_steps: Optional[int] = None
         self.last_batch_sizes: Optional[np.ndarray] = None
         x_spec, y_spec = model.tensor_specs(input_shape)  # the data's layout
@@ -698,7 +702,13 @@ class DPSGDTrainer:
                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return total, grads
 
-        return tf.vectorized_map(one, (xm, ym))
+        if not self._loop_microbatches:
+            return tf.vectorized_map(one, (xm, ym))
+        # Recurrent layers: their while loop's gradient cannot be vectorized (pfor);
+        # the microbatches then run one after another in a graph loop (same values).
+        return tf.map_fn(one, (xm, ym), fn_output_signature=(
+            tf.TensorSpec([], tf.float32),
+            [tf.TensorSpec(v.shape, v.dtype) for v in variables]))
 
     def _reset(self, global_flat: tf.Tensor) -> None:
         self.flat.assign(global_flat)
