@@ -4,10 +4,14 @@ StackOverflow word prediction baselines).
 Inputs and labels are int32 token sequences of one length ``T`` (labels are
 the inputs shifted by one); the model outputs logits ``[T, vocab]``.
 
-The loss, as TFF's baselines train it (Keras' ``SparseCategoricalCrossentropy
-(from_logits=True)`` on the output of a model whose embedding masks padding),
-is the mean over the positions the model's mask keeps: per example a pair
-``(sum of token losses, tokens kept)``, and the trainers divide the batch's sums.
+The loss is Keras' ``SparseCategoricalCrossentropy(from_logits=True)`` on the
+output of a model whose embedding masks padding: the mean over the positions
+the model's mask keeps (per example a pair ``(sum of token losses, tokens
+kept)``; the trainers divide the batch's sums). That is what TFF's baseline
+tasks ask for and what Keras computes eagerly; inside a TFF 0.87 computation
+the mask does not reach the loss, so TFF's runs average over every position,
+padding included. ``model.loss=sparse_categorical_crossentropy`` (Keras'
+function form, which ignores masks) reproduces TFF's runs exactly.
 Accuracies count tokens, as TFF's
 ``MaskedCategoricalAccuracy`` does: per example ``(correct unmasked tokens,
 unmasked tokens)``, so the reported value is correct / counted over the whole
@@ -30,7 +34,8 @@ def sequence_crossentropy(y_true: Any, logits: Any) -> Any:
     positions the model's Keras mask keeps (``logits._keras_mask``, set by an
     ``Embedding(mask_zero=True)``), or every position for a model without one.
     The ratio of the sums over a batch is Keras' ``SparseCategoricalCrossentropy
-    (from_logits=True)`` on the masked model output, i.e. TFF's baseline loss."""
+    (from_logits=True)`` on the masked model output (see the module docstring
+    for TFF's runs, which lose the mask)."""
     import tensorflow as tf
 
     per_token = tf.keras.losses.sparse_categorical_crossentropy(
