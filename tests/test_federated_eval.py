@@ -124,3 +124,18 @@ def test_federated_eval_needs_clients_with_test_data_and_vectorize_refuses_seque
     assert "model=keras with an embedding" in str(err.value)
     with pytest.raises(ConfigError, match="^federated_eval.clients=-1"):
         FederatedEvalConfig(clients=-1)
+
+
+def test_a_resumed_run_keeps_only_the_client_rows_up_to_its_checkpoint(tmp_path):
+    from fedsim.results.outputs import append_jsonl, keep_rounds
+
+    path = tmp_path / "client_eval.jsonl"
+    keep_rounds(path, 3)  # nothing to trim yet
+    assert not path.exists()
+    append_jsonl(path, [{"round": r, "client": c, "accuracy": 0.5} for r in (1, 2, 3, 4)
+                        for c in (0, 1)])
+    keep_rounds(path, 2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["round"], r["client"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    append_jsonl(path, [{"round": 3, "client": 0, "accuracy": float("nan")}])
+    assert json.loads(path.read_text().splitlines()[-1])["accuracy"] is None
