@@ -99,6 +99,13 @@ class FederatedData:
         return ExampleSpec.of(self.x_test, self.y_test)
 
 
+def own_test_split(train: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The union of every client's own test examples (``client_test``), in client
+    order: the central test split of a population whose clients hold their own."""
+    parts = [train.client_test(c) for c in range(train.num_clients)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def check_federated_data(data: object, clients: int) -> FederatedData:
     """``data`` given from Python (``run_simulation(cfg, data=...)``), checked: a
     FederatedData whose ``train`` has ``num_clients`` >= ``clients`` (the

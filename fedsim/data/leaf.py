@@ -53,7 +53,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from fedsim.config import DataConfig
-from fedsim.data.base import FederatedData
+from fedsim.data.base import FederatedData, own_test_split
 from fedsim.errors import ConfigError, DataError
 
 # LEAF models/utils/language_utils.py
@@ -282,9 +282,7 @@ def load_leaf(cfg: DataConfig, clients: Optional[int]) -> FederatedData:
     train = LeafClientData(dataset, chosen, tuple(tuple(train_index[u]) for u in chosen),
                            tuple(tuple(test_index.get(u, ())) for u in chosen), x_length,
                            vocab, length)
-    parts = [train.client_test(c) for c in range(train.num_clients)]
-    x_test = np.concatenate([p[0] for p in parts])
-    y_test = np.concatenate([p[1] for p in parts])
+    x_test, y_test = own_test_split(train)
     if len(y_test) == 0:
         raise DataError(f"data.path: the selected LEAF users have no samples in "
                         f"{root / 'test'}/*.json (LEAF's test split of the same users)")

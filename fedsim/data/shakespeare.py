@@ -40,15 +40,15 @@ from typing import Any, Optional
 import numpy as np
 
 from fedsim.config import DataConfig
-from fedsim.data.base import FederatedData
+from fedsim.data.base import FederatedData, own_test_split
 from fedsim.data.tff import (
     check_database,
-    client_ids_in_split,
     client_rows,
     find_tff_file,
     parse_example_features,
+    select_train_ids,
 )
-from fedsim.errors import ConfigError, DataError
+from fedsim.errors import DataError
 
 # tff.simulation.baselines.shakespeare.char_prediction_preprocessing.CHAR_VOCAB (TFF 0.87)
 CHAR_VOCAB: tuple[str, ...] = tuple(
@@ -155,19 +155,11 @@ def load_shakespeare(cfg: DataConfig, clients: Optional[int]) -> FederatedData:
     """``data.tff_dataset=shakespeare`` (module docstring)."""
     file = find_tff_file("shakespeare", cfg.path)
     check_database(file)
-    ids = client_ids_in_split(file, TRAIN_SPLIT)
-    if not ids:
-        raise DataError(f"data.path: malformed file {file}: no clients with examples in the "
-                        f"{TRAIN_SPLIT!r} split (TFF's shakespeare.sqlite has train and test)")
-    if clients is not None and clients > len(ids):
-        raise ConfigError("clients", f"at most the {len(ids)} roles with training examples in "
-                          f"{file}", clients)
-    chosen = tuple(ids[:clients] if clients is not None else ids)
+    chosen = select_train_ids(file, TRAIN_SPLIT, clients, "roles",
+                              " (TFF's shakespeare.sqlite has train and test)")
     length = cfg.sequence_length or DEFAULT_SEQUENCE_LENGTH
     train = ShakespeareClientData(str(file), chosen, length)
-    parts = [train.client_test(c) for c in range(train.num_clients)]
-    x_test = np.concatenate([p[0] for p in parts])
-    y_test = np.concatenate([p[1] for p in parts])
+    x_test, y_test = own_test_split(train)
     if len(y_test) == 0:
         raise DataError(f"data.path: {file}: the selected roles have no rows in the "
                         f"{TEST_SPLIT!r} split (TFF's shakespeare.sqlite gives every role both)")

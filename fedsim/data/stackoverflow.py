@@ -62,13 +62,13 @@ from fedsim.config import DataConfig
 from fedsim.data.base import FederatedData
 from fedsim.data.tff import (
     check_database,
-    client_ids_in_split,
     client_rows,
     find_tff_file,
     parse_example_features,
+    select_train_ids,
     split_rows,
 )
-from fedsim.errors import ConfigError, DataError
+from fedsim.errors import DataError
 
 WORD_COUNT_FILE = "stackoverflow.word_count"
 TAG_COUNT_FILE = "stackoverflow.tag_count"
@@ -283,14 +283,7 @@ def load_stackoverflow(cfg: DataConfig, clients: Optional[int]) -> FederatedData
     check_database(file)
     words = vocab_file(file.parent, WORD_COUNT_FILE)
     tags = vocab_file(file.parent, TAG_COUNT_FILE) if cfg.stackoverflow_task == "tp" else None
-    ids = client_ids_in_split(file, TRAIN_SPLIT)
-    if not ids:
-        raise DataError(f"data.path: malformed file {file}: no clients with examples in the "
-                        f"{TRAIN_SPLIT!r} split")
-    if clients is not None and clients > len(ids):
-        raise ConfigError("clients", f"at most the {len(ids)} client ids with training "
-                          f"examples in {file}", clients)
-    chosen = tuple(ids[:clients] if clients is not None else ids)
+    chosen = select_train_ids(file, TRAIN_SPLIT, clients, "client ids")
     train = StackOverflowClientData(
         str(file), chosen, cfg.stackoverflow_task, str(words), None if tags is None else str(tags),
         cfg.vocab_size, cfg.tag_vocab_size, cfg.sequence_length or DEFAULT_SEQUENCE_LENGTH)

@@ -274,6 +274,21 @@ def client_ids_in_split(path: os.PathLike | str, split: Optional[str]) -> list[s
     return _client_ids(Path(path), split, None)
 
 
+def select_train_ids(path: Path, split: str, clients: Optional[int], what: str,
+                     hint: str = "") -> tuple[str, ...]:
+    """The first ``clients`` (all: None) sorted ids with examples in ``split`` of the
+    file ``path``; a DataError if it has none (``hint`` says what the file should
+    hold), a ConfigError naming ``clients`` if it has fewer (``what`` they are)."""
+    ids = client_ids_in_split(path, split)
+    if not ids:
+        raise DataError(f"data.path: malformed file {path}: no clients with examples in the "
+                        f"{split!r} split{hint}")
+    if clients is not None and clients > len(ids):
+        raise ConfigError("clients", f"at most the {len(ids)} {what} with training examples "
+                          f"in {path}", clients)
+    return tuple(ids[:clients] if clients is not None else ids)
+
+
 def client_rows(path: os.PathLike | str, client_id: str, split: Optional[str]) -> list[bytes]:
     """The serialized ``tf.train.Example`` protos of one client in one split, in
     file order (what TFF's ``SqlClientData.create_tf_dataset_for_client`` reads)."""
