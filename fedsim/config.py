@@ -38,7 +38,7 @@ NOISE_SAMPLERS = ("float64", "discrete_gaussian")
 SECAGG_PROTOCOLS = ("none", "secagg", "secagg_plus")
 SAMPLING = ("uniform", "poisson")
 WEIGHTINGS = ("num_examples", "uniform")
-SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 CLIENT_OPTIMIZERS = ("sgd", "dp_sgd")
 BATCH_SAMPLING = ("poisson", "shuffle")
 AGGREGATORS = ("native", "tff")
@@ -326,9 +326,9 @@ class ServerConfig:
     """The server optimizer, applied to the aggregated update as a pseudo-gradient.
 
     The aggregate is the mean of client deltas ``global - local``, so ``sgd`` with
-    learning_rate 1.0 and no momentum is plain FedAvg. ``adam``/``yogi`` give
-    FedAdam/FedYogi (Reddi et al. 2021) with TFF's formulas and defaults
-    (``tff.learning.optimizers.build_adam``/``build_yogi``).
+    learning_rate 1.0 and no momentum is plain FedAvg. ``adam``/``yogi``/``adagrad``
+    give FedAdam/FedYogi/FedAdagrad (Reddi et al. 2021) with TFF's formulas and
+    defaults (``tff.learning.optimizers.build_adam``/``build_yogi``/``build_adagrad``).
     weighting: ``num_examples`` (FedAvg) or ``uniform`` (every client counts
     once; what DP aggregation uses).
     """
@@ -338,8 +338,8 @@ class ServerConfig:
     momentum: float = 0.0
     beta_1: float = 0.9
     beta_2: float = 0.999
-    epsilon: Optional[float] = None  # None: TFF's default, 1e-7 (adam), 1e-3 (yogi)
-    initial_preconditioner: float = 1e-6  # yogi only
+    epsilon: Optional[float] = None  # None: TFF's default, 1e-7 (adam, adagrad), 1e-3 (yogi)
+    initial_preconditioner: Optional[float] = None  # yogi, adagrad; None: TFF's 1e-6, 0.1
     weighting: str = "num_examples"
 
     def __post_init__(self) -> None:
@@ -350,8 +350,9 @@ class ServerConfig:
         _check(0 <= self.beta_2 < 1, "server.beta_2", "a number in [0, 1)", self.beta_2)
         if self.epsilon is not None:
             _positive("server.epsilon", self.epsilon)
-        _check(self.initial_preconditioner >= 0, "server.initial_preconditioner",
-               "a number >= 0", self.initial_preconditioner)
+        _check(self.initial_preconditioner is None or self.initial_preconditioner >= 0,
+               "server.initial_preconditioner", "null or a number >= 0",
+               self.initial_preconditioner)
         _one_of("server.weighting", self.weighting, WEIGHTINGS)
 
 

@@ -80,15 +80,22 @@ def test_merge_sums_stats():
     ("sgd", {"learning_rate": 0.5, "momentum": 0.9}),
     ("adam", {"learning_rate": 0.01}),
     ("yogi", {"learning_rate": 0.01}),
+    ("adagrad", {"learning_rate": 0.1}),
+    ("adagrad", {"learning_rate": 0.3, "initial_preconditioner": 0.0, "epsilon": 0.01}),
 ])
 def test_server_optimizers_match_tff(name, kwargs):
     import tensorflow as tf
-    from tensorflow_federated.python.learning.optimizers import adam, sgdm, yogi
+    from tensorflow_federated.python.learning.optimizers import adagrad, adam, sgdm, yogi
 
     if name == "sgd":
         tff_opt = sgdm.build_sgdm(kwargs["learning_rate"], momentum=kwargs.get("momentum"))
     elif name == "adam":
         tff_opt = adam.build_adam(kwargs["learning_rate"])
+    elif name == "adagrad":
+        extra = {k: v for k, v in (("initial_preconditioner_value",
+                                    kwargs.get("initial_preconditioner")),
+                                   ("epsilon", kwargs.get("epsilon"))) if v is not None}
+        tff_opt = adagrad.build_adagrad(kwargs["learning_rate"], **extra)
     else:
         tff_opt = yogi.build_yogi(kwargs["learning_rate"])
     ours = ServerOptimizer(ServerConfig(optimizer=name, **kwargs))

@@ -1,7 +1,7 @@
 """FedAvg with a server optimizer (TFF's ``build_weighted_fed_avg`` /
 ``build_unweighted_fed_avg``): the aggregate is the mean client delta, applied
 as a pseudo-gradient by ``server.optimizer`` (sgd: FedAvg / FedAvgM; adam:
-FedAdam; yogi: FedYogi; :mod:`fedsim.algorithms.optimizers`)."""
+FedAdam; yogi: FedYogi; adagrad: FedAdagrad; :mod:`fedsim.algorithms.optimizers`)."""
 
 from __future__ import annotations
 

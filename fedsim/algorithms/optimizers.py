@@ -11,6 +11,9 @@ formulas and defaults are TFF's:
   w <- w - lr * sqrt(1 - b2^t) / (1 - b1^t) * a / (sqrt(p) + eps)``, eps 1e-7.
 - ``yogi`` (FedYogi): as adam but ``p <- p + (1 - b2) * sign(g^2 - p) * g^2``,
   p starting at ``initial_preconditioner`` (1e-6), eps 1e-3.
+- ``adagrad`` (FedAdagrad): ``p <- p + g^2; w <- w - lr * g / sqrt(p + eps)``,
+  p starting at ``initial_preconditioner`` (0.1), eps 1e-7 (inside the square
+  root, as TFF's ``build_adagrad``; Keras' Adagrad adds it outside).
 
 State is a dict of numpy arrays and numbers, so it can be checkpointed; ``step``
 never mutates its inputs.
@@ -35,6 +38,10 @@ class ServerOptimizer:
             self.eps = cfg.epsilon
         else:
             self.eps = 1e-3 if cfg.optimizer == "yogi" else 1e-7
+        if cfg.initial_preconditioner is not None:
+            self.initial_preconditioner = cfg.initial_preconditioner
+        else:
+            self.initial_preconditioner = 0.1 if cfg.optimizer == "adagrad" else 1e-6
 
     def initial_state(self, size: int) -> State:
         state: State = {"step": 0}
@@ -42,8 +49,10 @@ class ServerOptimizer:
             state["accumulator"] = np.zeros(size, np.float32)
         elif self.kind in ("adam", "yogi"):
             state["accumulator"] = np.zeros(size, np.float32)
-            init = self.cfg.initial_preconditioner if self.kind == "yogi" else 0.0
+            init = self.initial_preconditioner if self.kind == "yogi" else 0.0
             state["preconditioner"] = np.full(size, init, np.float32)
+        elif self.kind == "adagrad":
+            state["preconditioner"] = np.full(size, self.initial_preconditioner, np.float32)
         return state
 
     def step(self, state: State, weights: np.ndarray, grad: np.ndarray) -> tuple[State, np.ndarray]:
@@ -56,6 +65,10 @@ class ServerOptimizer:
                 a = np.float32(self.cfg.momentum) * state["accumulator"] + g
                 return {"step": t, "accumulator": a}, weights - lr * a
             return {"step": t}, weights - lr * g
+        if self.kind == "adagrad":
+            p = state["preconditioner"] + g * g
+            new_w = weights - lr * g / np.sqrt(p + np.float32(self.eps))
+            return {"step": t, "preconditioner": p}, new_w.astype(np.float32)
         b1, b2 = np.float32(self.cfg.beta_1), np.float32(self.cfg.beta_2)
         a = state["accumulator"] + (g - state["accumulator"]) * (1 - b1)
         g2 = g * g
