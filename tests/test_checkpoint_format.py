@@ -429,3 +429,18 @@ def test_the_server_state_of_a_tff_aggregator_round_trips(tmp_path):
     assert restored.leaves[:6] == state.leaves[:6]
     save_checkpoint(tmp_path, {"round": 0, "server": {"agg_state": [np.asarray(None)]}})
     assert load_checkpoint(tmp_path)["server"]["agg_state"][0].item() is None
+
+
+def test_a_checkpoint_written_before_the_newer_options_still_resumes():
+    """A config as fedsim wrote it before federated_eval, model.loss/metrics, the
+    text datasets' options and FedAdagrad: the new options read as their defaults."""
+    old = dataclasses.asdict(SimConfig())
+    del old["federated_eval"]
+    for key in ("loss", "metrics"):
+        del old["model"][key]
+    for key in ("leaf_dataset", "stackoverflow_task", "vocab_size", "cifar100_label"):
+        old["data"].pop(key, None)
+    old["server"]["initial_preconditioner"] = 1e-6  # yogi's, stored for every optimizer
+    assert check_resumable(old, SimConfig()) == {}
+    with pytest.raises(CheckpointError, match="resume: model differs"):
+        check_resumable({**old, "model": {**old["model"], "name": "cnn"}}, SimConfig())

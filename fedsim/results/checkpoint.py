@@ -364,8 +364,30 @@ FREE_ON_RESUME = {"rounds", "resume", "resume_force", "progress", "ray", "checkp
 PRIVACY_KEYS = {"dp", "sampling", "clients", "clients_per_round"}
 
 
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+    """``saved`` with the options it lacks (added to fedsim since it was written)
+    at their defaults, recursively."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
+def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as this fedsim reads it: options added since it was
+    written (e.g. ``federated_eval``, ``model.loss``) take their defaults, which
+    run as the older fedsim ran; and ``server.initial_preconditioner``, stored as
+    yogi's 1e-6 before it became null (1e-6 for yogi, 0.1 for adagrad), reads as
+    null for the optimizers that existed then."""
+    out = _with_defaults(saved, dataclasses.asdict(SimConfig()))
+    server = out.get("server")
+    if (isinstance(server, dict) and server.get("initial_preconditioner") == 1e-6
+            and server.get("optimizer") in ("sgd", "adam", "yogi")):
+        out["server"] = {**server, "initial_preconditioner": None}
+    return out
+
+
 def check_resumable(saved: dict[str, Any], cfg: SimConfig) -> dict[str, str]:
-    """Compare the checkpoint's config with ``cfg``.
+    """Compare the checkpoint's config (:func:`upgrade_config`) with ``cfg``.
 
     Returns the privacy-relevant differences, option -> "old -> new" (empty if
     none); raises
@@ -374,6 +396,7 @@ def check_resumable(saved: dict[str, Any], cfg: SimConfig) -> dict[str, str]:
     ``cfg.resume_force``.
     """
     now = dataclasses.asdict(cfg)
+    saved = upgrade_config(saved)
     diffs = {k: (saved.get(k), now[k]) for k in now
              if k not in FREE_ON_RESUME and saved.get(k) != now[k]}
     other = sorted(k for k in diffs if k not in PRIVACY_KEYS)
