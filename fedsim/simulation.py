@@ -70,6 +70,7 @@ from fedsim.results.outputs import (
     write_json_atomic,
 )
 from fedsim.results.summary import example_level_privacy, run_summary
+from fedsim.tasks.classification import Classification
 
 if TYPE_CHECKING:
     from fedsim.engine.warm import WarmActors
@@ -109,7 +110,8 @@ def check_compatible(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> No
                           "no test data of their own, the client_test capability; use a "
                           "natively federated dataset such as tff_client_data or leaf)",
                           cfg.federated_eval.clients)
-    if cfg.client.vectorize > 1 and not (example.is_default and task.name == "classification"):
+    classifies = isinstance(task, Classification)
+    if cfg.client.vectorize > 1 and not (example.is_default and classifies):
         raise ConfigError("client.vectorize", f"0 or 1 for task {task.name} on "
                           f"{example.input_dtype} inputs (vectorized training supports "
                           "classification of float32 inputs)", cfg.client.vectorize)
@@ -126,7 +128,7 @@ def check_compatible(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> No
             raise ConfigError("model", f"model=keras for task {task.name} (its output is "
                               f"{list(out_shape)} per example; {spec.name} outputs "
                               f"[{data.num_classes}])", spec.name)
-        if task.name == "classification" and not spec.own_metrics:
+        if classifies and not spec.own_metrics:
             return
     option = "model.builder" if cfg.model.builder is not None else "model"
     check_model(spec, data.input_shape, data.num_classes, cfg.seed, option)

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from fedsim.client.local import epoch_order
 from fedsim.models.keras import FlatWeights
-from fedsim.models.spec import ModelSpec
+from fedsim.models.spec import ModelSpec, sum_batches
 from fedsim.tasks.base import metric_parts
 
 
@@ -69,13 +69,7 @@ class ClientEvaluator:
         self._step = tf.function(self._step_graph, input_signature=[x_spec, y_spec])
 
     def _sums_graph(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        logits = self.model(x, training=False)
-        sums = {}
-        for name, metric in self.spec.metrics.items():
-            num, den = metric_parts(metric(y, logits))
-            sums[name] = tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)])
-        num, den = metric_parts(self.spec.loss(y, logits))
-        return tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)]), sums
+        return self.spec.batch_sums(y, self.model(x, training=False))
 
     def _step_graph(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         variables = self.model.trainable_variables
@@ -90,15 +84,10 @@ class ClientEvaluator:
         return loss
 
     def _evaluate_loaded(self, cid: int, x: np.ndarray, y: np.ndarray) -> ClientEval:
-        loss, sums = np.zeros(2), {name: np.zeros(2) for name in self.spec.metrics}
-        for s in range(0, len(x), self.batch_size):
-            lb, mb = self._sums(x[s:s + self.batch_size], y[s:s + self.batch_size])
-            loss += lb.numpy()
-            for name in sums:
-                sums[name] += mb[name].numpy()
+        loss, sums = sum_batches(self._sums, x, y, self.batch_size)
         return ClientEval(int(cid), int(len(x)), float(loss[0]),
-                          {k: (float(v[0]), float(v[1])) for k, v in sums.items()},
-                          float(loss[1]))
+                          {k: (float(sums[k][0]), float(sums[k][1])) if k in sums else (0.0, 0.0)
+                           for k in self.spec.metrics}, float(loss[1]))
 
     def evaluate(self, weights: np.ndarray, cid: int, x: np.ndarray, y: np.ndarray
                  ) -> ClientEval:

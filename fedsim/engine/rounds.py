@@ -105,9 +105,9 @@ def federated_evaluation(ray: Any, cfg: SimConfig, server: Any, workers: list, r
     client for ``client_eval.jsonl``."""
     ids = evaluation_clients(cfg, rnd)
     weights_ref = server.global_weights.remote()
-    shards = [s for s in np.array_split(ids, len(workers))]
     results = ray.get([w.evaluate_clients.remote(rnd, weights_ref, shard)
-                       for w, shard in zip(workers, shards) if len(shard)])
+                       for w, shard in zip(workers, np.array_split(ids, len(workers)))
+                       if len(shard)])
     plain = [e for r in results for e in r[0]]
     personalized = [e for r in results for e in r[1]]
     row = summarize_clients(plain, "fed")

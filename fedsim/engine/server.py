@@ -89,18 +89,8 @@ class Server:
         self.x_test = x_test
         self.y_test = y_test
 
-        from fedsim.tasks.base import metric_parts
-
         def _eval_batch(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-            """Sums over the batch: of the loss, and of each metric's numerator and
-            denominator."""
-            logits = self.model(x, training=False)
-            sums = {}
-            for name, metric in model_spec.metrics.items():
-                num, den = metric_parts(metric(y, logits))
-                sums[name] = tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)])
-            num, den = metric_parts(model_spec.loss(y, logits))
-            return tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)]), sums
+            return model_spec.batch_sums(y, self.model(x, training=False))
 
         self._eval_batch = tf.function(_eval_batch,
                                        input_signature=list(model_spec.tensor_specs(input_shape)))
@@ -294,14 +284,10 @@ class Server:
         """The global model on the test split: ``eval_loss`` (mean per example) and
         ``eval_<metric>`` for each of the spec's metrics (``eval_accuracy``): the
         ratio of its numerator and denominator sums (:mod:`fedsim.tasks.base`)."""
+        from fedsim.models.spec import sum_batches
+
         self._flat.assign(self.weights)
-        loss, n = np.zeros(2), len(self.x_test)
-        sums = {name: np.zeros(2) for name in self.spec.metrics}
-        for s in range(0, n, batch_size):
-            lb, mb = self._eval_batch(self.x_test[s:s + batch_size], self.y_test[s:s + batch_size])
-            loss += lb.numpy()
-            for name in sums:
-                sums[name] += mb[name].numpy()
+        loss, sums = sum_batches(self._eval_batch, self.x_test, self.y_test, batch_size)
         metrics = {f"eval_{k}": float(v[0]) / float(v[1]) if v[1] else None
                    for k, v in sums.items()}
         return {"eval_loss": float(loss[0]) / float(loss[1]), **metrics}

@@ -138,6 +138,20 @@ class ModelSpec:
                                    metrics=self.metrics if self.own_metrics
                                    else None)  # type: ignore[arg-type]
 
+    def batch_sums(self, y_true: Any, logits: Any) -> tuple[Any, dict[str, Any]]:
+        """Over a batch (TF ops): ``[numerator sum, denominator sum]`` of the loss,
+        and of each metric by name (:func:`fedsim.tasks.base.metric_parts`)."""
+        import tensorflow as tf
+
+        from fedsim.tasks.base import metric_parts
+
+        def sums(value: Any) -> Any:
+            num, den = metric_parts(value)
+            return tf.stack([tf.reduce_sum(num), tf.reduce_sum(den)])
+
+        return sums(self.loss(y_true, logits)), {name: sums(metric(y_true, logits))
+                                                 for name, metric in self.metrics.items()}
+
     def tensor_specs(self, input_shape: Sequence[int]) -> tuple[Any, Any]:
         """``tf.TensorSpec`` of a batch of inputs and of labels (batch axis None)."""
         import tensorflow as tf
@@ -388,6 +402,23 @@ def check_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int, s
     return count_parameters(model)
 
 
+def sum_batches(batch_sums: Callable[[Any, Any], Any], x: Any, y: Any, batch_size: int
+                ) -> tuple[Any, dict[str, Any]]:
+    """``batch_sums(x, y)`` (a compiled :meth:`ModelSpec.batch_sums` of a model's
+    outputs) added up over ``x, y`` in batches of ``batch_size``: float64
+    ``[numerator, denominator]`` of the loss and of each metric."""
+    import numpy as np
+
+    loss = np.zeros(2)
+    sums: dict[str, Any] = {}
+    for s in range(0, len(x), batch_size):
+        lb, mb = batch_sums(x[s:s + batch_size], y[s:s + batch_size])
+        loss += lb.numpy()
+        for name, value in mb.items():
+            sums[name] = sums.get(name, np.zeros(2)) + value.numpy()
+    return loss, sums
+
+
 def _tf_shares_gpus() -> None:
     """Let TF grow GPU memory in the driver instead of taking it all, before it
     first runs an op (the driver only builds a model to check it)."""
@@ -401,4 +432,5 @@ def _tf_shares_gpus() -> None:
 
 
 __all__ = ["ModelSpec", "BuiltinModel", "model_spec", "builtin_spec", "as_spec",
-           "check_model", "sparse_categorical_crossentropy", "accuracy", "ExampleSpec"]
+           "check_model", "sum_batches", "sparse_categorical_crossentropy", "accuracy",
+           "ExampleSpec"]

@@ -4,7 +4,7 @@ across clients (the fairness view of federated evaluation)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -16,16 +16,22 @@ def _loss_den(e: Any) -> float:
     return e.num_examples if e.loss_den is None else e.loss_den
 
 
+def _ratios(e: Any) -> dict[str, Optional[float]]:
+    """One client's values: ``loss`` (its mean loss per example, or per counted
+    token for a ratio loss) and each metric's numerator over its denominator;
+    None where nothing was counted."""
+    parts = {"loss": (e.loss_sum, _loss_den(e)), **e.metrics}
+    return {name: num / den if den > 0 else None for name, (num, den) in parts.items()}
+
+
 def client_values(evals: Sequence[Any]) -> dict[str, np.ndarray]:
-    """name -> one value per client (``loss``: its mean loss per example; each
-    metric: its numerator over its denominator). Clients without a single
+    """name -> one value per client (:func:`_ratios`). Clients without a single
     counted example of a metric (denominator 0) are left out of that metric."""
-    values: dict[str, list[float]] = {"loss": [e.loss_sum / _loss_den(e) for e in evals
-                                               if _loss_den(e) > 0]}
+    values: dict[str, list[float]] = {"loss": []}
     for e in evals:
-        for name, (num, den) in e.metrics.items():
-            if den > 0:
-                values.setdefault(name, []).append(num / den)
+        for name, value in _ratios(e).items():
+            if value is not None:
+                values.setdefault(name, []).append(value)
     return {k: np.asarray(v, np.float64) for k, v in values.items()}
 
 
@@ -67,10 +73,6 @@ def client_rows(round_num: int, evals: Iterable[Any], prefix: str) -> list[dict[
     for e in evals:
         if e.num_examples == 0:
             continue
-        row: dict[str, Any] = {"round": round_num, "kind": prefix, "client": e.cid,
-                               "examples": e.num_examples,
-                               "loss": e.loss_sum / _loss_den(e) if _loss_den(e) else None}
-        for name, (num, den) in e.metrics.items():
-            row[name] = num / den if den > 0 else None
-        rows.append(row)
+        rows.append({"round": round_num, "kind": prefix, "client": e.cid,
+                     "examples": e.num_examples, **_ratios(e)})
     return rows

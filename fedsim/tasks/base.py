@@ -156,15 +156,19 @@ def _keras_has(kind: str, name: str) -> bool:
     return callable(obj)
 
 
+def _named_callable(name: str, option: str, what: str) -> Metric:
+    """The callable ``module:callable`` names; a one-line ConfigError if it is not one."""
+    fn = import_callable(name, option)
+    if not callable(fn):
+        raise ConfigError(option, f"module:callable naming a per-example {what}", name)
+    return fn
+
+
 def resolve_loss(name: str, task: Task, option: str = "model.loss") -> Metric:
     """The per-example loss ``name`` names: ``module:callable``, or a Keras loss
     function's name. One-line ConfigError naming ``option`` otherwise."""
     if CALLABLE_PATH.fullmatch(name):
-        fn = import_callable(name, option)
-        if not callable(fn):
-            raise ConfigError(option, "module:callable naming a per-example loss "
-                              "(y_true, logits) -> [batch]", name)
-        return fn
+        return _named_callable(name, option, "loss (y_true, logits) -> [batch]")
     if not _keras_has("loss", name):
         raise ConfigError(option, "a Keras loss function's name (e.g. "
                           "sparse_categorical_crossentropy, binary_crossentropy, "
@@ -180,11 +184,8 @@ def resolve_metric(name: str, task: Task, option: str = "model.metrics") -> Metr
     if own is not None:
         return own
     if CALLABLE_PATH.fullmatch(name):
-        fn = import_callable(name, option)
-        if not callable(fn):
-            raise ConfigError(option, "module:callable naming a per-example metric "
-                              "(y_true, logits) -> [batch] or (numerator, denominator)", name)
-        return fn
+        return _named_callable(name, option, "metric (y_true, logits) -> [batch] or "
+                               "(numerator, denominator)")
     if not _keras_has("metric", name):
         own_names = ", ".join(task.default_metrics())
         raise ConfigError(option, f"a metric of task {task.name} ({own_names}), a Keras "
