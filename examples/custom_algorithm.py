@@ -1,21 +1,23 @@
-"""A user's own federated algorithm, plugged into fedsim without editing it: a
-FedProx sketch (Li et al., "Federated Optimization in Heterogeneous Networks",
-MLSys 2020).
+"""A user's own federated algorithm, plugged into fedsim without editing it:
+FedProx whose proximal strength decays over the rounds, ``mu_t = mu / sqrt(t)``
+(a strong pull toward the global model early, when heterogeneous clients drift
+most, fading to FedAvg).
 
-FedProx is FedAvg whose clients minimise their loss plus the proximal term
-``mu/2 ||w - w_global||^2``, which keeps heterogeneous clients near the global
-model. The algorithm sends ``proximal_mu`` to every client (its
-``client_payload``); fedsim's one-at-a-time trainer honours it. On the server it
-is FedAvg (with ``server.optimizer``)::
+The algorithm keeps the round count in its state (state flows in and out of
+``apply``), sends ``proximal_mu`` to every client (``client_payload``; fedsim's
+one-at-a-time trainer honours it, see ``client_features``), and is FedAvg with
+``server.optimizer`` on the server. fedsim's own FedProx (``algorithm=fedprox``,
+checked against TFF's) is :mod:`fedsim.algorithms.fedprox`. From Hydra::
 
-    PYTHONPATH=. uv run python scripts/simulate.py algorithm=examples.custom_algorithm:fedprox
+    PYTHONPATH=. uv run python scripts/simulate.py \
+        algorithm.name=examples.custom_algorithm:DecayingProx +algorithm.args.mu=0.1
 
-From Python: ``run_simulation(cfg, algorithm=FedProx(cfg, mu=0.1))`` (see :func:`main`).
-(fedsim's own FedProx, with TFF parity tests, belongs in ``fedsim/algorithms/``.)
+From Python: ``run_simulation(cfg, algorithm=DecayingProx(cfg, mu=0.1))`` (see :func:`main`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -25,8 +27,8 @@ from fedsim.algorithms.fedavg import FedAvg
 from fedsim.config import SimConfig
 
 
-class FedProx(Algorithm):
-    """FedAvg on the server; ``mu`` (>= 0) for the clients' proximal term."""
+class DecayingProx(Algorithm):
+    """FedAvg on the server; ``mu / sqrt(round)`` for the clients' proximal term."""
 
     client_features = frozenset({"proximal_mu"})
 
@@ -37,31 +39,27 @@ class FedProx(Algorithm):
         self.server = FedAvg(cfg)
 
     def initial_state(self, weights: np.ndarray) -> State:
-        return self.server.initial_state(weights)
+        return {"round": 1, "server": self.server.initial_state(weights)}
 
     def client_payload(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        return {"proximal_mu": self.mu}
+        return {"proximal_mu": self.mu / math.sqrt(state["round"])}
 
-    def apply(self, state: Mapping[str, Any], weights: np.ndarray,
-              aggregate: np.ndarray) -> tuple[State, np.ndarray]:
-        return self.server.apply(state, weights, aggregate)
-
-
-def fedprox(cfg: SimConfig) -> FedProx:
-    """The Hydra entry point (``algorithm=examples.custom_algorithm:fedprox``): mu 0.01."""
-    return FedProx(cfg, mu=0.01)
+    def apply(self, state: Mapping[str, Any], weights: np.ndarray, aggregate: np.ndarray,
+              sums: Mapping[str, tuple[np.ndarray, float]]) -> tuple[State, np.ndarray]:
+        server, new_weights = self.server.apply(state["server"], weights, aggregate, sums)
+        return {"round": state["round"] + 1, "server": server}, new_weights
 
 
 def main(rounds: int = 3, mu: float = 0.1, actors: Any = None) -> Any:
-    """FedProx on strongly label-skewed digits (Dirichlet 0.1), from Python."""
+    """The decaying proximal term on strongly label-skewed digits (Dirichlet 0.1)."""
     from fedsim.config import DataConfig, ModelConfig, RayConfig
     from fedsim.simulation import run_simulation
 
     cfg = SimConfig(clients=30, clients_per_round=10, rounds=rounds, local_epochs=2,
                     data=DataConfig(name="digits", alpha=0.1), model=ModelConfig(name="logreg"),
                     ray=RayConfig(workers=1), progress=False)
-    result = run_simulation(cfg, algorithm=FedProx(cfg, mu=mu), actors=actors)
-    print(f"FedProx mu={mu}: accuracy {result.summary['final']['eval_accuracy']:.3f} "
+    result = run_simulation(cfg, algorithm=DecayingProx(cfg, mu=mu), actors=actors)
+    print(f"DecayingProx mu={mu}: accuracy {result.summary['final']['eval_accuracy']:.3f} "
           f"after {rounds} rounds")
     return result
 

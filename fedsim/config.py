@@ -33,7 +33,7 @@ MODELS = ("logreg", "mlp", "cnn", "keras")
 CALLABLE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam")
 ACCOUNTANTS = ("rdp", "pld")
-ALGORITHMS = ("fedavg",)
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "mime_lite")
 NOISE_SAMPLERS = ("float64", "discrete_gaussian")
 SECAGG_PROTOCOLS = ("none", "secagg", "secagg_plus")
 SAMPLING = ("uniform", "poisson")
@@ -707,6 +707,52 @@ class FederatedEvalConfig:
 
 
 @dataclass
+class AlgorithmConfig:
+    """The federated algorithm (:mod:`fedsim.algorithms`); the server optimizer
+    that applies its aggregate is ``server``.
+
+    name: ``fedavg``; ``fedprox`` (Li et al. 2020: the clients' objective gains
+      ``mu/2 ||w - w_global||^2``); ``scaffold`` (Karimireddy et al. 2020, option
+      II: server and per-client control variates); ``mime_lite`` (Karimireddy et
+      al. 2021: the clients step with the server's momentum, kept fixed during
+      local training); or a user's ``module:callable`` (called with the run's
+      :class:`SimConfig` and ``args``; :func:`fedsim.algorithms.base.resolve_algorithm`).
+    mu: fedprox's proximal strength (>= 0; 0 is FedAvg).
+    state_dir: where stateful algorithms (scaffold) keep every client's state,
+      on disk, sharded by client id (:mod:`fedsim.client.state`); null: the run
+      directory's ``client_state/`` (a temporary directory when the run writes no
+      outputs). It is checkpointed with the run.
+    state_shard_clients: clients per shard file of that store.
+    args: keyword arguments for a user's ``module:callable``.
+    """
+
+    name: str = "fedavg"
+    mu: float = 0.0
+    state_dir: Optional[str] = None
+    state_shard_clients: int = 4096
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.name:  # module:callable: a user's algorithm
+            _one_of("algorithm.name", self.name, ALGORITHMS)
+        _check(self.mu >= 0, "algorithm.mu", "a number >= 0", self.mu)
+        if self.mu > 0 and ":" not in self.name:
+            _check(self.name == "fedprox", "algorithm.mu",
+                   f"0 with algorithm.name={self.name} (mu is fedprox's proximal strength)",
+                   self.mu)
+        _check(self.state_shard_clients >= 1, "algorithm.state_shard_clients",
+               "an integer >= 1", self.state_shard_clients)
+        if self.args and ":" not in self.name:
+            _check(False, "algorithm.args", "{} with a built-in algorithm (args go to a "
+                   "user's module:callable)", self.args)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the built-in algorithm keeps per-client state (scaffold)."""
+        return self.name == "scaffold"
+
+
+@dataclass
 class SimConfig:
     """One federated simulation.
 
@@ -726,8 +772,8 @@ class SimConfig:
     resume: a run directory to continue from its checkpoint (outputs go there).
     resume_force: allow resuming with changed privacy parameters (dp, sampling,
       clients, clients_per_round); the ledger then records both.
-    algorithm: the server algorithm, ``fedavg`` (with ``server.optimizer``) or a
-      user's ``module:callable`` (:func:`fedsim.algorithms.base.resolve_algorithm`).
+    algorithm: the federated algorithm (:class:`AlgorithmConfig`; from Python a
+      name is short for ``AlgorithmConfig(name)``).
     federated_eval: evaluation on the clients' own test data
       (:class:`FederatedEvalConfig`).
     """
@@ -745,7 +791,7 @@ class SimConfig:
     checkpoint_every: int = 10
     resume: Optional[str] = None
     resume_force: bool = False
-    algorithm: str = "fedavg"
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -764,8 +810,8 @@ class SimConfig:
         _check(1 <= self.clients_per_round <= self.clients, "clients_per_round",
                f"an integer in [1, clients={self.clients}]", self.clients_per_round)
         _one_of("sampling", self.sampling, SAMPLING)
-        if ":" not in self.algorithm:  # module:callable: a user's algorithm
-            _one_of("algorithm", self.algorithm, ALGORITHMS)
+        if isinstance(self.algorithm, str):  # (from Python: a name is enough)
+            self.algorithm = AlgorithmConfig(name=self.algorithm)
         _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
         _check(self.local_epochs >= 1, "local_epochs", "an integer >= 1", self.local_epochs)
         _check(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
@@ -790,6 +836,7 @@ class SimConfig:
                    "0 with sampling=poisson (over-selection needs a fixed cohort size)",
                    self.faults.over_selection)
         self._check_dp()
+        self._check_algorithm()
         if self.secagg.protocol != "none":
             _check(self.server.weighting == "uniform", "server.weighting",
                    "uniform with secure aggregation (the secure sum carries unweighted "
@@ -811,6 +858,39 @@ class SimConfig:
             _check(self.audit.canary_norm is not None, "audit.canary_norm",
                    "a number with aggregator.kind=tff (fedsim does not know the factory's "
                    "clip)", self.audit.canary_norm)
+
+    def _check_algorithm(self) -> None:
+        """What each built-in algorithm composes with (README: "Algorithms")."""
+        name = self.algorithm.name
+        if name == "fedavg" or ":" in name:  # a user's: its client_features are checked
+            return
+        _check(self.client.optimizer == "sgd", "client.optimizer",
+               f"sgd with algorithm.name={name} (its client steps are not DP-SGD's)",
+               self.client.optimizer)
+        _check(self.client.vectorize <= 1, "client.vectorize",
+               f"0 or 1 with algorithm.name={name} (the vectorized trainer runs plain "
+               "FedAvg steps)", self.client.vectorize)
+        if name == "fedprox":
+            return
+        # scaffold and mime_lite: each client sends a second vector (the control
+        # variate's change; the full gradient) that no DP aggregator clips or noises
+        # and that the secure sum does not carry.
+        _check(self.dp.mechanism == "none", "dp.mechanism",
+               f"none with algorithm.name={name} (each client also sends "
+               f"{'its control-variate update' if name == 'scaffold' else 'its full gradient'}"
+               ", a release the DP aggregators neither clip nor noise)", self.dp.mechanism)
+        _check(self.secagg.protocol == "none", "secagg.protocol",
+               f"none with algorithm.name={name} (the secure sum carries only the model "
+               "update)", self.secagg.protocol)
+        _check(self.aggregator.kind == "native", "aggregator.kind",
+               f"native with algorithm.name={name} (its second vector is averaged beside "
+               "the model update)", self.aggregator.kind)
+        _check(self.audit.kind == "none", "audit.kind", f"none with algorithm.name={name} "
+               "(the canary audit needs a DP aggregator)", self.audit.kind)
+        if name == "scaffold":
+            _check(self.client.momentum == 0, "client.momentum",
+                   "0 with algorithm.name=scaffold (its control variate (x - y_i) / (K lr) "
+                   "assumes plain SGD steps)", self.client.momentum)
 
     def noise_root(self) -> int:
         """The root of the privacy-noise streams (``dp.noise_seed``, resolved; the
@@ -908,7 +988,7 @@ def import_callable(path: str, option: str) -> Any:
     return obj
 
 
-def build_named(path: str, option: str, kind: type, *args: Any) -> Any:
+def build_named(path: str, option: str, kind: type, *args: Any, **kwargs: Any) -> Any:
     """The ``kind`` object that ``module:callable`` names: the attribute itself if
     it is one, else what calling it with ``args`` returns (a subclass of
     ``kind`` or a factory); one-line ConfigError naming ``option`` otherwise."""
@@ -916,7 +996,7 @@ def build_named(path: str, option: str, kind: type, *args: Any) -> Any:
     if isinstance(obj, type) and not issubclass(obj, kind):
         made: Any = obj  # a class of something else: not called
     else:
-        made = obj(*args) if callable(obj) and not isinstance(obj, kind) else obj
+        made = obj(*args, **kwargs) if callable(obj) and not isinstance(obj, kind) else obj
     if not isinstance(made, kind):
         got = made.__name__ if isinstance(made, type) else type(made).__name__
         raise ConfigError(option, f"a {kind.__module__}.{kind.__qualname__} (or a callable "

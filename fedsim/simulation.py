@@ -23,6 +23,7 @@ import dataclasses
 import os
 import secrets
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 
 from fedsim.algorithms.base import Algorithm, resolve_algorithm
 from fedsim.client.features import trainer_features
+from fedsim.client.state import remove_store
 from fedsim.config import DPConfig, SimConfig
 from fedsim.data.base import FederatedData, check_federated_data
 from fedsim.data.loaders import load_federated_data
@@ -276,14 +278,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     mech.check(cfg)
     algo = resolve_algorithm(algorithm if algorithm is not None else cfg.algorithm, cfg)
     if algorithm is not None:
-        cfg = dataclasses.replace(cfg, algorithm=_name(algorithm))
-    missing = sorted(set(algo.client_features) - trainer_features(cfg))
-    if missing:
-        honoured = sorted(trainer_features(cfg)) or "none"
-        raise ConfigError("algorithm", f"an algorithm whose clients need only what the trainer "
-                          f"honours (client.optimizer={cfg.client.optimizer}, client.vectorize="
-                          f"{cfg.client.vectorize} honours {honoured}; it needs "
-                          f"{', '.join(missing)})", cfg.algorithm)
+        cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm,
+                                                                     name=_name(algorithm)))
+    check_algorithm(cfg, algo)
     accounted = mech.private or cfg.aggregator.kind == "tff"  # a TFF factory's own events
     privacy: dict[str, Any] = {}
     resumed: Optional[dict[str, Any]] = None
@@ -310,7 +307,11 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         keep_rounds(out / "client_eval.jsonl", resumed["round"])
 
     accountant = None
+    state_dir, temporary_state = _client_state_dir(cfg, algo, out)
     actor_cfg = actor_config(cfg)
+    if state_dir is not None:
+        actor_cfg = dataclasses.replace(actor_cfg, algorithm=dataclasses.replace(
+            actor_cfg.algorithm, state_dir=str(state_dir)))
     parts = Parts(spec, mech, algo)
     started = connect_ray(cfg.ray)
     import ray
@@ -345,6 +346,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             # Changed DP parameters (resume_force, or a recalibrated noise) start the
             # aggregator afresh: its state carries the old ones (noise stddev, clip).
             ray.get(server.set_state.remote(resumed["server"], not fresh_aggregator))
+        if state_dir is not None:  # (resuming: rolled back to the checkpoint's round)
+            ray.get(server.open_client_state.remote(resumed["round"] if resumed else None))
         placement = ray.get([w.where.remote() for w in workers])
         setup_seconds = time.perf_counter() - t_start
 
@@ -354,6 +357,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                     "round": rnd, "config": asdict(cfg),
                     "server": ray.get(server.get_state.remote()),
                     "ledger": accountant.ledger if accountant else []})
+                ray.get(server.client_state_checkpointed.remote(rnd))
 
         ctx = RunContext(cfg, out, rows, first_round, accountant,
                          accountant.round_event(mech.worst_round_event(cfg, num_parameters))
@@ -418,6 +422,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             audit.update(audit_comparison(accountant, cfg.clients_per_round))
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
                   "workers": ray.get([w.memory.remote() for w in workers])}
+        if state_dir is not None:
+            memory["client_state_disk_mib"] = (
+                ray.get(server.client_state_bytes.remote()) / 2**20)
     finally:
         failed = sys.exc_info()[0] is not None
         if server is not None and ray.is_initialized():
@@ -437,6 +444,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             ray.util.remove_placement_group(pool.placement_group)
         if started:
             ray.shutdown()
+        if temporary_state and state_dir is not None:
+            remove_store(state_dir)
 
     summary = run_summary(cfg, data, rows, accountant, privacy, audit, mech, started=t_start,
                           setup_seconds=setup_seconds, stop_reason=stop_reason,
@@ -450,6 +459,36 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                            f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
         write_json_atomic(out / "summary.json", summary)
     return SimulationResult(rows, summary, out, final_weights)
+
+
+def check_algorithm(cfg: SimConfig, algo: Algorithm) -> None:
+    """Refuse, in one line, an algorithm the configured trainer cannot run."""
+    missing = sorted(set(algo.client_features) - trainer_features(cfg))
+    if missing:
+        honoured = sorted(trainer_features(cfg)) or "none"
+        raise ConfigError("algorithm.name", f"an algorithm whose clients need only what the "
+                          f"trainer honours (client.optimizer={cfg.client.optimizer}, "
+                          f"client.vectorize={cfg.client.vectorize} honours {honoured}; it "
+                          f"needs {', '.join(missing)})", cfg.algorithm.name)
+    own_client_side = type(algo).client_update is not Algorithm.client_update
+    if cfg.client.vectorize > 1 and (own_client_side or algo.client_state_fields(1)):
+        raise ConfigError("client.vectorize", "0 or 1 with an algorithm that has a client "
+                          "side of its own (client_update or client state; the vectorized "
+                          "trainer runs plain FedAvg steps)", cfg.client.vectorize)
+
+
+def _client_state_dir(cfg: SimConfig, algo: Algorithm, out: Optional[Path]
+                      ) -> tuple[Optional[Path], bool]:
+    """Where a stateful algorithm keeps the clients' states: ``algorithm.state_dir``,
+    else the run directory's ``client_state/``, else (no outputs) a new temporary
+    directory, removed after the run (the second value). (None, False): stateless."""
+    if not algo.client_state_fields(1):
+        return None, False
+    if cfg.algorithm.state_dir is not None:
+        return Path(cfg.algorithm.state_dir), False
+    if out is not None:
+        return out / "client_state", False
+    return Path(tempfile.mkdtemp(prefix="fedsim-client-state-")), True
 
 
 def _name(obj: Any) -> str:

@@ -190,33 +190,47 @@ def test_fedprox_client_update_equals_numpy_and_mu_zero_is_fedavg():
 
 
 def test_algorithm_resolution_and_trainer_refusal():
-    from examples.custom_algorithm import FedProx
+    from examples.custom_algorithm import DecayingProx
     from fedsim.algorithms.base import Algorithm, resolve_algorithm
     from fedsim.algorithms.fedavg import FedAvg
-    from fedsim.config import ClientConfig
+    from fedsim.algorithms.fedprox import FedProx
+    from fedsim.config import AlgorithmConfig, ClientConfig
     from fedsim.simulation import run_simulation
 
     cfg = _dp_cfg(dp=DPConfig())
     assert isinstance(resolve_algorithm("fedavg", cfg), FedAvg)
-    hydra = resolve_algorithm("examples.custom_algorithm:fedprox", cfg)
-    assert isinstance(hydra, FedProx) and hydra.mu == 0.01
-    assert hydra.client_payload(hydra.initial_state(np.zeros(3, np.float32))) == {
-        "proximal_mu": 0.01}
+    assert resolve_algorithm(AlgorithmConfig("fedprox", mu=0.3), cfg).__class__ is FedProx
+    hydra = resolve_algorithm(AlgorithmConfig("examples.custom_algorithm:DecayingProx",
+                                              args={"mu": 0.4}), cfg)
+    assert isinstance(hydra, DecayingProx) and hydra.mu == 0.4
+    state = hydra.initial_state(np.zeros(3, np.float32))
+    assert hydra.client_payload(state) == {"proximal_mu": 0.4}
+    state, _ = hydra.apply(state, np.zeros(3, np.float32), np.ones(3, np.float32), {})
+    assert hydra.client_payload(state) == {"proximal_mu": 0.4 / np.sqrt(2)}
     assert Algorithm.__abstractmethods__ == {"apply"}
-    with pytest.raises(ConfigError, match=r"^algorithm=fedsgd: allowed is one of fedavg"):
+    with pytest.raises(ConfigError, match=r"^algorithm.name=fedsgd: allowed is one of fedavg"):
         SimConfig(algorithm="fedsgd")
+    with pytest.raises(ConfigError, match=r"^algorithm.mu=0.1: allowed is 0 with "
+                                          r"algorithm.name=fedavg"):
+        SimConfig(algorithm=AlgorithmConfig("fedavg", mu=0.1))
+    with pytest.raises(ConfigError, match=r"^algorithm.name=examples.custom_algorithm:Nope: "
+                                          r"allowed is an attribute that exists"):
+        resolve_algorithm(AlgorithmConfig("examples.custom_algorithm:Nope"), cfg)
     vectorized = _dp_cfg(dp=DPConfig(), client=ClientConfig(vectorize=4))
-    with pytest.raises(ConfigError, match=r"^algorithm=examples.custom_algorithm:FedProx: "
-                                          r"allowed is an algorithm whose clients need only"):
-        run_simulation(vectorized, algorithm=FedProx(vectorized, mu=0.1))
+    with pytest.raises(ConfigError, match=r"^algorithm.name=examples.custom_algorithm:"
+                                          r"DecayingProx: allowed is an algorithm whose "
+                                          r"clients need only"):
+        run_simulation(vectorized, algorithm=DecayingProx(vectorized, mu=0.1))
 
 
-def test_fedprox_example_runs_from_python(warm_actors):
-    """examples/custom_algorithm.py: FedProx from Python, on label-skewed digits."""
+def test_user_algorithm_example_runs_from_python(warm_actors):
+    """examples/custom_algorithm.py: a decaying proximal term from Python, on
+    label-skewed digits."""
     from examples.custom_algorithm import main
 
     result = main(rounds=2, mu=0.1, actors=warm_actors)
-    assert result.summary["config"]["algorithm"] == "examples.custom_algorithm:FedProx"
+    assert (result.summary["config"]["algorithm"]["name"]
+            == "examples.custom_algorithm:DecayingProx")
     assert [r["round"] for r in result.metrics] == [1, 2]
     assert all(np.isfinite(r["eval_loss"]) and r["update_norm"] > 0 for r in result.metrics)
 

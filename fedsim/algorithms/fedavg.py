@@ -24,6 +24,6 @@ class FedAvg(Algorithm):
     def initial_state(self, weights: np.ndarray) -> State:
         return self.optimizer.initial_state(int(np.asarray(weights).size))
 
-    def apply(self, state: Mapping[str, Any], weights: np.ndarray,
-              aggregate: np.ndarray) -> tuple[State, np.ndarray]:
+    def apply(self, state: Mapping[str, Any], weights: np.ndarray, aggregate: np.ndarray,
+              sums: Mapping[str, tuple[np.ndarray, float]]) -> tuple[State, np.ndarray]:
         return self.optimizer.step(dict(state), weights, aggregate)

@@ -22,11 +22,13 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from fedsim.aggregation.base import Partial, merge_partials
+from fedsim.algorithms.base import add_sums
 from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
 from fedsim.cohort.sampling import sample_clients
 from fedsim.config import SimConfig
 from fedsim.engine.parts import Parts, build_aggregator
 from fedsim.engine.worker import WorkerReport, configure_tensorflow, reinit_process
+from fedsim.errors import FedsimError
 from fedsim.privacy.audit import CanaryAudit
 from fedsim.results.outputs import memory_mib
 from fedsim.rng import (
@@ -81,6 +83,8 @@ class Server:
         self.weights = self._flat.get().numpy()
         self.algorithm = parts.algorithm
         self.opt_state = self.algorithm.initial_state(self.weights)
+        self._state_fields = self.algorithm.client_state_fields(self.weights.size)
+        self._store: Any = None  # the ClientStateStore (open_client_state)
         self.aggregator = build_aggregator(cfg, parts.mechanism)
         self.agg_state = self.aggregator.initial_state()
         self.initial_weights = self.weights.copy()  # w_0: the same on resume (seeded)
@@ -161,6 +165,39 @@ class Server:
         assert self.audit is not None, "audit.kind=canary asks for an estimate"
         return self.audit.estimate(self.initial_weights - self.weights, rounds, delta)
 
+    def open_client_state(self, resume_round: Optional[int] = None) -> Optional[str]:
+        """Before round 1: create the store of a stateful algorithm's client states
+        at ``algorithm.state_dir`` (refused unless new or empty), or, resuming
+        after round ``resume_round``, open it and roll it back to that round.
+        Returns its directory (None: the algorithm keeps no client state)."""
+        if not self._state_fields:
+            return None
+        from fedsim.client.state import ClientStateStore
+
+        root = self.cfg.algorithm.state_dir
+        assert root is not None, "the driver resolves algorithm.state_dir"
+        if resume_round is None:
+            self._store = ClientStateStore.create(root, self.cfg.clients, self._state_fields,
+                                                  self.cfg.algorithm.state_shard_clients)
+        else:
+            self._store = ClientStateStore(root)
+            if self._store.fields != self._state_fields:
+                raise FedsimError(f"algorithm.state_dir={root}: its client states have "
+                                  f"fields {self._store.fields}, the run needs "
+                                  f"{self._state_fields}")
+            self._store.rollback(resume_round)
+        return str(root)
+
+    def client_state_checkpointed(self, round_num: int) -> None:
+        """A checkpoint of ``round_num`` is written: the store forgets what it kept
+        to go back before it."""
+        if self._store is not None:
+            self._store.prune(round_num)
+
+    def client_state_bytes(self) -> int:
+        """The disk space the clients' stored states take (0: none)."""
+        return self._store.bytes_on_disk() if self._store is not None else 0
+
     def _step(self, round_num: int, num_sampled: int, partial: Partial,
               reports: Sequence[WorkerReport]) -> dict[str, Any]:
         canaries = None
@@ -169,9 +206,18 @@ class Server:
         update, self.agg_state, measurements = self.aggregator.finalize(
             self.agg_state, partial, num_sampled,
             stream(self.cfg.noise_root(), STREAM_NOISE, round_num))
-        self.opt_state, self.weights = self.algorithm.apply(self.opt_state, self.weights, update)
+        sums: dict[str, tuple[np.ndarray, float]] = {}
+        for r in reports:
+            sums = add_sums(sums, r.sums)
+        self.opt_state, self.weights = self.algorithm.apply(self.opt_state, self.weights, update,
+                                                            sums)
         out = self._training_stats(reports)
-        out["update_norm"] = float(np.linalg.norm(update))
+        if self._store is not None:
+            out["client_states_written"] = self._store.commit(
+                round_num, [r.state_file for r in reports])
+        # float64 squares (exact) summed pairwise: not a BLAS dot, whose float32
+        # rounding depends on the CPU's kernels
+        out["update_norm"] = float(np.sqrt(np.sum(np.square(update, dtype=np.float64))))
         out.update(measurements)
         if canaries is not None:
             out["canaries"] = canaries
@@ -249,8 +295,10 @@ class Server:
 
     def close(self) -> None:
         """Release what the aggregator holds outside Python (a TFF aggregator's
-        C++ ``worker_binary`` child process)."""
+        C++ ``worker_binary`` child process) and the client-state store's files."""
         self.aggregator.close()
+        if getattr(self, "_store", None) is not None:
+            self._store.close()
 
     def get_state(self) -> dict[str, Any]:
         """Weights, optimizer and aggregator state, as numpy (for checkpoints)."""

@@ -16,11 +16,12 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
 from fedsim.aggregation.base import Partial, merge_partials
+from fedsim.algorithms.base import ClientOutput, ClientSums, add_sums
 from fedsim.config import SimConfig
 from fedsim.data.base import ClientData
 from fedsim.errors import FedsimError
@@ -39,6 +40,10 @@ class WorkerReport:
     masked: with secure aggregation, one ``fedsim.secure.protocol.MaskedSum`` of this
       worker's clients' masked inputs; ``partial`` then carries only the
       plaintext counts and statistics (its ``total`` is empty).
+    sums: the algorithm's additive per-client vectors, summed over this
+      worker's clients (:data:`fedsim.algorithms.base.ClientSums`).
+    state_file: a stateful algorithm's staged client states of this round
+      (:meth:`fedsim.client.state.ClientStateStore.stage`), or None.
     """
 
     partial: Partial
@@ -46,6 +51,8 @@ class WorkerReport:
     num_examples: int
     num_clients: int
     masked: tuple = ()
+    sums: Mapping[str, tuple[np.ndarray, float]] = dataclasses.field(default_factory=dict)
+    state_file: Optional[str] = None
 
 
 def configure_tensorflow(num_cpus: float) -> None:
@@ -133,6 +140,9 @@ class ClientWorker:
 
             self.trainer = LocalTrainer(*args, seed=cfg.seed)
         self._model_args = (model_spec, tuple(input_shape), int(num_classes))
+        self.algorithm = parts.algorithm
+        self._state_fields = self.algorithm.client_state_fields(self.trainer.num_parameters)
+        self._store: Any = None  # the ClientStateStore, opened on first use
         self._evaluator: Any = None  # a ClientEvaluator, built on first use
         self._secagg_states: dict[int, Any] = {}
         self._secagg_input: Any = None  # (report, client ids, bits, encodings) of train_round
@@ -164,10 +174,21 @@ class ClientWorker:
         if secure is not None:
             encoded = np.zeros(secure.vector_len, secure.word_dtype) if skip else {}
         loss_sum, examples, encode_seconds = 0.0, 0, 0.0
+        sums: ClientSums = {}
+        new_states: dict[int, Mapping[str, np.ndarray]] = {}
         payload = params.get("algorithm", {})  # the algorithm's, e.g. proximal_mu
-        for cid, result in self._train_clients(round_num, weights, client_ids, payload):
+        for cid, output in self._train_clients(round_num, weights, client_ids, payload):
+            result = output.result
             loss_sum += result.loss * result.num_examples
             examples += result.num_examples
+            if output.sums:
+                if secure is not None:
+                    raise FedsimError(f"algorithm {self.algorithm.name}: its clients send "
+                                      "sums besides the update, which secure aggregation "
+                                      "does not carry")
+                sums = add_sums(sums, output.sums)
+            if output.state is not None:
+                new_states[cid] = output.state
             if secure is None:
                 partial = self.aggregator.accumulate(params, partial, result.delta,
                                                      result.num_examples)
@@ -183,40 +204,63 @@ class ClientWorker:
             encode_seconds += time.perf_counter() - t0
             partial = merge_partials(partial, Partial(np.zeros(0), one.weight, one.count,
                                                       one.stats))
-        report = WorkerReport(partial, loss_sum, examples, len(client_ids))
+        state_file = (self._client_store().stage(round_num, self.index, attempt, new_states)
+                      if new_states else None)
+        report = WorkerReport(partial, loss_sum, examples, len(client_ids), sums=sums,
+                              state_file=state_file)
         if secure is None:
             return report
         self._secagg_input = (report, [int(c) for c in client_ids], secure.bits, encoded)
         self._secagg_seconds += encode_seconds
         return None
 
+    def _client_store(self) -> Any:
+        """The run's client-state store (created by the driver before round 1)."""
+        if self._store is None:
+            from fedsim.client.state import ClientStateStore
+
+            root = self.cfg.algorithm.state_dir
+            assert root is not None, "the driver resolves algorithm.state_dir"
+            self._store = ClientStateStore(root)
+        return self._store
+
+    def _client_state(self, cid: int) -> Mapping[str, np.ndarray]:
+        return self._client_store().read(cid) if self._state_fields else {}
+
     def _train_clients(self, round_num: int, weights: np.ndarray, client_ids: Sequence[int],
                        payload: Mapping[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
-        """``(client id, ClientResult)`` for each client, in order. Client ``c``
-        shuffles with the stream ``(seed, SHUFFLE, round, c)``. Vectorized, the
-        shard is trained in chunks of ``client.vectorize`` clients per call."""
+        """``(client id, ClientOutput)`` for each client, in order: the algorithm's
+        client side (:meth:`fedsim.algorithms.base.Algorithm.client_update`) around
+        the trainer, with the client's stored state. Client ``c`` shuffles with
+        the stream ``(seed, SHUFFLE, round, c)``. Vectorized, the shard is trained
+        in chunks of ``client.vectorize`` clients per call."""
         def rng(cid: int) -> np.random.Generator:
             return stream(self.cfg.seed, STREAM_SHUFFLE, round_num, cid)
 
         ids = [int(c) for c in client_ids]
+        payload = payload or {}
         if self.cfg.client.vectorize > 1:  # (SimConfig allows it with sgd only)
-            # Chunks bound the memory of the clients' data held at once.
+            # Chunks bound the memory of the clients' data held at once. (Only
+            # algorithms without a client side of their own run vectorized.)
             step = self.cfg.client.vectorize * 4
             for s in range(0, len(ids), step):
                 chunk = ids[s:s + step]
                 results = self.trainer.train_many(
                     weights, [(*self.data.client(c), rng(c)) for c in chunk])
-                yield from zip(chunk, results)
+                yield from ((c, ClientOutput(r)) for c, r in zip(chunk, results))
             return
-        if self.cfg.client.optimizer == "dp_sgd":  # DP-SGD's noise and batches
-            for cid in ids:
-                x, y = self.data.client(cid)
-                yield cid, self.trainer.train(weights, x, y, rng(cid), noise_rng=stream(
-                    self.cfg.noise_root(), STREAM_NOISE, round_num, cid))
-            return
+        dp_sgd = self.cfg.client.optimizer == "dp_sgd"
         for cid in ids:
             x, y = self.data.client(cid)
-            yield cid, self.trainer.train(weights, x, y, rng(cid), **(payload or {}))
+            fixed: dict[str, Any] = {}
+            if dp_sgd:  # DP-SGD's noise and batches
+                fixed["noise_rng"] = stream(self.cfg.noise_root(), STREAM_NOISE, round_num, cid)
+
+            def train(_x: Any = x, _y: Any = y, _cid: int = cid, _fixed: Any = fixed,
+                      **options: Any) -> Any:
+                return self.trainer.train(weights, _x, _y, rng(_cid), **_fixed, **options)
+
+            yield cid, self.algorithm.client_update(train, payload, self._client_state(cid))
 
     def evaluate_clients(self, round_num: int, weights: np.ndarray,
                          client_ids: Sequence[int]) -> tuple[list, list]:
@@ -304,6 +348,12 @@ class ClientWorker:
         seconds = self._secagg_seconds + time.perf_counter() - t0
         self._secagg_seconds = 0.0
         return responses, seconds
+
+    def close(self) -> None:
+        """Close the client-state store's files (before a re-initialisation)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def ping(self) -> bool:
         return True
