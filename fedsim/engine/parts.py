@@ -15,7 +15,10 @@ from fedsim.privacy.mechanisms.base import resolve_mechanism
 def build_aggregator(cfg: SimConfig, mechanism: Any = None) -> Aggregator:
     """The aggregator of the run: ``aggregator.kind=tff``, a TFF aggregation factory
     run by :class:`fedsim.interop.tff.TFFAggregator` (cheap to build: TFF is only
-    imported in the server actor, when it is first used); otherwise the one that
+    imported in the server actor, when it is first used); a robust kind
+    (``median``, ``trimmed_mean``, ``krum``, ``multi_krum``, ``bulyan``), its
+    :class:`fedsim.aggregation.robust.RobustAggregator` (the config allows it only
+    with ``dp=none``); otherwise the one that
     the DP mechanism builds (``mechanism``, a Mechanism object, or the one
     ``cfg.dp.mechanism`` names; ``none`` is the weighted mean).
     """
@@ -23,6 +26,10 @@ def build_aggregator(cfg: SimConfig, mechanism: Any = None) -> Aggregator:
         from fedsim.interop.tff import build_tff_aggregator
 
         return build_tff_aggregator(cfg)
+    if cfg.aggregator.robust:
+        from fedsim.aggregation.robust import build_robust_aggregator
+
+        return build_robust_aggregator(cfg)
     return resolve_mechanism(mechanism if mechanism is not None
                              else cfg.dp.mechanism).build_aggregator(cfg)
 
