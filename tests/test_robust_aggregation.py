@@ -13,7 +13,7 @@ from fedsim.aggregation.base import MeanAggregator
 from fedsim.aggregation.bulyan import BulyanAggregator
 from fedsim.aggregation.krum import KrumAggregator
 from fedsim.aggregation.median import MedianAggregator
-from fedsim.aggregation.robust import RobustAggregator, build_robust_aggregator
+from fedsim.aggregation.robust import RobustAggregator
 from fedsim.aggregation.trimmed_mean import TrimmedMeanAggregator
 from fedsim.config import (
     AggregatorConfig,
@@ -308,7 +308,7 @@ def robust_config(kind="median", **kw) -> SimConfig:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_build_aggregator_builds_each_kind_from_the_config(kind):
-    from fedsim.engine.parts import build_aggregator
+    from fedsim.engine.parts import build_aggregator, build_robust_aggregator
 
     cfg = robust_config(kind, agg=dict(clip=2.0))
     agg = build_aggregator(cfg)

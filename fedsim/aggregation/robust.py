@@ -167,27 +167,3 @@ class RobustAggregator(Aggregator):
         measurements.update(own)
         return np.asarray(result, np.float32), dict(state), measurements
 
-
-def build_robust_aggregator(cfg: Any) -> RobustAggregator:
-    """The robust aggregator that ``cfg.aggregator`` names (its kind and options;
-    :class:`fedsim.config.AggregatorConfig`)."""
-    agg = cfg.aggregator
-    if agg.kind == "median":
-        from fedsim.aggregation.median import MedianAggregator
-
-        return MedianAggregator(clip=agg.clip)
-    if agg.kind == "trimmed_mean":
-        from fedsim.aggregation.trimmed_mean import TrimmedMeanAggregator
-
-        return TrimmedMeanAggregator(agg.beta, clip=agg.clip)
-    if agg.kind in ("krum", "multi_krum"):
-        from fedsim.aggregation.krum import KrumAggregator
-
-        select = 1 if agg.kind == "krum" else agg.select
-        return KrumAggregator(agg.byzantine, select, multi=agg.kind == "multi_krum",
-                              clip=agg.clip)
-    if agg.kind == "bulyan":
-        from fedsim.aggregation.bulyan import BulyanAggregator
-
-        return BulyanAggregator(agg.byzantine, clip=agg.clip)
-    raise ValueError(f"not a robust aggregator kind: {agg.kind!r}")

@@ -27,11 +27,35 @@ def build_aggregator(cfg: SimConfig, mechanism: Any = None) -> Aggregator:
 
         return build_tff_aggregator(cfg)
     if cfg.aggregator.robust:
-        from fedsim.aggregation.robust import build_robust_aggregator
-
         return build_robust_aggregator(cfg)
     return resolve_mechanism(mechanism if mechanism is not None
                              else cfg.dp.mechanism).build_aggregator(cfg)
+
+
+def build_robust_aggregator(cfg: SimConfig) -> Aggregator:
+    """The :class:`fedsim.aggregation.robust.RobustAggregator` that
+    ``cfg.aggregator`` names (its kind and options,
+    :class:`fedsim.config.AggregatorConfig`)."""
+    agg = cfg.aggregator
+    if agg.kind == "median":
+        from fedsim.aggregation.median import MedianAggregator
+
+        return MedianAggregator(clip=agg.clip)
+    if agg.kind == "trimmed_mean":
+        from fedsim.aggregation.trimmed_mean import TrimmedMeanAggregator
+
+        return TrimmedMeanAggregator(agg.beta, clip=agg.clip)
+    if agg.kind in ("krum", "multi_krum"):
+        from fedsim.aggregation.krum import KrumAggregator
+
+        multi = agg.kind == "multi_krum"
+        return KrumAggregator(agg.byzantine, agg.select if multi else 1, multi=multi,
+                              clip=agg.clip)
+    if agg.kind == "bulyan":
+        from fedsim.aggregation.bulyan import BulyanAggregator
+
+        return BulyanAggregator(agg.byzantine, clip=agg.clip)
+    raise ValueError(f"not a robust aggregator kind: {agg.kind!r}")
 
 
 @dataclass(frozen=True)
