@@ -41,7 +41,9 @@ WEIGHTINGS = ("num_examples", "uniform")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 CLIENT_OPTIMIZERS = ("sgd", "dp_sgd")
 BATCH_SAMPLING = ("poisson", "shuffle")
-AGGREGATORS = ("native", "tff")
+# robust aggregators (fedsim.aggregation.robust): not sums, so no secure aggregation or central DP
+ROBUST_AGGREGATORS = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+AGGREGATORS = ("native", "tff") + ROBUST_AGGREGATORS
 AUDITS = ("none", "canary")
 
 
@@ -605,24 +607,78 @@ class FaultsConfig:
 class AggregatorConfig:
     """Which implementation aggregates on the server.
 
-    kind: ``native`` (fedsim's own aggregators, chosen by ``dp``) or ``tff`` (a
-      TensorFlow Federated aggregation factory run in the server actor).
+    kind: ``native`` (fedsim's own aggregators, chosen by ``dp``), ``tff`` (a
+      TensorFlow Federated aggregation factory run in the server actor), or a
+      robust aggregator (:mod:`fedsim.aggregation.robust`; every client counts
+      once, ``server.weighting=uniform``): ``median`` (coordinate-wise median),
+      ``trimmed_mean`` (coordinate-wise mean after cutting the ``beta`` fraction
+      of the values at each end), ``krum`` (the update with the smallest sum of
+      squared L2 distances to its n - f - 2 nearest others, Blanchard et al.
+      2017), ``multi_krum`` (the mean of the ``select`` updates of smallest Krum
+      score) or ``bulyan`` (El Mhamdi et al. 2018: n - 2f updates chosen by
+      iterated Krum, then per coordinate the mean of the n - 4f values closest
+      to their median).
     factory: ``tff`` only: ``module:callable`` returning a
       ``tff.aggregators.UnweightedAggregationFactory`` or
       ``WeightedAggregationFactory``, e.g.
       ``tensorflow_federated.aggregators:DifferentiallyPrivateFactory.gaussian_adaptive``.
     args: keyword arguments for the callable.
+    beta: ``trimmed_mean`` only (required): the fraction of the reporting
+      clients' values cut from EACH end of every coordinate, ``floor(beta * n)``
+      values (Flower's ``FedTrimmedAvg``, scipy's ``trim_mean``); in [0, 0.5).
+    byzantine: ``krum``, ``multi_krum``, ``bulyan`` only (required): f, the
+      number of Byzantine clients tolerated, an integer >= 0. Krum needs more
+      than 2f + 2 reporting clients, Bulyan at least 4f + 3; a round with fewer
+      reporters (dropouts) uses the largest f they allow (the ``robust_f``
+      measurement).
+    select: ``multi_krum`` only: m, how many updates of lowest Krum score are
+      averaged; null: n - f (of the round's n reporting clients).
+    clip: robust kinds only: each update is scaled to L2 norm at most ``clip``
+      (in the model's parameter units) before it is aggregated; null: no clip.
     """
 
     kind: str = "native"
     factory: Optional[str] = None
     args: dict[str, Any] = field(default_factory=dict)
+    beta: Optional[float] = None
+    byzantine: Optional[int] = None
+    select: Optional[int] = None
+    clip: Optional[float] = None
+
+    # which robust kinds take each option (the others must leave it null)
+    _USES = {"beta": ("trimmed_mean",), "byzantine": ("krum", "multi_krum", "bulyan"),
+             "select": ("multi_krum",), "clip": ROBUST_AGGREGATORS}
 
     def __post_init__(self) -> None:
         _one_of("aggregator.kind", self.kind, AGGREGATORS)
         if self.kind == "tff":
             _check(bool(self.factory) and ":" in str(self.factory), "aggregator.factory",
                    "module:callable naming a TFF aggregation factory", self.factory)
+        for option, kinds in self._USES.items():
+            if self.kind not in kinds:
+                _check(getattr(self, option) is None, f"aggregator.{option}",
+                       f"null with aggregator.kind={self.kind} (an option of "
+                       f"{', '.join(kinds)})", getattr(self, option))
+        if self.kind == "trimmed_mean":
+            _check(isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
+                   and 0 <= self.beta < 0.5, "aggregator.beta", "a fraction in [0, 0.5) "
+                   "cut from each end with aggregator.kind=trimmed_mean", self.beta)
+        if self.kind in self._USES["byzantine"]:
+            _check(isinstance(self.byzantine, int) and not isinstance(self.byzantine, bool)
+                   and self.byzantine >= 0, "aggregator.byzantine", "an integer >= 0 (f, "
+                   f"the Byzantine clients tolerated) with aggregator.kind={self.kind}",
+                   self.byzantine)
+        if self.select is not None:
+            _check(isinstance(self.select, int) and not isinstance(self.select, bool)
+                   and self.select >= 1, "aggregator.select",
+                   "an integer >= 1 (or null: n - f)", self.select)
+        if self.clip is not None:
+            _positive("aggregator.clip", self.clip)
+
+    @property
+    def robust(self) -> bool:
+        """A robust aggregator (not a sum: no secure aggregation, no central DP)."""
+        return self.kind in ROBUST_AGGREGATORS
 
 
 @dataclass
@@ -823,6 +879,7 @@ class SimConfig:
                "an integer >= 0 (0: only after the last round)", self.checkpoint_every)
         if self.aggregator.kind == "tff":
             self._check_tff()
+        self._check_robust()
         if self.client.optimizer == "dp_sgd" and self.client.num_microbatches is not None:
             _check(self.batch_size % self.client.num_microbatches == 0,
                    "client.num_microbatches", f"a divisor of batch_size={self.batch_size}",
@@ -891,6 +948,46 @@ class SimConfig:
             _check(self.client.momentum == 0, "client.momentum",
                    "0 with algorithm.name=scaffold (its control variate (x - y_i) / (K lr) "
                    "assumes plain SGD steps)", self.client.momentum)
+
+    def _check_robust(self) -> None:
+        """A robust aggregate is not a sum: it cannot run inside secure aggregation
+        (which reveals only the sum) nor under central DP (no sensitivity analysis
+        of it is stated; the accountant would charge a Gaussian sum that is not
+        what is released). It counts every client once, and canaries would be
+        outvoted. Krum needs n > 2f + 2 and Bulyan n >= 4f + 3 clients."""
+        agg = self.aggregator
+        if not agg.robust:
+            return
+        kind = f"aggregator.kind={agg.kind}"
+        _check(self.secagg.protocol == "none", "secagg.protocol", f"none with {kind} (secure "
+               "aggregation reveals only the sum, a robust aggregate needs every update)",
+               self.secagg.protocol)
+        _check(self.dp.mechanism == "none", "dp.mechanism", f"none with {kind} (no "
+               "sensitivity analysis of a robust aggregate is stated, and the accountant "
+               "would be charged for a Gaussian sum that is not what is released)",
+               self.dp.mechanism)
+        _check(self.server.weighting == "uniform", "server.weighting", f"uniform with {kind} "
+               "(robust aggregators ignore example weights; the aggregator configs set it)",
+               self.server.weighting)
+        _check(self.audit.kind == "none", "audit.kind", f"none with {kind} (canaries "
+               "would be outvoted by the robust aggregate, not added to a sum)",
+               self.audit.kind)
+        n, f = self.clients_per_round, agg.byzantine or 0  # (checked: set for Krum, Bulyan)
+        if agg.kind in ("krum", "multi_krum", "bulyan"):
+            _check(n >= 3, "clients_per_round", f"an integer >= 3 with {kind} (Krum and "
+                   "Bulyan need more than 2f + 2 and at least 4f + 3 clients)", n)
+        if agg.kind in ("krum", "multi_krum"):
+            _check(n > 2 * f + 2, "aggregator.byzantine", f"an integer in [0, "
+                   f"{max((n - 3) // 2, 0)}] with {kind} and clients_per_round={n} (Krum "
+                   "needs more than 2f + 2 reporting clients)", agg.byzantine)
+        if agg.kind == "bulyan":
+            _check(n >= 4 * f + 3, "aggregator.byzantine", f"an integer in [0, "
+                   f"{max((n - 3) // 4, 0)}] with {kind} and clients_per_round={n} (Bulyan "
+                   "needs at least 4f + 3 reporting clients)", agg.byzantine)
+        if agg.select is not None:
+            _check(agg.select <= n - f, "aggregator.select",
+                   f"an integer in [1, clients_per_round - byzantine = {n - f}] "
+                   "(or null: n - f)", agg.select)
 
     def noise_root(self) -> int:
         """The root of the privacy-noise streams (``dp.noise_seed``, resolved; the

@@ -63,6 +63,10 @@ BAD_INPUTS = [
     (["dp=laplace", "dp.epsilon=0"], "dp.epsilon=0.0: allowed is a finite number > 0"),
     (["dp=gaussian", "server.weighting=num_examples"], "server.weighting=num_examples"),
     (["dp=distributed_skellam"], "distributed_skellam only with secagg=secagg or secagg=secagg_plus"),
+    (["aggregator=krum", "aggregator.byzantine=50"],
+     "aggregator.byzantine=50: allowed is an integer in [0, 3] with aggregator.kind=krum"),
+    (["aggregator=median", "dp=gaussian"], "dp.mechanism=gaussian: allowed is none with "
+     "aggregator.kind=median"),
     (["secagg=homomorphic"], "secagg=homomorphic: unknown option; allowed: none, secagg, secagg_plus"),
     (["secagg=secagg", "secagg.dropout=1.5"], "secagg.dropout=1.5: allowed is a probability"),
     (["secagg=secagg_plus", "secagg.neighbours=3"], "secagg.neighbours=3: allowed is an even"),

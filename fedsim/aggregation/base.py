@@ -17,8 +17,10 @@ fedsim                 DPQuery                    where it runs
 =====================  =========================  ==================================
 
 Workers send one :class:`Partial` (a partial sum) each, never per-client
-vectors. Aggregators are pure: they return new values and never mutate their
-inputs.
+vectors; only aggregates that are not sums (the robust aggregators of
+:mod:`fedsim.aggregation.robust`, a TFF factory) carry a stack of the clients'
+records instead. Aggregators are pure: they return new values and never mutate
+their inputs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class Partial:
     """A partial sum over some clients of one round.
 
     total: sum over clients of ``weight * delta`` (float64, the model's size);
-      for DP aggregators the sum of the clipped updates.
+      for DP aggregators the sum of the clipped updates; for robust aggregators
+      the [clients, size] stack of the (clipped) updates.
     weight: sum of the clients' weights.
     count: number of clients summed.
     stats: additive statistics for metrics (e.g. how many were clipped).

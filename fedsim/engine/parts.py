@@ -15,7 +15,10 @@ from fedsim.privacy.mechanisms.base import resolve_mechanism
 def build_aggregator(cfg: SimConfig, mechanism: Any = None) -> Aggregator:
     """The aggregator of the run: ``aggregator.kind=tff``, a TFF aggregation factory
     run by :class:`fedsim.interop.tff.TFFAggregator` (cheap to build: TFF is only
-    imported in the server actor, when it is first used); otherwise the one that
+    imported in the server actor, when it is first used); a robust kind
+    (``median``, ``trimmed_mean``, ``krum``, ``multi_krum``, ``bulyan``), its
+    :class:`fedsim.aggregation.robust.RobustAggregator` (the config allows it only
+    with ``dp=none``); otherwise the one that
     the DP mechanism builds (``mechanism``, a Mechanism object, or the one
     ``cfg.dp.mechanism`` names; ``none`` is the weighted mean).
     """
@@ -23,8 +26,36 @@ def build_aggregator(cfg: SimConfig, mechanism: Any = None) -> Aggregator:
         from fedsim.interop.tff import build_tff_aggregator
 
         return build_tff_aggregator(cfg)
+    if cfg.aggregator.robust:
+        return build_robust_aggregator(cfg)
     return resolve_mechanism(mechanism if mechanism is not None
                              else cfg.dp.mechanism).build_aggregator(cfg)
+
+
+def build_robust_aggregator(cfg: SimConfig) -> Aggregator:
+    """The :class:`fedsim.aggregation.robust.RobustAggregator` that
+    ``cfg.aggregator`` names (its kind and options,
+    :class:`fedsim.config.AggregatorConfig`)."""
+    agg = cfg.aggregator
+    if agg.kind == "median":
+        from fedsim.aggregation.median import MedianAggregator
+
+        return MedianAggregator(clip=agg.clip)
+    if agg.kind == "trimmed_mean":
+        from fedsim.aggregation.trimmed_mean import TrimmedMeanAggregator
+
+        return TrimmedMeanAggregator(agg.beta, clip=agg.clip)
+    if agg.kind in ("krum", "multi_krum"):
+        from fedsim.aggregation.krum import KrumAggregator
+
+        multi = agg.kind == "multi_krum"
+        return KrumAggregator(agg.byzantine, agg.select if multi else 1, multi=multi,
+                              clip=agg.clip)
+    if agg.kind == "bulyan":
+        from fedsim.aggregation.bulyan import BulyanAggregator
+
+        return BulyanAggregator(agg.byzantine, clip=agg.clip)
+    raise ValueError(f"not a robust aggregator kind: {agg.kind!r}")
 
 
 @dataclass(frozen=True)
