@@ -67,6 +67,14 @@ BAD_INPUTS = [
      "aggregator.byzantine=50: allowed is an integer in [0, 3] with aggregator.kind=krum"),
     (["aggregator=median", "dp=gaussian"], "dp.mechanism=gaussian: allowed is none with "
      "aggregator.kind=median"),
+    (["algorithm=fedsgd"], "algorithm=fedsgd: unknown option; allowed: fedavg, fedprox"),
+    (["algorithm=scaffold", "secagg=secagg_plus"], "secagg.protocol=secagg_plus: allowed is "
+     "none with algorithm.name=scaffold"),
+    (["algorithm=mime_lite", "dp=gaussian"], "dp.mechanism=gaussian: allowed is none with "
+     "algorithm.name=mime_lite"),
+    (["algorithm=fedprox", "client.vectorize=4"], "client.vectorize=4: allowed is 0 or 1 with "
+     "algorithm.name=fedprox"),
+    (["algorithm.mu=0.5"], "algorithm.mu=0.5: allowed is 0 with algorithm.name=fedavg"),
     (["secagg=homomorphic"], "secagg=homomorphic: unknown option; allowed: none, secagg, secagg_plus"),
     (["secagg=secagg", "secagg.dropout=1.5"], "secagg.dropout=1.5: allowed is a probability"),
     (["secagg=secagg_plus", "secagg.neighbours=3"], "secagg.neighbours=3: allowed is an even"),
