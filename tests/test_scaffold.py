@@ -466,11 +466,13 @@ def _store_rows(run_dir: Path, clients: int) -> np.ndarray:
         store.close()
 
 
-def test_resume_with_the_store_ahead_of_its_checkpoint_is_bit_identical(warm_actors, tmp_path):
+def test_resume_with_the_store_ahead_of_its_checkpoint_is_bit_identical(warm_actors, tmp_path,
+                                                                        monkeypatch):
     """The run dies after round 3 was applied and its client states committed,
     with the checkpoint at round 2; resuming rolls the store back to round 2 and
     the finished run equals an uninterrupted one exactly: weights, server c,
-    every client's c_i and the metrics."""
+    every client's c_i and the metrics. (Its run directory is given relative to
+    a working directory the actors do not share: the store is in it all the same.)"""
     from helpers import small_config, without_timings
 
     from fedsim.client.state import ClientStateStore
@@ -479,10 +481,12 @@ def test_resume_with_the_store_ahead_of_its_checkpoint_is_bit_identical(warm_act
 
     cfg = small_config(clients=24, clients_per_round=4, rounds=4, checkpoint_every=2,
                        algorithm="scaffold", server=ServerConfig(weighting="uniform"))
-    crashed = tmp_path / "crashed"
+    monkeypatch.chdir(tmp_path)  # (the actors' working directory stays where Ray started)
+    crashed = Path("crashed")
     died = run_simulation(cfg, crashed, callbacks=[_DiesAfterRound(3)], actors=warm_actors)
     assert died.summary["stop_reason"] == "died"
     assert load_checkpoint(crashed)["round"] == 2
+    assert (tmp_path / "crashed" / "client_state" / "meta.json").exists()
     store = ClientStateStore(crashed / "client_state")
     assert store.undo_rounds() == [3]  # rounds 1, 2 pruned by the checkpoint; 3 committed
     store.close()
