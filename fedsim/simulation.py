@@ -481,13 +481,15 @@ def _client_state_dir(cfg: SimConfig, algo: Algorithm, out: Optional[Path]
                       ) -> tuple[Optional[Path], bool]:
     """Where a stateful algorithm keeps the clients' states: ``algorithm.state_dir``,
     else the run directory's ``client_state/``, else (no outputs) a new temporary
-    directory, removed after the run (the second value). (None, False): stateless."""
+    directory, removed after the run (the second value). (None, False): stateless.
+    Absolute: the actors open it, and their working directory is not the driver's
+    (Ray's working_dir on a cluster; the one Ray started in, locally)."""
     if not algo.client_state_fields(1):
         return None, False
     if cfg.algorithm.state_dir is not None:
-        return Path(cfg.algorithm.state_dir), False
+        return Path(cfg.algorithm.state_dir).absolute(), False
     if out is not None:
-        return out / "client_state", False
+        return out.absolute() / "client_state", False
     return Path(tempfile.mkdtemp(prefix="fedsim-client-state-")), True
 
 
