@@ -798,14 +798,9 @@ class AlgorithmConfig:
                    self.mu)
         _check(self.state_shard_clients >= 1, "algorithm.state_shard_clients",
                "an integer >= 1", self.state_shard_clients)
-        if self.args and ":" not in self.name:
-            _check(False, "algorithm.args", "{} with a built-in algorithm (args go to a "
-                   "user's module:callable)", self.args)
-
-    @property
-    def stateful(self) -> bool:
-        """Whether the built-in algorithm keeps per-client state (scaffold)."""
-        return self.name == "scaffold"
+        if ":" not in self.name:
+            _check(not self.args, "algorithm.args", "{} with a built-in algorithm (args go "
+                   "to a user's module:callable)", self.args)
 
 
 @dataclass

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fedsim.config import ModelConfig, RayConfig, SimConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +38,30 @@ def simulate(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def logreg_local_sgd(w0, x, y, order, batch, epochs, lr, k, mu=0.0, correction=None):
+    """A client's local SGD on softmax regression (fedsim's logreg: Flatten ->
+    Dense(k); flat weights kernel (d, k) row-major, then bias), in float64, in
+    the batches fedsim's trainer cuts from ``order``: each step's gradient of the
+    batch's mean loss gains FedProx's ``mu (w - w0)`` and ``correction``
+    (SCAFFOLD's ``c - c_i``). Returns the model delta ``w0 - w``."""
+    d = x[0].size
+    w = w0.astype(np.float64).copy()
+    start = w.copy()
+    corr = 0.0 if correction is None else np.asarray(correction, np.float64)
+    flat_x = x.reshape(len(x), -1).astype(np.float64)
+    n = len(x)
+    steps = -(-n // batch)
+    for step in range(steps * epochs):
+        e, s = divmod(step, steps)
+        idx = order[e * n + s * batch: min(e * n + (s + 1) * batch, (e + 1) * n)]
+        xb, yb = flat_x[idx], y[idx]
+        kernel, bias = w[:d * k].reshape(d, k), w[d * k:]
+        z = xb @ kernel + bias
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(len(yb)), yb] -= 1.0
+        grad = np.concatenate([(xb.T @ p / len(yb)).ravel(), p.mean(axis=0)])
+        w = w - lr * (grad + mu * (w - start) + corr)
+    return start - w

@@ -8,6 +8,7 @@ import dataclasses
 import dp_accounting
 import numpy as np
 import pytest
+from helpers import logreg_local_sgd
 
 from examples.custom_mechanism import NumpyGaussian, NumpyGaussianAggregator
 from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
@@ -138,29 +139,6 @@ def test_mechanism_protocol_has_few_abstract_methods():
         "fedsim.aggregation.base", fromlist=["Aggregator"]).Aggregator)
 
 
-def _logreg_prox_oracle(w0: np.ndarray, x: np.ndarray, y: np.ndarray, order: np.ndarray,
-                        batch: int, epochs: int, lr: float, mu: float, k: int) -> np.ndarray:
-    """FedProx's local SGD on softmax regression, in numpy: ``delta = w0 - w``."""
-    d = x[0].size
-    kernel, bias = w0[:d * k].reshape(d, k).astype(np.float64), w0[d * k:].astype(np.float64)
-    k0, b0 = kernel.copy(), bias.copy()
-    flat_x = x.reshape(len(x), -1).astype(np.float64)
-    n = len(x)
-    steps = -(-n // batch)
-    for step in range(steps * epochs):
-        e, s = divmod(step, steps)
-        idx = order[e * n + s * batch: min(e * n + (s + 1) * batch, (e + 1) * n)]
-        xb, yb = flat_x[idx], y[idx]
-        z = xb @ kernel + bias
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        p[np.arange(len(yb)), yb] -= 1.0
-        g_kernel = xb.T @ p / len(yb) + mu * (kernel - k0)
-        g_bias = p.mean(axis=0) + mu * (bias - b0)
-        kernel, bias = kernel - lr * g_kernel, bias - lr * g_bias
-    return w0.astype(np.float64) - np.concatenate([kernel.ravel(), bias])
-
-
 def test_fedprox_client_update_equals_numpy_and_mu_zero_is_fedavg():
     """The trainer honours the algorithm's proximal_mu: a client's update equals a
     direct numpy computation of FedProx's local SGD; at mu = 0 it is FedAvg's."""
@@ -177,7 +155,7 @@ def test_fedprox_client_update_equals_numpy_and_mu_zero_is_fedavg():
     order = epoch_order(23, 2, np.random.default_rng(9))
     for mu in (0.5, 2.0):
         got = trainer.train(w0, x, y, np.random.default_rng(9), proximal_mu=mu).delta
-        want = _logreg_prox_oracle(w0, x, y, order, 5, 2, 0.3, mu, 5)
+        want = logreg_local_sgd(w0, x, y, order, 5, 2, 0.3, 5, mu=mu)
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
         # the proximal term pulls towards the global model: a shorter update
         assert np.linalg.norm(got) < np.linalg.norm(
@@ -185,7 +163,7 @@ def test_fedprox_client_update_equals_numpy_and_mu_zero_is_fedavg():
     plain = trainer.train(w0, x, y, np.random.default_rng(9)).delta
     assert np.array_equal(trainer.train(w0, x, y, np.random.default_rng(9),
                                         proximal_mu=0.0).delta, plain)
-    np.testing.assert_allclose(plain, _logreg_prox_oracle(w0, x, y, order, 5, 2, 0.3, 0.0, 5),
+    np.testing.assert_allclose(plain, logreg_local_sgd(w0, x, y, order, 5, 2, 0.3, 5),
                                rtol=2e-4, atol=2e-6)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import logreg_local_sgd
 
 from fedsim.config import (
     AggregatorConfig,
@@ -217,30 +218,6 @@ def test_store_rows_cross_shard_boundaries(tmp_path):
 # -- a hand-written SCAFFOLD on softmax regression, against the engine ------------
 
 
-def _logreg_scaffold_local(w0, x, y, order, batch, epochs, lr, correction, k):
-    """K steps of ``w <- w - lr (grad(w) + c - c_i)`` on softmax regression (fedsim's
-    logreg: Flatten -> Dense(k); flat weights kernel (d, k) row-major, then bias),
-    in float64; returns ``x - y`` (the model delta)."""
-    d = x[0].size
-    w = w0.astype(np.float64).copy()
-    corr = np.asarray(correction, np.float64)
-    flat_x = x.reshape(len(x), -1).astype(np.float64)
-    n = len(x)
-    steps = -(-n // batch)
-    for step in range(steps * epochs):
-        e, s = divmod(step, steps)
-        idx = order[e * n + s * batch: min(e * n + (s + 1) * batch, (e + 1) * n)]
-        xb, yb = flat_x[idx], y[idx]
-        kernel, bias = w[:d * k].reshape(d, k), w[d * k:]
-        z = xb @ kernel + bias
-        p = np.exp(z - z.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        p[np.arange(len(yb)), yb] -= 1.0
-        grad = np.concatenate([(xb.T @ p / len(yb)).ravel(), p.mean(axis=0)])
-        w = w - lr * (grad + corr)
-    return w0.astype(np.float64) - w
-
-
 class _Clients:
     """A few clients of different sizes (the ClientData protocol)."""
 
@@ -299,7 +276,8 @@ def test_engine_equals_a_numpy_scaffold_on_softmax_regression(tmp_path, weightin
         for i in ids:
             xs, ys = data.client(i)
             order = epoch_order(len(xs), epochs, stream(cfg.seed, STREAM_SHUFFLE, rnd, i))
-            delta = _logreg_scaffold_local(x, xs, ys, order, batch, epochs, lr, c - c_i[i], k)
+            delta = logreg_local_sgd(x, xs, ys, order, batch, epochs, lr, k,
+                                         correction=c - c_i[i])
             steps = epochs * math.ceil(len(xs) / batch)
             new = c_i[i] - c + delta / (steps * lr)
             change += new - c_i[i]

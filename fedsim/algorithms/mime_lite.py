@@ -29,8 +29,6 @@ from fedsim.algorithms.optimizers import ServerOptimizer
 from fedsim.client.features import FROZEN_MOMENTUM, FULL_GRADIENT
 from fedsim.config import SimConfig
 
-FULL = "full_gradient"
-
 
 class MimeLite(Algorithm):
     name = "mime_lite"
@@ -57,14 +55,15 @@ class MimeLite(Algorithm):
         result = train(full_gradient=True, **payload)
         finite = bool(np.isfinite(result.delta).all())
         w = (float(result.num_examples) if self.weighted else 1.0) if finite else 0.0
-        return ClientOutput(result, {FULL: (w * result.full_gradient.astype(np.float64), w)})
+        full = w * result.full_gradient.astype(np.float64)
+        return ClientOutput(result, {FULL_GRADIENT: (full, w)})
 
     def apply(self, state: Mapping[str, Any], weights: np.ndarray, aggregate: np.ndarray,
               sums: Mapping[str, tuple[np.ndarray, float]]) -> tuple[State, np.ndarray]:
         server, new_weights = self.optimizer.step(dict(state["server"]), weights, aggregate)
         out: State = {"server": server}
         if "momentum_buffer" in state:
-            total, weight = sums.get(FULL, (np.zeros(weights.size), 0.0))
+            total, weight = sums.get(FULL_GRADIENT, (np.zeros(weights.size), 0.0))
             mean = (total / weight if weight > 0 else np.zeros_like(total)).astype(np.float32)
             out["momentum_buffer"] = (np.float32(self.momentum) * state["momentum_buffer"]
                                       + mean)

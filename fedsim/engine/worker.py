@@ -13,6 +13,7 @@ and folds each update into a partial sum with the aggregator's ``accumulate``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -255,11 +256,7 @@ class ClientWorker:
             fixed: dict[str, Any] = {}
             if dp_sgd:  # DP-SGD's noise and batches
                 fixed["noise_rng"] = stream(self.cfg.noise_root(), STREAM_NOISE, round_num, cid)
-
-            def train(_x: Any = x, _y: Any = y, _cid: int = cid, _fixed: Any = fixed,
-                      **options: Any) -> Any:
-                return self.trainer.train(weights, _x, _y, rng(_cid), **_fixed, **options)
-
+            train = functools.partial(self.trainer.train, weights, x, y, rng(cid), **fixed)
             yield cid, self.algorithm.client_update(train, payload, self._client_state(cid))
 
     def evaluate_clients(self, round_num: int, weights: np.ndarray,
