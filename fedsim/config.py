@@ -36,7 +36,7 @@ ACCOUNTANTS = ("rdp", "pld")
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "mime_lite")
 NOISE_SAMPLERS = ("float64", "discrete_gaussian")
 SECAGG_PROTOCOLS = ("none", "secagg", "secagg_plus")
-SAMPLING = ("uniform", "poisson")
+SAMPLING = ("uniform", "poisson", "epochs", "min_sep")  # (fedsim.cohort.sampling.SCHEMES)
 WEIGHTINGS = ("num_examples", "uniform")
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 CLIENT_OPTIMIZERS = ("sgd", "dp_sgd")
@@ -804,13 +804,47 @@ class AlgorithmConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Which clients take part in each round (:mod:`fedsim.cohort.sampling`).
+
+    scheme: ``uniform`` (exactly clients_per_round clients, without
+      replacement); ``poisson`` (each client independently with probability
+      clients_per_round / clients); ``epochs`` (each epoch of clients //
+      clients_per_round rounds shuffles the population and deals it out: a
+      client takes part at most once per epoch, the clients % clients_per_round
+      left over sit it out); ``min_sep`` (clients in min_sep fixed groups, round
+      t draws clients_per_round of group (t - 1) mod min_sep: a client takes part
+      at most once every min_sep rounds). epochs and min_sep bound how often a
+      client takes part (what DP-FTRL and matrix-factorization mechanisms
+      assume) and give no amplification by sampling.
+    min_sep: min_sep's separation b, an integer >= 1 with ``clients_per_round <=
+      clients // b`` (checked by :class:`SimConfig`); null for the other schemes.
+    """
+
+    scheme: str = "uniform"
+    min_sep: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _one_of("sampling.scheme", self.scheme, SAMPLING)
+        if self.scheme == "min_sep":
+            _check(isinstance(self.min_sep, int) and not isinstance(self.min_sep, bool)
+                   and self.min_sep >= 1, "sampling.min_sep", "an integer >= 1 with "
+                   "sampling=min_sep (a client takes part at most once every min_sep rounds)",
+                   self.min_sep)
+        else:
+            _check(self.min_sep is None, "sampling.min_sep", f"null with sampling={self.scheme} "
+                   "(min_sep is the separation of sampling=min_sep)", self.min_sep)
+
+
+@dataclass
 class SimConfig:
     """One federated simulation.
 
     clients: size of the client population. clients_per_round: how many are
     sampled each round (the expected number under Poisson sampling).
-    sampling: ``uniform`` (fixed-size, without replacement) or ``poisson`` (each
-    client independently with probability clients_per_round / clients).
+    sampling: who takes part in each round (:class:`SamplingConfig`: uniform,
+    poisson, epochs or min_sep; from Python a scheme name is short for
+    ``SamplingConfig(scheme)``).
     rounds: federated rounds. local_epochs: passes over each client's data per
     round. batch_size: client minibatch size. eval_every: evaluate the global
     model on the test split every k rounds (and after the last round).
@@ -831,7 +865,7 @@ class SimConfig:
 
     clients: int = 100
     clients_per_round: int = 10
-    sampling: str = "uniform"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     rounds: int = 60
     local_epochs: int = 5
     batch_size: int = 10
@@ -860,7 +894,9 @@ class SimConfig:
         _check(self.clients >= 1, "clients", "an integer >= 1", self.clients)
         _check(1 <= self.clients_per_round <= self.clients, "clients_per_round",
                f"an integer in [1, clients={self.clients}]", self.clients_per_round)
-        _one_of("sampling", self.sampling, SAMPLING)
+        if isinstance(self.sampling, str):  # (from Python: a scheme name is enough)
+            self.sampling = SamplingConfig(scheme=self.sampling)
+        self._check_sampling()
         if isinstance(self.algorithm, str):  # (from Python: a name is enough)
             self.algorithm = AlgorithmConfig(name=self.algorithm)
         _check(self.rounds >= 1, "rounds", "an integer >= 1", self.rounds)
@@ -884,15 +920,26 @@ class SimConfig:
                    "none with dp=distributed_skellam (canaries join the central sum)",
                    self.audit.kind)
         if self.faults.over_selection > 0:
-            _check(self.sampling == "uniform", "faults.over_selection",
-                   "0 with sampling=poisson (over-selection needs a fixed cohort size)",
-                   self.faults.over_selection)
+            _check(self.sampling.scheme == "uniform", "faults.over_selection",
+                   f"0 with sampling={self.sampling.scheme} (over-selection adds clients to a "
+                   "uniform fixed-size cohort)", self.faults.over_selection)
         self._check_dp()
         self._check_algorithm()
         if self.secagg.protocol != "none":
             _check(self.server.weighting == "uniform", "server.weighting",
                    "uniform with secure aggregation (the secure sum carries unweighted "
                    "updates; the secagg configs set it)", self.server.weighting)
+
+    def _check_sampling(self) -> None:
+        """min_sep's groups must each hold a cohort. (epochs needs clients_per_round
+        <= clients, as every scheme does: checked above.)"""
+        b = self.sampling.min_sep
+        if self.sampling.scheme == "min_sep" and b is not None:
+            _check(self.clients_per_round <= self.clients // b, "sampling.min_sep",
+                   f"an integer in [1, clients // clients_per_round = "
+                   f"{self.clients // self.clients_per_round}] with clients={self.clients} and "
+                   f"clients_per_round={self.clients_per_round} (each of the min_sep groups "
+                   "must hold a round's cohort)", b)
 
     def _check_tff(self) -> None:
         """A TFF factory is the whole aggregator, its DP included: fedsim's own DP
@@ -1021,16 +1068,16 @@ class SimConfig:
             _check(dp.accountant == "rdp", "dp.accountant",
                    "rdp with distributed_skellam (its privacy bound is an RDP bound)",
                    dp.accountant)
-            _check(self.sampling == "uniform", "sampling",
+            _check(self.sampling.scheme == "uniform", "sampling",
                    "uniform with distributed_skellam (its bound compares neighbouring "
                    "cohorts of equal size, each client adding one noise share; under "
                    "Poisson sampling removing a client also removes its share)",
-                   self.sampling)
+                   self.sampling.scheme)
             _check(dp.target_epsilon is None, "dp.target_epsilon",
                    "null with distributed_skellam (its bound depends on the model size; "
                    "set dp.noise_multiplier)", dp.target_epsilon)
         if dp.accountant == "pld":
-            _check(self.sampling == "poisson", "dp.accountant",
+            _check(self.sampling.scheme != "uniform", "dp.accountant",
                    "rdp with sampling=uniform (dp-accounting's PLD accountant has no "
                    "sampling without replacement); use sampling=poisson for pld",
                    dp.accountant)
@@ -1050,6 +1097,15 @@ class SimConfig:
                     "clients_per_round if not specified) is too low to achieve the desired "
                     "effective noise_multiplier; increase dp.clipped_count_stddev or "
                     "decrease dp.noise_multiplier", dp.noise_multiplier) from None
+
+
+def saved_sampling_scheme(saved: Any) -> Optional[str]:
+    """The sampling scheme a stored config names: its ``sampling`` is a
+    :class:`SamplingConfig` as a dict, or (checkpoints written before sampling
+    was a config group) the scheme's name; None if absent."""
+    if isinstance(saved, dict):
+        return saved.get("scheme")
+    return saved if isinstance(saved, str) else None
 
 
 def why(err: BaseException) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 from fedsim.algorithms.base import Algorithm, resolve_algorithm
 from fedsim.client.features import trainer_features
 from fedsim.client.state import remove_store
-from fedsim.config import DPConfig, SimConfig
+from fedsim.config import DPConfig, SimConfig, saved_sampling_scheme
 from fedsim.data.base import FederatedData, check_federated_data
 from fedsim.data.loaders import load_federated_data
 from fedsim.engine.parts import Parts, check_sendable
@@ -341,7 +341,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         accountant = build_accountant(cfg, num_parameters) if accounted else None
         if resumed:
             if accountant:
-                accountant.restore(resumed["ledger"], resumed["config"].get("sampling"),
+                accountant.restore(resumed["ledger"],
+                                   saved_sampling_scheme(resumed["config"].get("sampling")),
                                    resumed["config"]["dp"].get("accountant"))
             # Changed DP parameters (resume_force, or a recalibrated noise) start the
             # aggregator afresh: its state carries the old ones (noise stddev, clip).

@@ -3,7 +3,7 @@
 :class:`Server` is plain Python (usable without Ray); the simulation runs it as
 a Ray actor. Per round it:
 
-1. samples the cohort (:func:`fedsim.cohort.sampling.sample_clients`, seeded per round);
+1. samples the cohort (:func:`fedsim.cohort.sampling.sample_round`, seeded per round);
 2. hands out the global weights (one flat float32 vector) and the aggregator's
    client parameters (e.g. the clip norm);
 3. merges the workers' partial sums, lets the aggregator finalize them (noise is
@@ -24,7 +24,7 @@ import numpy as np
 from fedsim.aggregation.base import Partial, merge_partials
 from fedsim.algorithms.base import add_sums
 from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
-from fedsim.cohort.sampling import sample_clients
+from fedsim.cohort.sampling import sample_round
 from fedsim.config import SimConfig
 from fedsim.engine.parts import Parts, build_aggregator
 from fedsim.engine.worker import WorkerReport, configure_tensorflow, reinit_process
@@ -35,7 +35,6 @@ from fedsim.rng import (
     STREAM_CLIENT_FAULTS,
     STREAM_DROPOUT,
     STREAM_NOISE,
-    STREAM_SAMPLING,
     STREAM_SECAGG_GRAPH,
     stream,
 )
@@ -105,8 +104,8 @@ class Server:
     def sample(self, round_num: int) -> np.ndarray:
         """The cohort sampled in ``round_num`` (sorted client ids; over-selection included)."""
         per_round = sample_size(self.cfg.clients_per_round, self.cfg.faults, self.cfg.clients)
-        return sample_clients(self.cfg.clients, per_round, self.cfg.sampling,
-                              stream(self.cfg.seed, STREAM_SAMPLING, round_num))
+        return sample_round(self.cfg.sampling, self.cfg.clients, per_round, self.cfg.seed,
+                            round_num)
 
     def plan(self, round_num: int) -> RoundPlan:
         """The sampled cohort and which of its clients drop, straggle or report."""

@@ -40,7 +40,7 @@ from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedsim.config import DPConfig, SimConfig
+from fedsim.config import DPConfig, SimConfig, saved_sampling_scheme
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.events import (
     DiscreteGaussianDpEvent,
@@ -418,7 +418,7 @@ def build_accountant(cfg: SimConfig, dim: int | None = None) -> PrivacyAccountan
         if dim is None:
             raise ValueError("under secure aggregation the accountant needs the model size")
         rounding = (int(dim), cfg.secagg.precision_bits)
-    return PrivacyAccountant(cfg.dp.accountant, cfg.sampling, cfg.clients,
+    return PrivacyAccountant(cfg.dp.accountant, cfg.sampling.scheme, cfg.clients,
                              sample_size(cfg.clients_per_round, cfg.faults, cfg.clients),
                              target_delta(cfg), rounding)
 
@@ -427,9 +427,10 @@ def check_ledger(cfg: SimConfig, ledger: list[list], saved_config: dict[str, Any
     """Refuse (:class:`LedgerError`, one line) a checkpoint's ledger that ``cfg``'s
     accountant cannot continue (:meth:`PrivacyAccountant.restore`); before any
     actor starts."""
-    PrivacyAccountant(cfg.dp.accountant, cfg.sampling, cfg.clients, cfg.clients_per_round,
+    PrivacyAccountant(cfg.dp.accountant, cfg.sampling.scheme, cfg.clients, cfg.clients_per_round,
                       target_delta(cfg)).restore(
-        ledger, saved_config.get("sampling"), (saved_config.get("dp") or {}).get("accountant"))
+        ledger, saved_sampling_scheme(saved_config.get("sampling")),
+        (saved_config.get("dp") or {}).get("accountant"))
 
 
 def _round_up(value: float, digits: int = 6) -> float:

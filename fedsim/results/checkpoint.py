@@ -378,9 +378,13 @@ def upgrade_config(saved: dict[str, Any]) -> dict[str, Any]:
     run as the older fedsim ran; and ``server.initial_preconditioner``, stored as
     yogi's 1e-6 before it became null (1e-6 for yogi, 0.1 for adagrad), reads as
     null for the optimizers that existed then; ``algorithm``, once a name, reads
-    as ``{"name": <it>}`` with the other algorithm options at their defaults."""
+    as ``{"name": <it>}`` with the other algorithm options at their defaults;
+    ``sampling``, once a scheme's name, reads as ``{"scheme": <it>, "min_sep":
+    None}``."""
     if isinstance(saved.get("algorithm"), str):
         saved = {**saved, "algorithm": {"name": saved["algorithm"]}}
+    if isinstance(saved.get("sampling"), str):
+        saved = {**saved, "sampling": {"scheme": saved["sampling"]}}
     out = _with_defaults(saved, dataclasses.asdict(SimConfig()))
     server = out.get("server")
     if (isinstance(server, dict) and server.get("initial_preconditioner") == 1e-6

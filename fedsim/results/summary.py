@@ -4,7 +4,7 @@ assumptions it rests on, and the example-level DP of DP-SGD clients."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -20,9 +20,28 @@ NOT_PRIVATIZED = ("per-round metrics computed on the clients' exact data and rel
                   "zeroed, dropped, stragglers (and the evaluation on the central test split)")
 
 
+def sampling_summary(cfg: SimConfig, rounds: Optional[int] = None) -> dict[str, Any]:
+    """The run's participation scheme: ``scheme`` and ``min_sep`` (the config's),
+    ``rounds_per_epoch`` (epochs only) and ``max_participations``, the most
+    rounds any one client can take part in among rounds ``1..rounds`` (default
+    ``cfg.rounds``; None for uniform and poisson: any round;
+    :mod:`fedsim.cohort.sampling`)."""
+    from fedsim.cohort.sampling import max_participations, rounds_per_epoch
+
+    s = cfg.sampling
+    out: dict[str, Any] = {"scheme": s.scheme, "min_sep": s.min_sep}
+    if s.scheme == "epochs":
+        out["rounds_per_epoch"] = rounds_per_epoch(cfg.clients, cfg.clients_per_round)
+    rounds = cfg.rounds if rounds is None else rounds
+    out["max_participations"] = max_participations(s.scheme, rounds, cfg.clients,
+                                                   cfg.clients_per_round, s.min_sep)
+    return out
+
+
 def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any],
-                    mechanism: Any = None) -> dict[str, Any]:
-    """What the run spent, and the assumptions the number rests on."""
+                    mechanism: Any = None, rounds: Optional[int] = None) -> dict[str, Any]:
+    """What the run spent, and the assumptions the number rests on (``rounds``:
+    the last round run, for :func:`sampling_summary`; default ``cfg.rounds``)."""
     if accountant is None or (cfg.dp.mechanism == "none" and not accountant.ledger):
         return {"mechanism": "none", "epsilon": None, **extra}
     name = (cfg.dp.mechanism if cfg.dp.mechanism != "none"
@@ -30,7 +49,8 @@ def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any],
     eps = accountant.epsilon()
     out = {"mechanism": name, "epsilon": eps if np.isfinite(eps) else "inf",
            "delta": accountant.delta, "accountant": accountant.kind,
-           "neighboring_relation": accountant.relation.name, "sampling": cfg.sampling,
+           "neighboring_relation": accountant.relation.name,
+           "sampling": sampling_summary(cfg, rounds),
            "noise_multiplier": cfg.dp.noise_multiplier,
            "rounds_accounted": sum(c for _, c in accountant.ledger),
            "noise_sampler": (TFF_SAMPLER if cfg.aggregator.kind == "tff" else resolve_mechanism(
@@ -108,6 +128,7 @@ def run_summary(cfg: SimConfig, data: FederatedData, rows: list[dict[str, Any]],
     evaluated = [r for r in rows if r.get("eval_loss") is not None]
     final = evaluated[-1] if evaluated else {}
     scores = [r[primary] for r in evaluated if r.get(primary) is not None]
+    last_round = rows[-1]["round"] if rows else 0
     return {
         "status": "completed",
         "stop_reason": stop_reason,
@@ -126,7 +147,8 @@ def run_summary(cfg: SimConfig, data: FederatedData, rows: list[dict[str, Any]],
         "wall_seconds": time.perf_counter() - started,
         "setup_seconds": setup_seconds,
         "mean_round_seconds": float(np.mean([r["round_seconds"] for r in rows])),
-        "privacy": privacy_summary(cfg, accountant, privacy, mechanism),
+        "sampling": sampling_summary(cfg, last_round),  # who took part, in rounds 1..last
+        "privacy": privacy_summary(cfg, accountant, privacy, mechanism, last_round),
         "audit": audit,
         "workers": workers,
         "worker_nodes": len({p["node"] for p in placement}),
