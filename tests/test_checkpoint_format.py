@@ -433,8 +433,8 @@ def test_the_server_state_of_a_tff_aggregator_round_trips(tmp_path):
 
 def test_a_checkpoint_written_before_the_newer_options_still_resumes():
     """A config as fedsim wrote it before federated_eval, model.loss/metrics, the
-    text datasets' options, FedAdagrad and the algorithm options: the new options
-    read as their defaults."""
+    text datasets' options, FedAdagrad, the algorithm options and the sampling
+    config group: the new options read as their defaults."""
     old = dataclasses.asdict(SimConfig())
     del old["federated_eval"]
     for key in ("loss", "metrics"):
@@ -443,6 +443,7 @@ def test_a_checkpoint_written_before_the_newer_options_still_resumes():
         old["data"].pop(key, None)
     old["server"]["initial_preconditioner"] = 1e-6  # yogi's, stored for every optimizer
     old["algorithm"] = "fedavg"  # a name, before the algorithm options
+    old["sampling"] = "uniform"  # a name, before the sampling config group
     assert check_resumable(old, SimConfig()) == {}
     with pytest.raises(CheckpointError, match="resume: algorithm differs"):
         check_resumable({**old, "algorithm": "fedavg"}, SimConfig(algorithm="fedprox"))

@@ -85,6 +85,9 @@ BAD_INPUTS = [
     (["client.optimizer=adamw"], "client.optimizer=adamw: allowed is one of sgd, dp_sgd"),
     (["faults.client_dropout=1.5"], "faults.client_dropout=1.5: allowed is a probability in [0, 1)"),
     (["sampling=poisson", "faults.over_selection=0.3"], "faults.over_selection=0.3: allowed is 0"),
+    (["sampling=min_sep"], "sampling.min_sep=None: allowed is an integer >= 1 with sampling=min_sep"),
+    (["sampling=min_sep", "sampling.min_sep=11"],
+     "sampling.min_sep=11: allowed is an integer in [1, clients // clients_per_round = 10]"),
     # Refused (connection refused) and silent (a non-routable address: the timeout).
     (["ray.address=ray://127.0.0.1:9"], "ray.address='ray://127.0.0.1:9': no Ray cluster answers"),
     (["ray.address=10.255.255.1:6379", "ray.connect_timeout_s=2"],

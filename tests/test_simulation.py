@@ -57,6 +57,19 @@ def test_training_learns_and_poisson_cohorts_vary(warm_actors):
     assert res.metrics[-1]["eval_accuracy"] > 0.5  # far above chance (0.1)
 
 
+def test_min_sep_cohorts_run_and_the_summary_describes_them(warm_actors):
+    """sampling=min_sep through the server actor: 20 clients in 4 groups of 5, each
+    round takes its whole group (pure checks of the schemes: test_sampling_schemes.py)."""
+    from fedsim.config import SamplingConfig
+
+    res = run_simulation(small_config(rounds=5, sampling=SamplingConfig("min_sep", 4)),
+                         actors=warm_actors)
+    assert [r["clients"] for r in res.metrics] == [5] * 5
+    assert res.summary["sampling"] == {"scheme": "min_sep", "min_sep": 4,
+                                       "max_participations": 2}
+    assert res.summary["config"]["sampling"] == {"scheme": "min_sep", "min_sep": 4}
+
+
 def test_large_synthetic_population_runs_with_flat_memory(warm_actors):
     res = run_simulation(small_config(clients=10_000, clients_per_round=10, rounds=2,
                                 data=DataConfig(name="synthetic", test_clients=20)),
