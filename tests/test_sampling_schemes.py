@@ -242,6 +242,10 @@ def test_epoch_step_counts_match_the_epochs_the_cohorts_were_dealt_from():
 # --------------------------------------------------------------------------- config
 
 def test_a_scheme_name_is_short_for_its_config():
+    from fedsim.cohort.sampling import SCHEMES as DRAWN
+    from fedsim.config import SAMPLING
+
+    assert SAMPLING == DRAWN  # the config allows exactly the schemes sample_round draws
     assert SimConfig(sampling="poisson").sampling == SamplingConfig("poisson", None)
     assert SimConfig().sampling == SamplingConfig("uniform")
     cfg = SimConfig(clients=103, clients_per_round=10, sampling=SamplingConfig("min_sep", 10))
