@@ -31,7 +31,8 @@ CIFAR100_LABELS = ("label", "coarse_label")
 MODELS = ("logreg", "mlp", "cnn", "keras")
 # module.path:attr.path, as ``model.builder`` (and ``aggregator.factory``) name a callable
 CALLABLE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam")
+DP_MECHANISMS = ("none", "gaussian", "gaussian_adaptive", "laplace", "distributed_skellam",
+                 "tree_aggregation", "tree_adaptive", "banded_mf", "blt")
 ACCOUNTANTS = ("rdp", "pld")
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "mime_lite")
 NOISE_SAMPLERS = ("float64", "discrete_gaussian")
@@ -401,6 +402,31 @@ class DPConfig:
       Kamath and Steinke 2020, to the unmasked INTEGER sum in fixed-point units,
       before it is scaled back: no floating-point caveat; accounted without
       sampling amplification, :mod:`fedsim.privacy.discrete_gaussian`).
+    Correlated noise (DP-FTRL and matrix factorization; the noise of a round is
+    correlated with earlier rounds' so that the model, a prefix sum of the
+    releases, carries less of it; accounted over the whole run for the client
+    that participates most, without sampling amplification: ``sampling=epochs``
+    or ``sampling=min_sep``):
+      ``tree_aggregation``: TFF's ``DifferentiallyPrivateFactory.tree_aggregation``
+        (:mod:`fedsim.privacy.tree`): clip ``l2_norm_clip``, every tree node noised
+        with std ``noise_multiplier * l2_norm_clip``.
+      ``tree_adaptive``: TFF's ``tree_adaptive``: the adaptive clip's options as
+        ``gaussian_adaptive`` (default ``clipped_count_stddev`` clients_per_round /
+        20); the estimated clip is adopted at each restart.
+      ``banded_mf``: banded matrix factorization (Choquette-Choo et al. 2023) with
+        a banded Toeplitz strategy of ``bands`` bands (null: ``sampling.min_sep``
+        or the rounds of an epoch, capped at ``rounds``); noise std on the sum
+        ``noise_multiplier * l2_norm_clip * sensitivity`` of the strategy.
+      ``blt``: a buffered linear Toeplitz mechanism (Dvijotham et al. 2024) with
+        ``buffers`` buffers: the server keeps ``buffers`` vectors of the model's
+        size, whatever the number of rounds.
+    restart_every: tree mechanisms: ``epoch`` (restart the tree at the end of each
+      epoch of ``sampling=epochs``), ``never``, or every k rounds (after the
+      ``restart_warmup``-th round first, TF Privacy's ``PeriodicRoundRestartIndicator``).
+    tree_efficient: TF Privacy's efficient tree (Honaker 2015; TFF's default) or the
+      plain binary tree.
+    strategy_cache: a directory where optimized matrix-factorization strategies are
+      kept by their parameters (null: ``~/.cache/fedsim/strategies``).
     noise_seed: root of every privacy-noise stream (the server's noise, the
       clients' fixed-point rounding and Skellam shares, DP-SGD noise). ``run``:
       the run's ``seed``, so a simulation's noise is reproducible (two runs with
@@ -426,6 +452,12 @@ class DPConfig:
     max_epsilon: Optional[float] = None
     noise_sampler: str = "float64"
     noise_seed: Any = "run"  # "run", "os" or an integer (OmegaConf has no int|str union)
+    restart_every: Any = "epoch"  # "epoch", "never" or an integer (tree mechanisms)
+    restart_warmup: Optional[int] = None
+    tree_efficient: bool = True
+    bands: Optional[int] = None
+    buffers: int = 4
+    strategy_cache: Optional[str] = None
 
     def __post_init__(self) -> None:
         if ":" not in self.mechanism:  # module:callable: a user's mechanism (checked when built)
@@ -462,6 +494,23 @@ class DPConfig:
             _positive("dp.target_epsilon", self.target_epsilon)
         if self.max_epsilon is not None:
             _positive("dp.max_epsilon", self.max_epsilon)
+        if self.restart_every not in ("epoch", "never"):
+            try:
+                ok = not isinstance(self.restart_every, bool) and int(self.restart_every) >= 1
+            except (TypeError, ValueError):
+                ok = False
+            _check(ok, "dp.restart_every", "epoch, never or an integer >= 1",
+                   self.restart_every)
+            self.restart_every = int(self.restart_every)
+        if self.restart_warmup is not None:
+            _check(isinstance(self.restart_every, int)
+                   and 1 <= self.restart_warmup < self.restart_every, "dp.restart_warmup",
+                   "null, or an integer in [1, dp.restart_every) with an integer "
+                   "dp.restart_every", self.restart_warmup)
+        if self.bands is not None:
+            _check(self.bands >= 1, "dp.bands", "an integer >= 1 (or null: "
+                   "sampling.min_sep, or the rounds of an epoch)", self.bands)
+        _check(1 <= self.buffers <= 16, "dp.buffers", "an integer in [1, 16]", self.buffers)
 
 
 @dataclass

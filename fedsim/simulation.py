@@ -205,7 +205,7 @@ def _calibrated(cfg: SimConfig, data: FederatedData, resumed: Optional[dict[str,
                 "epsilon": cfg.dp.epsilon} == dataclasses.asdict(cfg.dp)
         if same and done < cfg.rounds:
             kept = dataclasses.replace(cfg, dp=DPConfig(**saved))
-            acct = build_accountant(kept, dim)
+            acct = build_accountant(kept, dim, mechanism)
             acct.restore(ledger)
             event = acct.round_event(mechanism_event(kept.dp, kept.clients_per_round,
                                                      mechanism=mechanism))
@@ -338,7 +338,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                                           data.num_classes, data.x_test, data.y_test, n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
-        accountant = build_accountant(cfg, num_parameters) if accounted else None
+        accountant = build_accountant(cfg, num_parameters, mech) if accounted else None
         if resumed:
             if accountant:
                 accountant.restore(resumed["ledger"],

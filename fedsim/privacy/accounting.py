@@ -13,6 +13,16 @@ simulation really used:
   (RDP of Wang, Balle and Kasiviswanathan 2019).
 - ``sampling=poisson``: neighbours add or remove one client
   (``ADD_OR_REMOVE_ONE``), ``PoissonSampledDpEvent(clients_per_round / clients, .)``.
+- ``sampling=epochs`` and ``sampling=min_sep`` (fixed schedules: a client is in
+  at most one round of an epoch, or one of any ``min_sep`` consecutive rounds):
+  no amplification. Neighbours replace one client's updates by zeros (the
+  zero-out relation, dp-accounting's ``REPLACE_SPECIAL``, the one DP-FTRL and
+  matrix factorization are stated for; for a Gaussian mechanism it is the
+  add/remove sensitivity, which the PLD accountant uses). The run's event is
+  that of the client that participates most: ``k`` of its rounds, ``k`` from the
+  schedule (:func:`fedsim.cohort.sampling.max_participations`); a mechanism
+  whose noise is correlated across rounds states it itself
+  (:meth:`~fedsim.privacy.mechanisms.base.Mechanism.run_event`).
 - Laplace releases under the RDP accountant are composed without sampling
   amplification (dp-accounting's RDP has no subsampled Laplace), an upper bound;
   under PLD with Poisson sampling they are amplified.
@@ -30,6 +40,7 @@ a meaningful guarantee over a population of that size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -59,6 +70,11 @@ at least as noisy as the one calibrated to spend exactly the target."""
 
 class LedgerError(FedsimError):
     """A ledger of events that this accountant cannot compose (one line)."""
+
+
+UNAMPLIFIED = ("epochs", "min_sep")
+"""Sampling schemes whose schedules bound each client's participations instead of
+amplifying by sampling."""
 
 
 def default_delta(clients: int) -> float:
@@ -124,6 +140,9 @@ def rounded_sensitivity_event(event: DpEvent, dim: int, precision_bits: int) -> 
             return type(e)(e.noise_multiplier / l2)
         if isinstance(e, dp_accounting.LaplaceDpEvent):
             return dp_accounting.LaplaceDpEvent(e.noise_multiplier / l1)
+        if isinstance(e, dp_accounting.SingleEpochTreeAggregationDpEvent):
+            return dp_accounting.SingleEpochTreeAggregationDpEvent(e.noise_multiplier / l2,
+                                                                   e.step_counts)
         if isinstance(e, dp_accounting.ComposedDpEvent):
             return dp_accounting.ComposedDpEvent([scale(x) for x in e.events])
         if isinstance(e, dp_accounting.SelfComposedDpEvent):
@@ -208,18 +227,32 @@ class PrivacyAccountant:
     """
 
     def __init__(self, kind: str, sampling: str, clients: int, clients_per_round: int,
-                 delta: float, secure_rounding: tuple[int, int] | None = None) -> None:
+                 delta: float, secure_rounding: tuple[int, int] | None = None,
+                 participations: Callable[[int], int] | None = None,
+                 run_event: Callable[[int, DPConfig | None], DpEvent] | None = None) -> None:
         """secure_rounding: ``(model size, secagg.precision_bits)`` when updates are
         fixed-point encoded for secure aggregation: :meth:`round_event` then
-        charges the rounded sensitivity (:func:`rounded_sensitivity_event`)."""
+        charges the rounded sensitivity (:func:`rounded_sensitivity_event`).
+        participations (``sampling=epochs|min_sep``): the most rounds one client is
+        in among the first r. run_event: a correlated mechanism's event of the
+        first r releases (with the given DP config, default the run's)."""
         self.secure_rounding = secure_rounding
         self.kind = kind
         self.sampling = sampling
         self.clients = int(clients)
         self.clients_per_round = int(clients_per_round)
         self.delta = float(delta)
-        self.relation = (NeighboringRelation.REPLACE_ONE if sampling == "uniform"
-                         else NeighboringRelation.ADD_OR_REMOVE_ONE)
+        self.participations = participations
+        self.run_event = run_event
+        self.unamplified = sampling in UNAMPLIFIED
+        if self.unamplified and (participations is None and run_event is None):
+            raise ValueError(f"sampling={sampling} needs the clients' participations")
+        if sampling == "uniform":
+            self.relation = NeighboringRelation.REPLACE_ONE
+        elif self.unamplified and kind == "rdp":
+            self.relation = NeighboringRelation.REPLACE_SPECIAL
+        else:
+            self.relation = NeighboringRelation.ADD_OR_REMOVE_ONE
         self.ledger: list[list] = []
         self._rdp_cache: dict[str, RdpAccountant] = {}
 
@@ -236,6 +269,8 @@ class PrivacyAccountant:
             return mechanism
         if self.secure_rounding is not None:
             mechanism = rounded_sensitivity_event(mechanism, *self.secure_rounding)
+        if self.unamplified:  # no amplification, zero-out neighbours: as released
+            return mechanism
 
         if isinstance(mechanism, DiscreteGaussianDpEvent):
             # No amplification claimed (fedsim.privacy.discrete_gaussian); replacing a client
@@ -272,7 +307,7 @@ class PrivacyAccountant:
                 return SkellamDpEvent(event.l1_sensitivity / 2, event.l2_sensitivity / 2,
                                       event.variance)
             return event
-        if isinstance(event, dp_accounting.NoOpDpEvent):
+        if isinstance(event, dp_accounting.NoOpDpEvent) or self.unamplified:
             return event
         if self.sampling == "uniform":
             if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
@@ -314,19 +349,55 @@ class PrivacyAccountant:
         self.ledger = [[event, int(count)] for event, count in ledger]
 
     def record(self, event: DpEvent) -> None:
-        """Compose one round's event (from :meth:`round_event`)."""
+        """Compose one round's event (from :meth:`round_event`). A correlated
+        mechanism's releases must all be alike (its run is one mechanism)."""
         event = round_down_noise(event)
+        if self.run_event is not None and self.ledger and self.ledger[0][0] != event:
+            raise LedgerError(f"a correlated-noise mechanism cannot change its noise within "
+                              f"a run (the ledger has {self.ledger[0][0]}, this round "
+                              f"{event}); start a new run")
         for entry in self.ledger:
             if entry[0] == event:
                 entry[1] += 1
                 return
         self.ledger.append([event, 1])
 
+    def stream_event(self, entries: list[list], dp: DPConfig | None = None) -> DpEvent:
+        """Under ``sampling=epochs|min_sep``: the event of the rounds in ``entries``
+        for the client that participates most. A correlated mechanism's
+        :meth:`~fedsim.privacy.mechanisms.base.Mechanism.run_event` (with ``dp``,
+        default the run's; charged for secure rounding); otherwise the ``k``
+        least noisy of the rounds (all alike: ``k`` of them)."""
+        rounds = sum(int(c) for _, c in entries)
+        if self.run_event is not None:
+            event = self.run_event(rounds, dp)
+            if self.secure_rounding is not None:
+                event = rounded_sensitivity_event(event, *self.secure_rounding)
+            return event
+        assert self.participations is not None
+        k = self.participations(rounds)
+        if len(entries) == 1:
+            return dp_accounting.SelfComposedDpEvent(entries[0][0], min(k, rounds))
+        # different rounds (a resume with new noise): each distinct event up to k
+        # times, an upper bound on any k of them
+        return dp_accounting.ComposedDpEvent([dp_accounting.SelfComposedDpEvent(e, min(k, c))
+                                              for e, c in entries])
+
     def _epsilon(self, entries: list[list]) -> float:
         if not entries:
             return 0.0
         if any(_noiseless(event) for event, _ in entries):
             return math.inf  # dp-accounting's RDP of a noiseless sampled release divides by 0
+        if self.unamplified:
+            event = self.stream_event(entries)
+            if _noiseless(event):
+                return math.inf
+            if self.kind == "pld":
+                acct = self.fresh()
+                acct.compose(event)
+                return float(acct.get_epsilon(self.delta))
+            return float(rdp_privacy_accountant.compute_epsilon(
+                self._orders, self._event_rdp(event), self.delta)[0])
         if self.kind == "pld":
             acct = self.fresh()
             for event, count in entries:
@@ -353,6 +424,13 @@ class PrivacyAccountant:
             return skellam_rdp(event, self._orders)
         if isinstance(event, DiscreteGaussianDpEvent):
             return discrete_gaussian_rdp(event, self._orders)
+        if isinstance(event, dp_accounting.SelfComposedDpEvent) and isinstance(
+                event.event, (SkellamDpEvent, DiscreteGaussianDpEvent)):
+            return event.count * self._event_rdp(event.event)
+        if isinstance(event, dp_accounting.ComposedDpEvent) and any(
+                isinstance(e, (SkellamDpEvent, DiscreteGaussianDpEvent,
+                               dp_accounting.SelfComposedDpEvent)) for e in event.events):
+            return sum((self._event_rdp(e) for e in event.events), np.zeros(len(self._orders)))
         one = RdpAccountant(self._orders, neighboring_relation=self.relation)
         one.compose(event)
         return one.rdp
@@ -406,7 +484,28 @@ def audit_comparison(accountant: PrivacyAccountant | None,
                               f"{twin.clients_per_round}/{twin.clients}, as each canary joins")}
 
 
-def build_accountant(cfg: SimConfig, dim: int | None = None) -> PrivacyAccountant:
+def _schedule(cfg: SimConfig, mechanism: Any = None) -> dict[str, Any]:
+    """The accountant's participations and run event under ``sampling=epochs|min_sep``."""
+    scheme = cfg.sampling.scheme
+    if scheme not in UNAMPLIFIED:
+        return {}
+    from fedsim.cohort.sampling import max_participations
+
+    mech = resolve_mechanism(mechanism if mechanism is not None else cfg.dp.mechanism)
+
+    def participations(rounds: int) -> int:
+        return int(max_participations(scheme, rounds, cfg.clients, cfg.clients_per_round,
+                                      cfg.sampling.min_sep))
+
+    def run_event(rounds: int, dp: DPConfig | None = None) -> DpEvent:
+        return mech.run_event(cfg, rounds, dp)
+
+    return {"participations": participations,
+            "run_event": run_event if mech.correlated else None}
+
+
+def build_accountant(cfg: SimConfig, dim: int | None = None,
+                     mechanism: Any = None) -> PrivacyAccountant:
     """The run's accountant. It charges for the *sampled* cohort: with
     over-selection that is more than ``clients_per_round`` (:mod:`fedsim.cohort.faults`).
     Under secure aggregation it needs the model size ``dim`` to charge for
@@ -420,15 +519,15 @@ def build_accountant(cfg: SimConfig, dim: int | None = None) -> PrivacyAccountan
         rounding = (int(dim), cfg.secagg.precision_bits)
     return PrivacyAccountant(cfg.dp.accountant, cfg.sampling.scheme, cfg.clients,
                              sample_size(cfg.clients_per_round, cfg.faults, cfg.clients),
-                             target_delta(cfg), rounding)
+                             target_delta(cfg), rounding, **_schedule(cfg, mechanism))
 
 
 def check_ledger(cfg: SimConfig, ledger: list[list], saved_config: dict[str, Any]) -> None:
     """Refuse (:class:`LedgerError`, one line) a checkpoint's ledger that ``cfg``'s
     accountant cannot continue (:meth:`PrivacyAccountant.restore`); before any
     actor starts."""
-    PrivacyAccountant(cfg.dp.accountant, cfg.sampling.scheme, cfg.clients, cfg.clients_per_round,
-                      target_delta(cfg)).restore(
+    PrivacyAccountant(cfg.dp.accountant, cfg.sampling.scheme, cfg.clients,
+                      cfg.clients_per_round, target_delta(cfg), **_schedule(cfg)).restore(
         ledger, saved_sampling_scheme(saved_config.get("sampling")),
         (saved_config.get("dp") or {}).get("accountant"))
 
@@ -456,7 +555,7 @@ def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int
     round run. Raises :class:`ConfigError` when the ledger alone already
     reaches the target."""
     dp = cfg.dp
-    acct = build_accountant(cfg, dim)
+    acct = build_accountant(cfg, dim, mechanism)
     remaining = cfg.rounds - rounds_done
     spent = [[e, int(c)] for e, c in (ledger or [])]
     if spent:
@@ -473,6 +572,11 @@ def calibrate(cfg: SimConfig, ledger: list[list] | None = None, rounds_done: int
     base = mech.calibration_event
 
     def make(nm: float) -> DpEvent:
+        if acct.run_event is not None:  # correlated noise: the whole run is one mechanism
+            return acct.stream_event([[None, cfg.rounds]],
+                                     dataclasses.replace(dp, noise_multiplier=nm))
+        if acct.unamplified:
+            return acct.stream_event([[acct.round_event(base(nm)), cfg.rounds]])
         new = dp_accounting.SelfComposedDpEvent(acct.round_event(base(nm)), remaining)
         return dp_accounting.ComposedDpEvent(
             [dp_accounting.SelfComposedDpEvent(e, c) for e, c in spent] + [new])

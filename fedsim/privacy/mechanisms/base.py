@@ -30,6 +30,10 @@ BUILTIN = {
     "gaussian_adaptive": "fedsim.privacy.mechanisms.gaussian_adaptive:GaussianAdaptive",
     "laplace": "fedsim.privacy.mechanisms.laplace:Laplace",
     "distributed_skellam": "fedsim.privacy.mechanisms.distributed_skellam:DistributedSkellam",
+    "tree_aggregation": "fedsim.privacy.mechanisms.tree_aggregation:TreeAggregation",
+    "tree_adaptive": "fedsim.privacy.mechanisms.tree_adaptive:TreeAdaptive",
+    "banded_mf": "fedsim.privacy.mechanisms.banded_mf:BandedMF",
+    "blt": "fedsim.privacy.mechanisms.blt:BLT",
 }
 assert set(BUILTIN) == set(DP_MECHANISMS)
 
@@ -45,7 +49,11 @@ class Mechanism(ABC):
       ``"required"`` (its noise is added inside the secure sum) or ``"never"``;
     - ``calibratable``: ``dp.target_epsilon`` can be met by searching the noise
       parameter (:meth:`calibration_event`, :meth:`calibrated`);
-    - ``needs_model_size``: its event depends on the model's size ``dim``.
+    - ``needs_model_size``: its event depends on the model's size ``dim``;
+    - ``correlated``: its noise is correlated across rounds, so it is accounted
+      over the whole run (:meth:`run_event`), not round by round;
+    - ``participation``: the sampling schemes its accounting holds for (empty:
+      any).
     """
 
     name: str = ""
@@ -53,6 +61,8 @@ class Mechanism(ABC):
     secure_sum: str = "optional"
     calibratable: bool = True
     needs_model_size: bool = False
+    correlated: bool = False
+    participation: tuple[str, ...] = ()
 
     def check(self, cfg: SimConfig) -> None:
         """Refuse (:class:`ConfigError`, one line) options this mechanism cannot run
@@ -63,6 +73,10 @@ class Mechanism(ABC):
                               "is added inside the secure sum)", cfg.secagg.protocol)
         if self.secure_sum == "never" and cfg.secagg.protocol != "none":
             raise ConfigError("secagg", f"none with {option}", cfg.secagg.protocol)
+        if self.participation and cfg.sampling.scheme not in self.participation:
+            raise ConfigError("sampling", f"{' or '.join(self.participation)} with {option} "
+                              "(its accounting bounds how often a client participates)",
+                              cfg.sampling.scheme)
         if not self.calibratable and cfg.dp.target_epsilon is not None:
             raise ConfigError("dp.target_epsilon", f"null with {option} (it cannot be "
                               "calibrated; set its noise)", cfg.dp.target_epsilon)
@@ -90,6 +104,14 @@ class Mechanism(ABC):
     def calibrated(self, cfg: SimConfig, value: float) -> DPConfig:
         """``cfg.dp`` with the searched parameter set to ``value``."""
         return dataclasses.replace(cfg.dp, noise_multiplier=value)
+
+    def run_event(self, cfg: SimConfig, rounds: int, dp: Optional[DPConfig] = None) -> DpEvent:
+        """Correlated mechanisms: the DpEvent of the first ``rounds`` releases for
+        the client that participates most under ``cfg.sampling`` (zero-out
+        neighbours: its updates replaced by zeros), with ``dp`` (default
+        ``cfg.dp``) as the noise; what the accountant composes instead of round
+        events."""
+        raise NotImplementedError(f"dp.mechanism={self.name} is accounted per round")
 
     def noise_sampler(self, dp: DPConfig) -> str:
         """The sampler its noise is drawn from, as ``summary.json`` names it."""

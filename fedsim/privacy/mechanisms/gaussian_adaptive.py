@@ -31,17 +31,23 @@ class GaussianAdaptive(Mechanism):
                                               dp_accounting.GaussianDpEvent(count_std / 0.5)])
 
     def calibrated(self, cfg: SimConfig, value: float) -> DPConfig:
-        dp = cfg.dp
-        count_std = (dp.clipped_count_stddev if dp.clipped_count_stddev is not None
-                     else 0.05 * cfg.clients_per_round)
-        if value >= 2 * count_std:
-            raise ConfigError("dp.target_epsilon", f"a budget that needs a noise multiplier "
-                              f"below 2 * clipped_count_stddev = {2 * count_std:g} (it needs "
-                              f"{value:.4g}); raise dp.target_epsilon or dp.clipped_count_stddev",
-                              dp.target_epsilon)
-        return dataclasses.replace(dp, noise_multiplier=value)
+        return calibrated_adaptive(cfg, value)
 
     def build_aggregator(self, cfg: SimConfig) -> Aggregator:
         from fedsim.privacy.queries import DPQueryAggregator
 
         return DPQueryAggregator(cfg.dp, cfg.clients_per_round)
+
+
+def calibrated_adaptive(cfg: SimConfig, value: float) -> DPConfig:
+    """``cfg.dp`` with the total noise multiplier ``value``, refused (one line) when
+    it is too small to split with the count's std (TFF's condition)."""
+    dp = cfg.dp
+    count_std = (dp.clipped_count_stddev if dp.clipped_count_stddev is not None
+                 else 0.05 * cfg.clients_per_round)
+    if value >= 2 * count_std:
+        raise ConfigError("dp.target_epsilon", f"a budget that needs a noise multiplier "
+                          f"below 2 * clipped_count_stddev = {2 * count_std:g} (it needs "
+                          f"{value:.4g}); raise dp.target_epsilon or dp.clipped_count_stddev",
+                          dp.target_epsilon)
+    return dataclasses.replace(dp, noise_multiplier=value)
