@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 import dp_accounting
+import numpy as np
 import pytest
+from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
@@ -14,6 +16,7 @@ from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimCon
 from fedsim.errors import ConfigError
 from fedsim.privacy.accounting import (
     PrivacyAccountant,
+    build_accountant,
     audit_comparison,
     calibrate,
     default_delta,
@@ -315,3 +318,32 @@ def test_a_ledger_under_another_relation_or_accountant_is_refused_in_one_line():
     with pytest.raises(LedgerError, match="dp.accountant=pld cannot compose"):
         check_ledger(to_pld, rdp.ledger, dataclasses.asdict(adaptive))
     check_ledger(adaptive, rdp.ledger, dataclasses.asdict(adaptive))  # unchanged: fine
+
+
+@pytest.mark.parametrize("scheme, min_sep, rounds, k", [("min_sep", 5, 23, 5),
+                                                        ("epochs", None, 23, 3)])
+@pytest.mark.parametrize("kind", ["rdp", "pld"])
+def test_unamplified_schemes_charge_the_most_participations_without_amplification(
+        scheme, min_sep, rounds, k, kind):
+    """sampling=min_sep (b = 5) or epochs (100 clients, 10 per round: 10 rounds an
+    epoch): after 23 rounds a client is in at most k rounds; the run spends k
+    unamplified Gaussian releases, RDP k * alpha / (2 z^2) computed directly
+    (PLD: dp-accounting's PLD of the same k releases)."""
+    from fedsim.config import SamplingConfig
+
+    cfg = SimConfig(clients=100, clients_per_round=10, rounds=rounds,
+                    sampling=SamplingConfig(scheme=scheme, min_sep=min_sep),
+                    server=ServerConfig(weighting="uniform"),
+                    dp=DPConfig(mechanism="gaussian", noise_multiplier=1.1, accountant=kind))
+    acct = build_accountant(cfg)
+    for _ in range(rounds):
+        acct.record(acct.round_event(dp_accounting.GaussianDpEvent(1.1)))
+    if kind == "rdp":
+        orders = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, np.float64)
+        direct = float(rdp_privacy_accountant.compute_epsilon(
+            orders, k * orders / (2 * 1.1 ** 2), acct.delta)[0])
+    else:
+        pld = PLDAccountant()
+        pld.compose(dp_accounting.GaussianDpEvent(1.1), k)
+        direct = pld.get_epsilon(acct.delta)
+    assert acct.epsilon() == pytest.approx(direct, rel=1e-9)
