@@ -88,6 +88,11 @@ class DataConfig:
       test split, in (0, 1).
     synthetic_alpha, synthetic_beta: LEAF's model and data heterogeneity.
     synthetic_dim, synthetic_classes: feature dimension and number of classes.
+    synthetic_iid: ``synthetic`` only: FedProx's Synthetic-IID instead of LEAF's
+      synthetic(alpha, beta): one labelling model W, b shared by all clients
+      (drawn from the seed alone) and features x ~ N(0, diag(j^-1.2)) for every
+      client, still generated per client; synthetic_alpha and synthetic_beta
+      are ignored. A global model can learn it (``data=synthetic_iid``).
     test_clients: synthetic only: how many clients' held-out 20% form the global
       test split.
     tff_dataset: ``tff_client_data`` only: ``emnist`` (62 classes),
@@ -137,6 +142,7 @@ class DataConfig:
     synthetic_beta: float = 1.0
     synthetic_dim: int = 60
     synthetic_classes: int = 10
+    synthetic_iid: bool = False
     test_clients: int = 100
     tff_dataset: Optional[str] = None
     x_key: str = "pixels"
@@ -167,6 +173,10 @@ class DataConfig:
                self.synthetic_dim)
         _check(self.synthetic_classes >= 2, "data.synthetic_classes", "an integer >= 2",
                self.synthetic_classes)
+        _check(isinstance(self.synthetic_iid, bool), "data.synthetic_iid", "true or false",
+               self.synthetic_iid)
+        _check(not self.synthetic_iid or self.name == "synthetic", "data.synthetic_iid",
+               "false unless data.name=synthetic", self.synthetic_iid)
         _check(self.test_clients >= 1, "data.test_clients", "an integer >= 1",
                self.test_clients)
         if self.name in ("mnist", "emnist", "leaf") and not self.path:

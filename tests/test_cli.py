@@ -42,7 +42,7 @@ BAD_INPUTS = [
     (["clients=-5"], "clients=-5"),
     (["clients_per_round=101"], "clients_per_round=101: allowed is an integer in [1, clients=100]"),
     (["model=transformer"], "model=transformer: unknown option; allowed: char_lstm, cnn, emnist_cnn, keras, logreg, mlp, resnet_gn, tag_logreg, word_lstm"),
-    (["data=imagenet"], "data=imagenet: unknown option; allowed: digits, emnist, leaf, mnist, shakespeare, stackoverflow, synthetic, tff_client_data"),
+    (["data=imagenet"], "data=imagenet: unknown option; allowed: digits, emnist, leaf, mnist, shakespeare, stackoverflow, synthetic, synthetic_iid, tff_client_data"),
     (["task=nope"], "task=nope: unknown option; allowed: cifar100_ic, emnist_cr, shakespeare_cnp, stackoverflow_nwp, stackoverflow_tp"),
     (["federated_eval.clients=some"], "federated_eval.clients=some: allowed is 0 (off), an integer >= 1 or all"),
     (["federated_eval.clients=5"], "federated_eval.clients=5: allowed is 0 for data=digits"),

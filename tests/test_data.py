@@ -138,6 +138,127 @@ def test_synthetic_test_split_uses_every_client_of_a_small_population():
     assert len(data.y_test) == sum(len(data.train.test_part(c)[1]) for c in range(4))
 
 
+# --------------------------------------------------------------------------- synthetic IID
+
+
+def fit_softmax_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
+                           steps: int = 200, lr: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression by full-batch gradient descent (plain numpy)."""
+    w = np.zeros((x.shape[1], num_classes), np.float32)
+    b = np.zeros(num_classes, np.float32)
+    onehot = np.eye(num_classes, dtype=np.float32)[y]
+    for _ in range(steps):
+        z = x @ w + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        g = (p / p.sum(axis=1, keepdims=True) - onehot) / np.float32(len(y))
+        w -= lr * (x.T @ g)
+        b -= lr * g.sum(axis=0)
+    return w, b
+
+
+def test_synthetic_iid_labels_come_from_one_shared_model():
+    data = SyntheticClientData(num_clients=1000, seed=4, dim=60, num_classes=10, iid=True)
+    w, b = data.shared_model()
+    assert w.shape == (60, 10) and b.shape == (10,)
+    # The model is a function of the seed alone, not of the population size.
+    for other in (SyntheticClientData(num_clients=3, seed=4, iid=True),
+                  SyntheticClientData(num_clients=10**7, seed=4, iid=True)):
+        np.testing.assert_array_equal(other.shared_model()[0], w)
+        np.testing.assert_array_equal(other.shared_model()[1], b)
+    assert not np.array_equal(SyntheticClientData(1000, seed=5, iid=True).shared_model()[0], w)
+    labels = set()
+    for cid in (0, 17, 999):
+        for x, y in (data.client(cid), data.test_part(cid)):
+            assert x.dtype == np.float32 and y.dtype == np.int32
+            np.testing.assert_array_equal(np.argmax(x.astype(np.float64) @ w + b, axis=1), y)
+            labels.update(y.tolist())
+    assert len(labels) >= 3
+    # LEAF's non-IID clients, by contrast, are not labelled by that model.
+    leaf = SyntheticClientData(num_clients=1000, seed=4)
+    x, y = leaf.client(17)
+    assert np.mean(np.argmax(x.astype(np.float64) @ w + b, axis=1) == y) < 0.5
+
+
+def test_synthetic_iid_features_are_centred_with_leaf_covariance():
+    data = SyntheticClientData(num_clients=100, seed=1, dim=60, iid=True)
+    x = np.concatenate([data.client(c)[0] for c in range(100)]).astype(np.float64)
+    expected = np.arange(1, 61) ** -1.2
+    np.testing.assert_allclose(x.var(axis=0), expected, rtol=0.15)
+    assert np.all(np.abs(x.mean(axis=0)) < 5 * np.sqrt(expected / len(x)))
+
+
+def test_synthetic_iid_is_deterministic_and_independent_of_generation_order():
+    a = SyntheticClientData(num_clients=1000, seed=7, iid=True)
+    reference = {cid: a.client(cid) for cid in (3, 500, 999)}
+    b = SyntheticClientData(num_clients=1000, seed=7, iid=True)
+    for cid in range(0, 1000, 37):  # other clients first, in another order
+        b.client(cid)
+        b.test_part(cid)
+    for cid in (999, 3, 500):
+        for got, want in zip(b.client(cid), reference[cid]):
+            np.testing.assert_array_equal(got, want)
+    # Same sample counts and train/held-out split as LEAF's synthetic for (seed, client).
+    leaf = SyntheticClientData(num_clients=1000, seed=7)
+    for cid in (0, 3, 500, 999):
+        assert len(a.client(cid)[1]) == len(leaf.client(cid)[1])
+        assert len(a.test_part(cid)[1]) == len(leaf.test_part(cid)[1])
+    assert not np.array_equal(a.client(3)[0][:40], a.client(4)[0][:40])
+    assert not np.array_equal(a.client(3)[0][:40],
+                              SyntheticClientData(1000, seed=8, iid=True).client(3)[0][:40])
+
+
+@pytest.mark.parametrize("iid,learnable", [(True, True), (False, False)])
+def test_a_global_model_learns_synthetic_iid_but_not_leaf_synthetic(iid, learnable):
+    """Softmax regression on 200 clients' training data, scored on 50 other
+    clients' held-out data: well above chance (0.1) only for Synthetic-IID."""
+    data = SyntheticClientData(num_clients=1000, seed=0, iid=iid)
+    x = np.concatenate([data.client(c)[0] for c in range(200)])
+    y = np.concatenate([data.client(c)[1] for c in range(200)])
+    w, b = fit_softmax_regression(x, y, data.num_classes)
+    xt = np.concatenate([data.test_part(c)[0] for c in range(200, 250)])
+    yt = np.concatenate([data.test_part(c)[1] for c in range(200, 250)])
+    accuracy = np.mean(np.argmax(xt @ w + b, axis=1) == yt)
+    if learnable:
+        assert accuracy > 0.6
+    else:
+        assert accuracy < 0.3
+
+
+def test_synthetic_iid_config_and_loader():
+    cfg = DataConfig(name="synthetic", synthetic_iid=True, test_clients=10)
+    data = load_federated_data(cfg, clients=1_000_000, seed=3)
+    assert data.train.iid and data.train.num_clients == 1_000_000
+    assert len(pickle.dumps(data.train)) < 1000  # nothing stored per client
+    w, b = data.train.shared_model()
+    np.testing.assert_array_equal(np.argmax(data.x_test.astype(np.float64) @ w + b, axis=1),
+                                  data.y_test)
+    expected = [data.train.test_part(c)[1] for c in range(0, 1_000_000, 100_000)]
+    np.testing.assert_array_equal(data.y_test, np.concatenate(expected))
+    assert not DataConfig(name="synthetic").synthetic_iid
+    with pytest.raises(ConfigError, match="data.synthetic_iid"):
+        DataConfig(name="digits", synthetic_iid=True)
+    with pytest.raises(ConfigError, match="data.synthetic_iid"):
+        DataConfig(name="synthetic", synthetic_iid="yes")
+
+
+def test_synthetic_iid_preset_composes():
+    """``data=synthetic_iid`` is data=synthetic with synthetic_iid: true."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fedsim.cli import register_configs
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        iid = compose(config_name="config", overrides=["data=synthetic_iid"])
+        leaf = compose(config_name="config", overrides=["data=synthetic"])
+    iid_data = OmegaConf.to_container(iid.data)
+    leaf_data = OmegaConf.to_container(leaf.data)
+    assert iid_data.pop("synthetic_iid") is True and leaf_data.pop("synthetic_iid") is False
+    assert iid_data == leaf_data and iid_data["name"] == "synthetic"
+
+
 # --------------------------------------------------------------------------- mnist
 
 

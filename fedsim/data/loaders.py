@@ -9,8 +9,9 @@ ints:
 * :class:`PartitionedClientData`: a centralized dataset (digits, mnist) or a
   natively federated one read whole (emnist), plus a compact
   :class:`fedsim.data.partition.Partition` saying which rows each client owns.
-* :class:`SyntheticClientData`: LEAF's synthetic(alpha, beta), generated per
-  client on demand from ``(seed, cid)``; a population of any size costs nothing.
+* :class:`SyntheticClientData`: LEAF's synthetic(alpha, beta), or FedProx's
+  Synthetic-IID (``iid=True``), generated per client on demand from
+  ``(seed, cid)``; a population of any size costs nothing.
 
 TFF's SqlClientData files (``tff_client_data``: :mod:`fedsim.data.tff`,
 :mod:`fedsim.data.shakespeare`, :mod:`fedsim.data.stackoverflow`) and LEAF's JSON
@@ -40,6 +41,7 @@ from fedsim.errors import ConfigError, DataError
 # same seed (client sampling, model init, ...).
 _SPLIT_STREAM = 0x64617461  # shuffling / test hold-out / partition of centralized data
 _SYNTHETIC_STREAM = 0x73796E74  # LEAF synthetic clients
+_SYNTHETIC_IID_STREAM = 0x73696964  # Synthetic-IID's shared W, b (seed only)
 
 SYNTHETIC_MAX_LOGNORMAL = 1000
 """Cap on LEAF's lognormal(4, 2) draw of a synthetic client's sample count (the
@@ -92,13 +94,27 @@ class SyntheticClientData:
         x ~ N(v_k, diag(j^-1.2 for j = 1..dim))
         y = argmax(W_k x + b_k)
 
+    With ``iid=True`` it is FedProx's Synthetic-IID instead (``generate_iid.py``
+    of the FedProx repository): one labelling model shared by every client,
+    drawn from a stream of ``seed`` alone (:meth:`shared_model`), and features
+    centred at 0 for every client; alpha and beta are ignored::
+
+        W ~ N(0, 1)  (dim, classes)      b ~ N(0, 1)  (classes,)    all clients
+        n_k as above (same draw from client k's stream)
+        x ~ N(0, diag(j^-1.2 for j = 1..dim))
+        y = argmax(softmax(x W + b)) = argmax(x W + b)
+
+    Labels are computed from the float32 features that are handed out, so
+    ``argmax(x.astype(float64) @ W + b)`` reproduces them exactly.
+
     Of the ``n_k`` samples the first ``n_k - n_k // 5`` (80%) are the client's
     training data (:meth:`client`), the last ``n_k // 5`` its held-out part
     (:meth:`test_part`).
 
     num_clients: population size. seed: root seed. alpha, beta: model and data
     heterogeneity (standard deviations, >= 0). dim: feature dimension.
-    num_classes: number of classes.
+    num_classes: number of classes. iid: Synthetic-IID (shared W, b) instead of
+    LEAF's per-client models.
     """
 
     num_clients: int
@@ -107,6 +123,18 @@ class SyntheticClientData:
     beta: float = 1.0
     dim: int = 60
     num_classes: int = 10
+    iid: bool = False
+
+    def shared_model(self) -> tuple[np.ndarray, np.ndarray]:
+        """Synthetic-IID's labelling model: W float64 ``(dim, num_classes)``, b
+        ``(num_classes,)``, the same for every client; a function of ``seed`` only
+        (not of the population size). Regenerated on each call (a few hundred
+        draws), so nothing but the seed is pickled to the workers."""
+        rng = np.random.default_rng(
+            np.random.SeedSequence(self.seed, spawn_key=(_SYNTHETIC_IID_STREAM,)))
+        w = rng.normal(0.0, 1.0, size=(self.dim, self.num_classes))
+        b = rng.normal(0.0, 1.0, size=self.num_classes)
+        return w, b
 
     def _generate(self, cid: int) -> tuple[np.ndarray, np.ndarray, int]:
         """All samples of client ``cid`` and the number that are training samples."""
@@ -115,15 +143,20 @@ class SyntheticClientData:
         rng = np.random.default_rng(
             np.random.SeedSequence([self.seed, cid], spawn_key=(_SYNTHETIC_STREAM,)))
         n = int(min(rng.lognormal(4.0, 2.0), SYNTHETIC_MAX_LOGNORMAL)) + 50
+        std = np.arange(1, self.dim + 1, dtype=np.float64) ** -0.6  # sqrt(j^-1.2)
+        n_train = n - n // 5
+        if self.iid:
+            w, b = self.shared_model()
+            x = (std * rng.standard_normal((n, self.dim))).astype(np.float32)
+            y = np.argmax(x.astype(np.float64) @ w + b, axis=1)
+            return x, y.astype(np.int32), n_train
         u = rng.normal(0.0, self.alpha)
         b_mean = rng.normal(0.0, self.beta)
         w = rng.normal(u, 1.0, size=(self.num_classes, self.dim))
         b = rng.normal(u, 1.0, size=self.num_classes)
         v = rng.normal(b_mean, 1.0, size=self.dim)
-        std = np.arange(1, self.dim + 1, dtype=np.float64) ** -0.6  # sqrt(j^-1.2)
         x = v + std * rng.standard_normal((n, self.dim))
         y = np.argmax(x @ w.T + b, axis=1)
-        n_train = n - n // 5
         return x.astype(np.float32), y.astype(np.int32), n_train
 
     def client(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -225,10 +258,11 @@ def _load_digits(cfg: DataConfig, clients: int, seed: int) -> FederatedData:
 
 
 def _load_synthetic(cfg: DataConfig, clients: int, seed: int) -> FederatedData:
-    """LEAF synthetic; the test split is the held-out parts of evenly spaced clients."""
+    """LEAF synthetic or Synthetic-IID; the test split is the held-out parts of
+    evenly spaced clients."""
     train = SyntheticClientData(
         num_clients=clients, seed=seed, alpha=cfg.synthetic_alpha, beta=cfg.synthetic_beta,
-        dim=cfg.synthetic_dim, num_classes=cfg.synthetic_classes)
+        dim=cfg.synthetic_dim, num_classes=cfg.synthetic_classes, iid=cfg.synthetic_iid)
     m = min(cfg.test_clients, clients)
     test_cids = (np.arange(m, dtype=np.int64) * clients) // m
     parts = [train.test_part(int(c)) for c in test_cids]
