@@ -978,6 +978,9 @@ class SimConfig:
             _check(self.dp.mechanism != "distributed_skellam", "audit.kind",
                    "none with dp=distributed_skellam (canaries join the central sum)",
                    self.audit.kind)
+            _check(self.sampling.scheme in ("uniform", "poisson"), "audit.kind",
+                   f"none with sampling={self.sampling.scheme} (canaries join each round "
+                   "independently, as Poisson-sampled add/remove neighbours)", self.audit.kind)
         if self.faults.over_selection > 0:
             _check(self.sampling.scheme == "uniform", "faults.over_selection",
                    f"0 with sampling={self.sampling.scheme} (over-selection adds clients to a "

@@ -422,7 +422,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         if audit is not None:  # canaries join as Poisson-sampled add/remove neighbours
             audit.update(audit_comparison(accountant, cfg.clients_per_round))
         memory = {"driver": memory_mib(), "server": ray.get(server.memory.remote()),
-                  "workers": ray.get([w.memory.remote() for w in workers])}
+                  "workers": ray.get([w.memory.remote() for w in workers]),
+                  "aggregator_state_mib": ray.get(server.aggregator_state_bytes.remote()) / 2**20}
         if state_dir is not None:
             memory["client_state_disk_mib"] = (
                 ray.get(server.client_state_bytes.remote()) / 2**20)

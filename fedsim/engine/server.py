@@ -193,6 +193,13 @@ class Server:
         if self._store is not None:
             self._store.prune(round_num)
 
+    def aggregator_state_bytes(self) -> int:
+        """The bytes of the aggregator's state the server holds between rounds (e.g.
+        a correlated-noise mechanism's buffers)."""
+        import tensorflow as tf
+
+        return int(sum(np.asarray(v).nbytes for v in tf.nest.flatten(self.agg_state)))
+
     def client_state_bytes(self) -> int:
         """The disk space the clients' stored states take (0: none)."""
         return self._store.bytes_on_disk() if self._store is not None else 0

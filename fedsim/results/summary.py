@@ -53,6 +53,9 @@ def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any],
            "sampling": sampling_summary(cfg, rounds),
            "noise_multiplier": cfg.dp.noise_multiplier,
            "rounds_accounted": sum(c for _, c in accountant.ledger),
+           # epochs/min_sep: the event the epsilon is of (the most participating client)
+           "run_event": (str(accountant.stream_event(accountant.ledger))
+                         if accountant.unamplified and accountant.ledger else None),
            "noise_sampler": (TFF_SAMPLER if cfg.aggregator.kind == "tff" else resolve_mechanism(
                mechanism if mechanism is not None else cfg.dp.mechanism).noise_sampler(cfg.dp)),
            "noise_seed": cfg.dp.noise_seed,
