@@ -8,16 +8,16 @@ import dataclasses
 import dp_accounting
 import numpy as np
 import pytest
-from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from dp_accounting.rdp import rdp_privacy_accountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedsim.config import DPConfig, ModelConfig, RayConfig, ServerConfig, SimConfig
 from fedsim.errors import ConfigError
 from fedsim.privacy.accounting import (
     PrivacyAccountant,
-    build_accountant,
     audit_comparison,
+    build_accountant,
     calibrate,
     default_delta,
     mechanism_event,
