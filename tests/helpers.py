@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.config import ModelConfig, RayConfig, SimConfig
+from fedsim.results.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "simulate.py"
@@ -65,3 +66,21 @@ def logreg_local_sgd(w0, x, y, order, batch, epochs, lr, k, mu=0.0, correction=N
         grad = np.concatenate([(xb.T @ p / len(yb)).ravel(), p.mean(axis=0)])
         w = w - lr * (grad + mu * (w - start) + corr)
     return start - w
+
+
+class DiesAfterRound(Callback):
+    """The driver "dies" at the end of round ``at``: after the server applied the
+    round and committed its client states, before any checkpoint of it. (Raising
+    here would do the same, but a failed run's warm actors are dropped and new
+    ones cost a TensorFlow start-up each; instead the run's checkpoints are
+    switched off from here on and it stops before the next round.)"""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_round_end(self, ctx, row) -> None:
+        if row["round"] == self.at:
+            ctx.checkpoint = lambda rnd: None
+
+    def stop_before_round(self, ctx, round_num):
+        return "died" if round_num > self.at else None

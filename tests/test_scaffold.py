@@ -35,7 +35,6 @@ from fedsim.config import (
     SimConfig,
 )
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.results.callbacks import Callback
 
 # -- the store -------------------------------------------------------------------
 
@@ -416,24 +415,6 @@ def test_non_finite_update_keeps_the_client_state_and_adds_nothing():
 # -- resume after a crash with the store ahead of the checkpoint ------------------
 
 
-class _DiesAfterRound(Callback):
-    """The driver "dies" at the end of round ``at``: after the server applied the
-    round and committed its client states, before any checkpoint of it. (Raising
-    here would do the same, but a failed run's warm actors are dropped and new
-    ones cost a TensorFlow start-up each; instead the run's checkpoints are
-    switched off from here on and it stops before the next round.)"""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_round_end(self, ctx, row) -> None:
-        if row["round"] == self.at:
-            ctx.checkpoint = lambda rnd: None
-
-    def stop_before_round(self, ctx, round_num):
-        return "died" if round_num > self.at else None
-
-
 def _store_rows(run_dir: Path, clients: int) -> np.ndarray:
     from fedsim.client.state import ClientStateStore
 
@@ -451,7 +432,7 @@ def test_resume_with_the_store_ahead_of_its_checkpoint_is_bit_identical(warm_act
     the finished run equals an uninterrupted one exactly: weights, server c,
     every client's c_i and the metrics. (Its run directory is given relative to
     a working directory the actors do not share: the store is in it all the same.)"""
-    from helpers import small_config, without_timings
+    from helpers import DiesAfterRound, small_config, without_timings
 
     from fedsim.client.state import ClientStateStore
     from fedsim.results.checkpoint import load_checkpoint
@@ -461,7 +442,7 @@ def test_resume_with_the_store_ahead_of_its_checkpoint_is_bit_identical(warm_act
                        algorithm="scaffold", server=ServerConfig(weighting="uniform"))
     monkeypatch.chdir(tmp_path)  # (the actors' working directory stays where Ray started)
     crashed = Path("crashed")
-    died = run_simulation(cfg, crashed, callbacks=[_DiesAfterRound(3)], actors=warm_actors)
+    died = run_simulation(cfg, crashed, callbacks=[DiesAfterRound(3)], actors=warm_actors)
     assert died.summary["stop_reason"] == "died"
     assert load_checkpoint(crashed)["round"] == 2
     assert (tmp_path / "crashed" / "client_state" / "meta.json").exists()
