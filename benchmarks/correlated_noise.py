@@ -2,9 +2,10 @@
 
 The task: FedProx's Synthetic-IID population (``data=synthetic_iid``: one shared
 labelling function, so a global model can learn it), 10,000 clients, 100 per
-round, softmax regression, 1 local epoch at batch 10, client learning rate 0.1,
-server SGD at learning rate 1, every update clipped to L2 norm 0.5 (the same
-clip for every mechanism), 200 rounds, delta = clients^-1.1. The rows:
+round, an MLP (two hidden layers of 200; ``--model logreg`` for softmax
+regression), 1 local epoch at batch 10, client learning rate 0.1, server SGD
+at learning rate 1, every update clipped to L2 norm 0.5 (the same clip for
+every mechanism), 200 rounds, delta = clients^-1.1. The rows:
 
 - ``dp_fedavg``: ``dp=gaussian`` with ``sampling=poisson`` (q = 0.01):
   independent noise each round, amplified by sampling (RDP);
@@ -63,7 +64,7 @@ def base_config(args: argparse.Namespace) -> Any:
                      rounds=args.rounds, local_epochs=1, batch_size=10,
                      eval_every=args.eval_every, checkpoint_every=0, progress=False,
                      data=DataConfig(name="synthetic", synthetic_iid=True),
-                     model=ModelConfig(name="logreg"),
+                     model=ModelConfig(name=args.model),
                      client=ClientConfig(learning_rate=args.client_lr),
                      server=ServerConfig(weighting="uniform", learning_rate=args.server_lr),
                      ray=RayConfig(num_cpus=2))
@@ -152,6 +153,7 @@ def main() -> None:
     p.add_argument("--client-lr", type=float, default=0.1)
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--clip", type=float, default=0.5)
+    p.add_argument("--model", default="mlp", choices=("logreg", "mlp"))
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--tag", default="")
     args = p.parse_args()
@@ -198,7 +200,7 @@ def main() -> None:
     total = time.perf_counter() - t_all
     suffix = f"_{args.tag}" if args.tag else ""
     setting = (f"Synthetic-IID, {args.clients} clients, {args.clients_per_round}/round, "
-               f"{args.rounds} rounds, logreg, clip {args.clip}, seeds {args.seeds}")
+               f"{args.rounds} rounds, {args.model}, clip {args.clip}, seeds {args.seeds}")
     md = table(runs)
     print(f"\n{setting}\n\n{md}\n\ntotal {total:.0f} s")
     out = ROOT / "benchmarks" / "results"

@@ -53,6 +53,34 @@ def participation(cfg: SimConfig, rounds: Optional[int] = None) -> mf.Participat
                       cfg.sampling.scheme)
 
 
+class NoiseGenerator:
+    """A strategy's noise rows ``w_t = (C^{-1} Z)_t``, one round at a time, from
+    what the server keeps of the past: the last ``bands - 1`` rows (banded) or
+    the BLT buffers (:func:`fedsim.privacy.matrix_factorization.banded_noise_step`,
+    :func:`~fedsim.privacy.matrix_factorization.blt_noise_step`)."""
+
+    def __init__(self, strategy: mf.Strategy) -> None:
+        self.strategy = strategy
+        self.blt = strategy.theta is not None
+        inverse = mf.toeplitz_inverse_coeffs(np.asarray(strategy.coeffs), strategy.n)
+        self._row_norms = np.sqrt(np.cumsum(np.square(inverse)))
+
+    def empty(self, dim: int) -> np.ndarray:
+        if self.blt:
+            assert self.strategy.theta is not None
+            return mf.blt_noise_init(len(self.strategy.theta), dim)
+        return np.zeros((max(len(self.strategy.coeffs) - 1, 0), dim), np.float64)
+
+    def step(self, held: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.blt:
+            return mf.blt_noise_step(held, z, self.strategy.theta, self.strategy.omega)
+        return mf.banded_noise_step(held, z, self.strategy.coeffs)
+
+    def row_norm(self, t: int) -> float:
+        """``||row t of C^{-1}||``: round t's noise std per unit std of ``Z``."""
+        return float(self._row_norms[t])
+
+
 class MatrixFactorizationMechanism(Mechanism):
     """What ``banded_mf`` and ``blt`` share: the strategy, its accounting and the
     aggregator; a subclass says how its strategy is found (:meth:`strategy`)."""
@@ -100,11 +128,12 @@ class MatrixNoiseAggregator(Aggregator):
 
     def __init__(self, dp: DPConfig, clients_per_round: int, strategy: mf.Strategy) -> None:
         self.dp, self.strategy = dp, strategy
+        self.noise = NoiseGenerator(strategy)
         self.clients_per_round = int(clients_per_round)
         self.std = dp.noise_multiplier * dp.l2_norm_clip * strategy.sensitivity
 
     def initial_state(self) -> dict[str, Any]:
-        return {"noise": self.strategy.noise_state(0), "released": np.int64(0)}
+        return {"noise": self.noise.empty(0), "released": np.int64(0)}
 
     def current_clip(self, state: Mapping[str, Any]) -> float:
         return float(self.dp.l2_norm_clip)
@@ -132,11 +161,11 @@ class MatrixNoiseAggregator(Aggregator):
                                "has none")
         held = state["noise"]
         if np.shape(held)[-1] != dim:
-            held = self.strategy.noise_state(dim)
-        w, held = self.strategy.noise_step(held, noise.gaussian(rng, dim, self.std))
+            held = self.noise.empty(dim)
+        w, held = self.noise.step(held, noise.gaussian(rng, dim, self.std))
         result = ((partial.total + w) / float(self.clients_per_round)).astype(np.float32)
         # the std of the noise on this round's average (it varies with t)
-        std = self.std * self.strategy.row_norm(t) / self.clients_per_round
+        std = self.std * self.noise.row_norm(t) / self.clients_per_round
         measurements = clip_measurements(partial, float(self.dp.l2_norm_clip), std,
                                          dp_accounting.GaussianDpEvent(
                                              self.dp.noise_multiplier))
