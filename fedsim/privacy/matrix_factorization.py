@@ -29,7 +29,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from scipy import optimize, signal
@@ -297,7 +297,7 @@ def _disk_cached(kind: str, params: dict, cache_dir: str | None,
     s = compute()
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        extra = {} if s.theta is None else {"theta": s.theta, "omega": s.omega}
+        extra: dict[str, Any] = {} if s.theta is None else {"theta": s.theta, "omega": s.omega}
         tmp = path + ".tmp.npz"
         np.savez(tmp, coeffs=s.coeffs, n=s.n, sensitivity=s.sensitivity, error=s.error,
                  **extra)
