@@ -1,0 +1,182 @@
+"""Matrix-factorization DP (BandMF, BLT): sensitivities against brute force, the
+strategies' losses, and the streaming noise generators against dense algebra."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedsim.privacy import matrix_factorization as mf
+from fedsim.privacy.matrix_factorization import Participation
+
+
+def _random_coeffs(rng, n):
+    c = np.sort(rng.uniform(0, 1, n))[::-1].copy()
+    c[rng.integers(1, n + 1):] = 0.0
+    c[0] = max(c[0], 0.1)
+    return c
+
+
+def test_toeplitz_inverse_coeffs_match_dense_inverse():
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 17):
+        c = np.concatenate([[1.0 + rng.uniform()], rng.normal(size=n - 1) * 0.3])
+        inv = np.linalg.inv(mf.toeplitz(c, n))
+        np.testing.assert_allclose(mf.toeplitz_inverse_coeffs(c, n), inv[:, 0], atol=1e-12)
+        np.testing.assert_allclose(mf.toeplitz(mf.toeplitz_inverse_coeffs(c, n), n), inv,
+                                   atol=1e-12)
+    with pytest.raises(ValueError):
+        mf.toeplitz_inverse_coeffs(np.array([0.0, 1.0]), 2)
+
+
+def test_toeplitz_sensitivity_equals_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        n = int(rng.integers(6, 15))
+        c = _random_coeffs(rng, n)
+        C = mf.toeplitz(c, n)
+        for b in range(1, 6):
+            p = Participation("min_sep", n, min_sep=b)
+            assert mf.toeplitz_sensitivity(c, p) == pytest.approx(
+                mf.explicit_sensitivity(C, p), abs=1e-12, rel=1e-12)
+        for e in range(1, 5):
+            p = Participation("epochs", n, epoch_rounds=e)
+            bound, exact = mf.toeplitz_sensitivity(c, p), mf.explicit_sensitivity(C, p)
+            assert bound >= exact - 1e-12
+            assert bound <= 1.5 * exact
+            if e == 1:
+                assert bound == pytest.approx(exact, abs=1e-12)
+        p = Participation("once", n)
+        assert mf.toeplitz_sensitivity(c, p) == pytest.approx(np.linalg.norm(c), abs=1e-12)
+        assert mf.explicit_sensitivity(C, p) == pytest.approx(np.linalg.norm(c), abs=1e-12)
+
+
+def test_toeplitz_sensitivity_rejects_increasing_or_negative():
+    p = Participation("min_sep", 4, min_sep=1)
+    for c in ([1.0, 2.0], [1.0, -0.1], [0.0, 0.0]):
+        with pytest.raises(ValueError):
+            mf.toeplitz_sensitivity(np.array(c), p)
+
+
+def test_explicit_sensitivity_of_prefix_and_identity():
+    for n in (5, 12):
+        assert mf.explicit_sensitivity(mf.prefix_workload(n), Participation("once", n)) == \
+            pytest.approx(math.sqrt(n))
+        for b in (1, 2, 3, 5):
+            got = mf.explicit_sensitivity(np.eye(n), Participation("min_sep", n, min_sep=b))
+            assert got == pytest.approx(math.sqrt(math.ceil(n / b)))
+    with pytest.raises(ValueError):
+        mf.explicit_sensitivity(np.eye(21), Participation("once", 21))
+    with pytest.raises(ValueError):
+        mf.explicit_sensitivity(np.array([[1.0, -1.0], [0.0, 1.0]]) @ np.eye(2) +
+                                np.array([[0, 0], [0, 0.0]]) - np.array([[0, 0], [1.0, 0]]),
+                                Participation("once", 2))
+
+
+def test_tree_encoder_covers_each_round_once_per_level():
+    T = mf.tree_encoder(6)  # N = 8: 4 levels
+    assert T.shape[1] == 6
+    np.testing.assert_array_equal(T.sum(axis=0), np.full(6, 4.0))
+
+
+def test_banded_strategy_beats_identity_and_prefix(tmp_path):
+    n, b = 64, 4
+    p = Participation("min_sep", n, min_sep=4)
+    s = mf.banded_toeplitz_strategy(n, b, p)
+    ident = mf.toeplitz_loss(np.array([1.0]), p)
+    prefix = mf.toeplitz_loss(np.ones(n), p)
+    assert s.loss < ident and s.loss < prefix
+    assert s.coeffs.size == b and np.all(np.diff(s.coeffs) <= 0) and np.all(s.coeffs >= 0)
+    assert s.error == pytest.approx(math.sqrt(mf.toeplitz_loss(s.coeffs, p) / n))
+    # bands <= min_sep: columns b apart are orthogonal, sens^2 = sum of column norms^2
+    cols = np.linalg.norm(mf.toeplitz(s.coeffs, n)[:, ::4], axis=0)
+    assert s.sensitivity == pytest.approx(math.sqrt(np.sum(cols**2)), rel=1e-12)
+    one = mf.banded_toeplitz_strategy(n, 1, p)
+    np.testing.assert_allclose(one.coeffs, [1.0])
+    assert one.loss == pytest.approx(ident)
+    # caches
+    assert mf.banded_toeplitz_strategy(n, b, p) is s
+    d = mf.banded_toeplitz_strategy(n, b, p, cache_dir=str(tmp_path))
+    files = list(tmp_path.glob("banded-*.npz"))
+    assert len(files) == 1
+    mf.banded_toeplitz_strategy.cache_clear()
+    again = mf.banded_toeplitz_strategy(n, b, p, cache_dir=str(tmp_path))
+    assert again is not d
+    np.testing.assert_array_equal(again.coeffs, d.coeffs)
+    np.testing.assert_array_equal(again.coeffs, s.coeffs)
+    assert again.error == d.error and again.sensitivity == d.sensitivity
+
+
+def test_blt_strategy_loss_and_inverse(tmp_path):
+    n = 64
+    p = Participation("min_sep", n, min_sep=4)
+    s = mf.blt_strategy(n, 3, p, cache_dir=str(tmp_path))
+    banded = mf.banded_toeplitz_strategy(n, 4, p)
+    ident = mf.toeplitz_loss(np.array([1.0]), p)
+    assert s.loss < ident
+    assert s.loss < 2.0 * banded.loss
+    assert np.all(np.diff(s.coeffs) <= 1e-15) and np.all(s.coeffs >= 0)
+    assert s.theta is not None and s.omega is not None
+    inv = mf.blt_inverse_coeffs(s.theta, s.omega, n)
+    np.testing.assert_allclose(mf.toeplitz(inv, n), np.linalg.inv(mf.toeplitz(s.coeffs, n)),
+                               atol=1e-10)
+    np.testing.assert_allclose(mf.toeplitz_inverse_coeffs(inv, n), s.coeffs, atol=1e-10)
+    mf.blt_strategy.cache_clear()
+    again = mf.blt_strategy(n, 3, p, cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(again.theta, s.theta)
+    np.testing.assert_array_equal(again.coeffs, s.coeffs)
+
+
+def test_streaming_noise_matches_dense():
+    rng = np.random.default_rng(3)
+    n, dim = 40, 5
+    Z = rng.normal(size=(n, dim))
+    theta, omega = np.array([0.9, 0.5, 0.1]), np.array([0.05, 0.1, 0.2])
+    state = mf.blt_noise_init(3, dim)
+    W = []
+    for t in range(n):
+        w, state = mf.blt_noise_step(state, Z[t], theta, omega)
+        W.append(w)
+    dense = mf.toeplitz(mf.blt_inverse_coeffs(theta, omega, n), n) @ Z
+    np.testing.assert_allclose(np.array(W), dense, atol=1e-10)
+
+    c = np.array([1.0, 0.6, 0.3, 0.1])
+    hist = np.zeros((3, dim))
+    W = []
+    for t in range(n):
+        w, hist = mf.banded_noise_step(hist, Z[t], c)
+        W.append(w)
+    np.testing.assert_allclose(np.array(W), np.linalg.solve(mf.toeplitz(c, n), Z), atol=1e-10)
+    w, h = mf.banded_noise_step(np.zeros((0, dim)), Z[0], np.array([2.0]))
+    np.testing.assert_allclose(w, Z[0] / 2)
+
+
+def test_released_prefix_sums_and_their_noise_variance():
+    rng = np.random.default_rng(4)
+    n, trials = 16, 20000
+    c = mf.sqrt_prefix_coeffs(4)
+    A, C = mf.prefix_workload(n), mf.toeplitz(c, n)
+    Cinv = np.linalg.inv(C)
+    X = rng.normal(size=(n, 3))
+    Z = rng.normal(size=(n, 3))
+    np.testing.assert_allclose(A @ (X + Cinv @ Z), A @ Cinv @ (C @ X + Z), atol=1e-10)
+    Zs = rng.normal(size=(n, trials))
+    hist = np.zeros((3, trials))
+    W = np.empty((n, trials))
+    for t in range(n):
+        W[t], hist = mf.banded_noise_step(hist, Zs[t], c)
+    emp = np.var(A @ W, axis=1)
+    want = np.diag(A @ Cinv @ Cinv.T @ A.T)
+    assert np.all(np.abs(emp - want) <= 5 * want * math.sqrt(2 / trials))
+
+
+def test_large_n_is_fast():
+    import time
+    n = 2000
+    c = mf.sqrt_prefix_coeffs(n)
+    t0 = time.perf_counter()
+    mf.toeplitz_sensitivity(c, Participation("min_sep", n, min_sep=1))
+    mf.toeplitz_sensitivity(c, Participation("epochs", n, epoch_rounds=1))
+    assert time.perf_counter() - t0 < 2.0
