@@ -494,8 +494,10 @@ def _schedule(cfg: SimConfig, mechanism: Any = None) -> dict[str, Any]:
     mech = resolve_mechanism(mechanism if mechanism is not None else cfg.dp.mechanism)
 
     def participations(rounds: int) -> int:
-        return int(max_participations(scheme, rounds, cfg.clients, cfg.clients_per_round,
-                                      cfg.sampling.min_sep))
+        k = max_participations(scheme, rounds, cfg.clients, cfg.clients_per_round,
+                               cfg.sampling.min_sep)
+        assert k is not None  # (epochs and min_sep bound the participations)
+        return int(k)
 
     def run_event(rounds: int, dp: DPConfig | None = None) -> DpEvent:
         return mech.run_event(cfg, rounds, dp)

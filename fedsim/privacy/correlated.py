@@ -45,7 +45,7 @@ def participation(cfg: SimConfig, rounds: Optional[int] = None) -> mf.Participat
 
     n = int(rounds if rounds is not None else cfg.rounds)
     if cfg.sampling.scheme == "min_sep":
-        return mf.Participation("min_sep", n, min_sep=int(cfg.sampling.min_sep))
+        return mf.Participation("min_sep", n, min_sep=int(cfg.sampling.min_sep or 1))
     if cfg.sampling.scheme == "epochs":
         return mf.Participation("epochs", n, epoch_rounds=rounds_per_epoch(
             cfg.clients, cfg.clients_per_round))
@@ -72,8 +72,9 @@ class NoiseGenerator:
         return np.zeros((max(len(self.strategy.coeffs) - 1, 0), dim), np.float64)
 
     def step(self, held: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.blt:
-            return mf.blt_noise_step(held, z, self.strategy.theta, self.strategy.omega)
+        theta, omega = self.strategy.theta, self.strategy.omega
+        if theta is not None and omega is not None:
+            return mf.blt_noise_step(held, z, theta, omega)
         return mf.banded_noise_step(held, z, self.strategy.coeffs)
 
     def row_norm(self, t: int) -> float:

@@ -51,7 +51,7 @@ class TreeAggregation(Mechanism):
                                       and dp.restart_warmup is None)
             allowed = f"epoch, or a divisor of the epoch's {epoch} rounds without warmup"
         else:
-            b = cfg.sampling.min_sep
+            b = int(cfg.sampling.min_sep or 1)
             ok = isinstance(every, int) and every <= b and dp.restart_warmup is None
             allowed = f"an integer <= sampling.min_sep={b}, without warmup"
         if not ok:
@@ -86,6 +86,7 @@ class TreeAggregation(Mechanism):
         longest = max(tree_step_counts(rounds, self.restarts(cfg)))
         k = max_participations(cfg.sampling.scheme, rounds, cfg.clients, cfg.clients_per_round,
                                cfg.sampling.min_sep)
+        assert k is not None  # (its participation schemes bound it)
         # Under adaptive clipping the sum's and the count's trees (multipliers z_sum
         # and 2 * clipped_count_stddev, of equal depth) compose exactly to one tree
         # of the total z: RDP alpha * depth / 2 * (z_sum^-2 + (2 c)^-2) = alpha *
