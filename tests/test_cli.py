@@ -88,6 +88,10 @@ BAD_INPUTS = [
     (["sampling=min_sep"], "sampling.min_sep=None: allowed is an integer >= 1 with sampling=min_sep"),
     (["sampling=min_sep", "sampling.min_sep=11"],
      "sampling.min_sep=11: allowed is an integer in [1, clients // clients_per_round = 10]"),
+    (["dp=banded_mf"], "sampling=uniform: allowed is epochs or min_sep with "
+     "dp.mechanism=banded_mf"),
+    (["dp=tree_aggregation", "sampling=min_sep", "sampling.min_sep=4"],
+     "dp.restart_every=epoch: allowed is an integer <= sampling.min_sep=4"),
     # Refused (connection refused) and silent (a non-routable address: the timeout).
     (["ray.address=ray://127.0.0.1:9"], "ray.address='ray://127.0.0.1:9': no Ray cluster answers"),
     (["ray.address=10.255.255.1:6379", "ray.connect_timeout_s=2"],
