@@ -287,6 +287,11 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     kept: list[dict[str, Any]] = []
     if cfg.resume is not None:
         resumed = load_checkpoint(Path(cfg.resume))
+        planned = resumed["config"].get("rounds")
+        if mech.fixed_rounds and planned is not None and planned != cfg.rounds:
+            raise CheckpointError(f"resume: rounds={cfg.rounds} differs from the checkpoint's "
+                                  f"{planned}, for which dp.mechanism={cfg.dp.mechanism} planned "
+                                  "its noise; resume with the same rounds")
     fresh_aggregator = False  # the noise changed on resume: the aggregator starts afresh
     if mech.private and cfg.dp.target_epsilon is not None:
         cfg, privacy["calibrated"], fresh_aggregator = _calibrated(cfg, data, resumed, spec, mech)

@@ -102,6 +102,12 @@ def test_resume_mid_tree_and_mid_buffers_is_bit_identical(mechanism, warm_actors
     died = run_simulation(cfg, tmp_path / "crashed", callbacks=[DiesAfterRound(3)],
                           actors=warm_actors)
     assert died.summary["stop_reason"] == "died"
+    if mechanism == "blt":  # its noise is planned for exactly 5 rounds
+        from fedsim.results.checkpoint import CheckpointError
+
+        with pytest.raises(CheckpointError, match="resume: rounds=6 differs"):
+            run_simulation(dataclasses.replace(cfg, rounds=6, resume=str(tmp_path / "crashed")),
+                           actors=warm_actors)
     resumed = run_simulation(dataclasses.replace(cfg, resume=str(tmp_path / "crashed")),
                              actors=warm_actors)
     reference = run_simulation(cfg, tmp_path / "reference", actors=warm_actors)

@@ -88,6 +88,7 @@ class MatrixFactorizationMechanism(Mechanism):
 
     correlated = True
     participation = ("epochs", "min_sep")
+    fixed_rounds = True  # the strategy is optimized for exactly ``rounds`` rounds
 
     def strategy(self, cfg: SimConfig) -> mf.Strategy:
         raise NotImplementedError

@@ -53,7 +53,9 @@ class Mechanism(ABC):
     - ``correlated``: its noise is correlated across rounds, so it is accounted
       over the whole run (:meth:`run_event`), not round by round;
     - ``participation``: the sampling schemes its accounting holds for (empty:
-      any).
+      any);
+    - ``fixed_rounds``: its noise is planned for exactly ``rounds`` rounds (a
+      resume may not change them).
     """
 
     name: str = ""
@@ -63,6 +65,7 @@ class Mechanism(ABC):
     needs_model_size: bool = False
     correlated: bool = False
     participation: tuple[str, ...] = ()
+    fixed_rounds: bool = False
 
     def check(self, cfg: SimConfig) -> None:
         """Refuse (:class:`ConfigError`, one line) options this mechanism cannot run
