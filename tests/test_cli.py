@@ -56,7 +56,8 @@ BAD_INPUTS = [
     (["model.no_such_key=1"], "model.no_such_key: unknown config key"),
     (["clients=many"], "clients: Value 'many'"),
     (["model=cnn", "data=synthetic"], "model=cnn: allowed is logreg or mlp"),
-    (["dp=renyi"], "dp=renyi: unknown option; allowed: distributed_skellam, gaussian, gaussian_adaptive, laplace, none"),
+    (["dp=renyi"], "dp=renyi: unknown option; allowed: banded_mf, blt, distributed_skellam, "
+     "gaussian, gaussian_adaptive, laplace, none, tree_adaptive, tree_aggregation"),
     (["dp=gaussian_adaptive", "dp.noise_multiplier=1.0"], "too low to achieve the desired"),
     (["dp=gaussian", "dp.accountant=pld"], "dp.accountant=pld: allowed is rdp with sampling=uniform"),
     (["dp=gaussian", "dp.noise_multiplier=-1"], "dp.noise_multiplier=-1.0"),
