@@ -24,6 +24,7 @@ epsilon of ``--epsilons``. All runs share one Ray instance of 2 CPUs and one
 
     uv run python benchmarks/correlated_noise.py [--epsilons 1 4 8] [--seeds 0]
         [--rounds 200] [--rows dp_fedavg tree banded_mf blt nonprivate]
+    uv run python benchmarks/correlated_noise.py --combine a.json b.json  # one table of both
 """
 
 from __future__ import annotations
@@ -156,7 +157,17 @@ def main() -> None:
     p.add_argument("--model", default="mlp", choices=("logreg", "mlp"))
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--tag", default="")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="write the table and plot of earlier runs' json files (run nothing)")
     args = p.parse_args()
+    if args.combine:
+        saved = [json.loads(Path(f).read_text()) for f in args.combine]
+        runs = [r for one in saved for r in one["runs"]]
+        seeds = sorted({r["seed"] for r in runs})
+        write(runs, argparse.Namespace(**{**saved[0]["setting"], "seeds": seeds,
+                                          "tag": args.tag}),
+              sum(one["total_seconds"] for one in saved))
+        return
 
     import ray
 
@@ -197,7 +208,11 @@ def main() -> None:
     finally:
         if started:
             ray.shutdown()
-    total = time.perf_counter() - t_all
+    write(runs, args, time.perf_counter() - t_all)
+
+
+def write(runs: list[dict[str, Any]], args: argparse.Namespace, total: float) -> None:
+    """The table (markdown, json) and the plot of ``runs``."""
     suffix = f"_{args.tag}" if args.tag else ""
     setting = (f"Synthetic-IID, {args.clients} clients, {args.clients_per_round}/round, "
                f"{args.rounds} rounds, {args.model}, clip {args.clip}, seeds {args.seeds}")
