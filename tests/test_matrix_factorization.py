@@ -235,3 +235,21 @@ def test_aggregators_prefix_noise_has_the_strategys_variance(mechanism, tmp_path
         # the per-round std it reports: the round's own noise row
         inv = np.linalg.inv(mf.toeplitz(s.coeffs, 12))
         assert m["noise_std"] == pytest.approx(std * np.linalg.norm(inv[t]), rel=1e-9)
+
+
+def test_concurrent_writers_of_one_cached_strategy_do_not_collide(tmp_path):
+    """The server and the workers may compute and cache the same strategy at once:
+    every writer has its own temporary file, and all of them return it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    part = Participation("min_sep", 30, min_sep=3)
+    s = mf.banded_toeplitz_strategy(30, 3, part)
+
+    def write(_):
+        return mf._disk_cached("banded", {"n": 30, "bands": 3, "race": 1}, str(tmp_path),
+                               lambda: s, part)
+
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(write, range(32)))
+    assert all(np.array_equal(o.coeffs, s.coeffs) for o in out)
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -298,7 +299,9 @@ def _disk_cached(kind: str, params: dict, cache_dir: str | None,
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         extra: dict[str, Any] = {} if s.theta is None else {"theta": s.theta, "omega": s.omega}
-        tmp = path + ".tmp.npz"
+        # one temporary file per writer: the server and every worker may compute
+        # the same strategy at once; the last rename wins, with equal contents
+        tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex}.tmp.npz"
         np.savez(tmp, coeffs=s.coeffs, n=s.n, sensitivity=s.sensitivity, error=s.error,
                  **extra)
         os.replace(tmp, path)
