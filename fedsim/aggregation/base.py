@@ -160,6 +160,16 @@ def zero_invalid(delta: np.ndarray, zeroing_norm: Optional[float],
     return d, norm, False
 
 
+def l2_clipped(delta: np.ndarray, clip: float, zeroing_norm: Optional[float]
+               ) -> tuple[np.ndarray, float, bool]:
+    """``(update, its L2 norm before clipping, zeroed)``: :func:`zero_invalid`,
+    then clipped to L2 norm ``clip`` as ``tf.clip_by_global_norm`` does
+    (``x * clip / max(|x|, clip)``), in float64."""
+    d, norm, zeroed = zero_invalid(delta, zeroing_norm, np.float64)
+    clipped = d * (clip / max(norm, clip)) if norm > 0 else d
+    return np.asarray(clipped, np.float64), norm, zeroed
+
+
 def clip_measurements(partial: Partial, clip: float, noise_std: float,
                       event: Any) -> dict[str, Any]:
     """The measurements every clipping DP aggregator reports for a round."""

@@ -25,7 +25,7 @@ import dp_accounting
 import numpy as np
 from dp_accounting import DpEvent
 
-from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
+from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, l2_clipped
 from fedsim.config import DPConfig, SimConfig
 from fedsim.errors import ConfigError
 from fedsim.privacy import matrix_factorization as mf
@@ -148,10 +148,9 @@ class MatrixNoiseAggregator(Aggregator):
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
                num_examples: float) -> Partial:
-        d, norm, zeroed = zero_invalid(delta, self.dp.zeroing_norm, np.float64)
         clip = float(params["clip"])
-        clipped = d * (clip / max(norm, clip)) if norm > 0 else d
-        return Partial(np.asarray(clipped, np.float64), 1.0, 1,
+        clipped, norm, zeroed = l2_clipped(delta, clip, self.dp.zeroing_norm)
+        return Partial(clipped, 1.0, 1,
                        {"clipped": float(norm > clip), "zeroed": float(zeroed)})
 
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional
 import dp_accounting
 import numpy as np
 
-from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
+from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, l2_clipped
 from fedsim.config import DPConfig
 from fedsim.privacy import noise
 from fedsim.privacy.noise import adaptive_clip_noise_params
@@ -217,15 +217,14 @@ class TreeAggregator(Aggregator):
 
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
                num_examples: float) -> Partial:
-        d, norm, zeroed = zero_invalid(delta, self.zeroing_norm, np.float64)
         clip = float(np.float32(params["clip"]))
-        clipped = d * (clip / max(norm, clip)) if norm > 0 else d
+        clipped, norm, zeroed = l2_clipped(delta, clip, self.zeroing_norm)
         extras: tuple[np.ndarray, ...] = ()
         if self.adaptive:
             # TF Privacy's below-estimate indicator, shifted by -0.5 (its count's clip)
             below = float(np.float32(norm) <= np.float32(params["estimate"])) - 0.5
             extras = (np.array([below], np.float64),)
-        return Partial(np.asarray(clipped, np.float64), 1.0, 1,
+        return Partial(clipped, 1.0, 1,
                        {"clipped": float(norm > clip), "zeroed": float(zeroed)}, extras)
 
     # -- server side, once per round -----------------------------------------------
