@@ -1,10 +1,14 @@
-"""Memory against population size: the same simulation at 1,000, 10,000 and
-100,000 clients, 10 (``--per-round``) clients per round, on LEAF synthetic data (generated per
-client on demand, so the data itself does not grow with the population).
+"""Memory against population size: the same simulation at 1,000, 100,000,
+1,000,000 and 10,000,000 clients, 10 (``--per-round``) clients per round, on LEAF
+synthetic data (generated per client on demand, so the data itself does not
+grow with the population), under every sampling scheme (``--sampling``:
+uniform, poisson, epochs, min_sep with ``--min-sep`` groups).
 
-Prints, per population, the peak resident memory (MiB) of the server actor and
-of the worker actors, the driver's current RSS, and each total's ratio to the
-smallest population's. Flat memory means ratios close to 1.0.
+Prints, per scheme and population, the peak resident memory (MiB) of the
+server actor and of the worker actors, the driver's current RSS, each total's
+ratio to the smallest population's (flat memory means ratios close to 1.0;
+the target is at most ``--target`` at the largest population) and the median
+seconds per round (rounds after the first, evaluation excluded).
 
 With ``--algorithm scaffold`` every client's control variate lives in the
 on-disk store (:mod:`fedsim.client.state`), written into a temporary directory
@@ -13,6 +17,7 @@ takes (``summary["memory_mib"]["client_state_disk_mib"]``: the allocated blocks
 of its sparse shard files, so only the clients that trained count).
 
     uv run python benchmarks/population_memory.py [--rounds 5] [--per-round 100]
+        [--populations 1000 100000 1000000 10000000] [--sampling uniform poisson epochs min_sep]
         [--algorithm fedavg|scaffold] [--check-resume]
 
 ``--check-resume``: at the largest population, a run that dies after a round's
@@ -31,12 +36,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _config(population: int, rounds: int, per_round: int, algorithm: str,
-            state_dir: str | None = None) -> object:
+            state_dir: str | None = None, sampling: str = "uniform",
+            min_sep: int | None = None) -> object:
     from fedsim.config import (
         AlgorithmConfig,
         DataConfig,
         ModelConfig,
         RayConfig,
+        SamplingConfig,
         ServerConfig,
         SimConfig,
     )
@@ -49,19 +56,26 @@ def _config(population: int, rounds: int, per_round: int, algorithm: str,
                      progress=False, local_epochs=1,
                      data=DataConfig(name="synthetic", test_clients=50),
                      model=ModelConfig(name="mlp", hidden=[64]),
+                     sampling=SamplingConfig(scheme=sampling,
+                                             min_sep=min_sep if sampling == "min_sep" else None),
                      ray=RayConfig(num_cpus=2, workers=2), **extra)
 
 
-def measure(population: int, rounds: int, per_round: int,
-            algorithm: str = "fedavg") -> dict[str, float]:
+def measure(population: int, rounds: int, per_round: int, algorithm: str = "fedavg",
+            sampling: str = "uniform", min_sep: int | None = None) -> dict[str, float]:
+    import statistics
+
     from fedsim.simulation import run_simulation
 
     with tempfile.TemporaryDirectory(prefix="fedsim-population-state-") as tmp:
         cfg = _config(population, rounds, per_round, algorithm,
-                      os.path.join(tmp, "state") if algorithm != "fedavg" else None)
-        mem = run_simulation(cfg).summary["memory_mib"]
+                      os.path.join(tmp, "state") if algorithm != "fedavg" else None,
+                      sampling, min_sep)
+        result = run_simulation(cfg)
+    mem = result.summary["memory_mib"]
     out = {"driver": mem["driver"]["rss"], "server": mem["server"]["peak"],
-           "workers": sum(w["peak"] for w in mem["workers"])}
+           "workers": sum(w["peak"] for w in mem["workers"]),
+           "round_seconds": statistics.median(m["round_seconds"] for m in result.metrics[1:])}
     if "client_state_disk_mib" in mem:
         out["disk"] = mem["client_state_disk_mib"]
     return out
@@ -142,7 +156,14 @@ def check_resume(population: int, rounds: int, per_round: int, algorithm: str) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--populations", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    ap.add_argument("--populations", type=int, nargs="+",
+                    default=[1_000, 100_000, 1_000_000, 10_000_000])
+    ap.add_argument("--sampling", nargs="+", default=["uniform", "poisson", "epochs", "min_sep"],
+                    choices=["uniform", "poisson", "epochs", "min_sep"])
+    ap.add_argument("--min-sep", type=int, default=10,
+                    help="sampling.min_sep of the min_sep runs (groups of population / this)")
+    ap.add_argument("--target", type=float, default=1.5,
+                    help="the largest population's total memory over the smallest's, at most")
     ap.add_argument("--per-round", type=int, default=10, help="clients per round")
     ap.add_argument("--algorithm", default="fedavg", choices=["fedavg", "scaffold"],
                     help="scaffold: client control variates in an on-disk store")
@@ -151,21 +172,35 @@ def main() -> None:
                          "with its client states a round ahead of its checkpoint resumes "
                          "bit-identically")
     args = ap.parse_args()
-    results = {n: measure(n, args.rounds, args.per_round, args.algorithm)
-               for n in args.populations}
     procs = ("driver", "server", "workers")
-    first = results[args.populations[0]]
-    base = sum(first[k] for k in procs)
-    disk = "disk" in first
-    print(f"{args.algorithm}, {args.rounds} rounds of {args.per_round} clients")
-    print(f"{'clients':>9} {'driver MiB':>11} {'server MiB':>11} {'workers MiB':>12} "
-          f"{'driver x':>9} {'server x':>9} {'workers x':>10} {'total x':>8}"
-          + (f" {'disk MiB':>9}" if disk else ""))
-    for n, r in results.items():
-        ratios = " ".join(f"{r[k] / first[k]:>{w}.3f}" for k, w in zip(procs, (9, 9, 10)))
-        print(f"{n:>9} {r['driver']:>11.0f} {r['server']:>11.0f} {r['workers']:>12.0f} "
-              f"{ratios} {sum(r[k] for k in procs) / base:>8.3f}"
-              + (f" {r['disk']:>9.2f}" if disk else ""))
+    # Fresh processes for every run: a peak RSS is a process's high-water mark, so a
+    # warm actor would carry the last run's peak into the next.
+    failed = []
+    for scheme in args.sampling:
+        results = {n: measure(n, args.rounds, args.per_round, args.algorithm, scheme,
+                              args.min_sep) for n in args.populations}
+        first = results[args.populations[0]]
+        base = sum(first[k] for k in procs)
+        disk = "disk" in first
+        extra = f", min_sep {args.min_sep}" if scheme == "min_sep" else ""
+        print(f"\n{args.algorithm}, sampling={scheme}{extra}, {args.rounds} rounds of "
+              f"{args.per_round} clients")
+        print(f"{'clients':>10} {'driver MiB':>11} {'server MiB':>11} {'workers MiB':>12} "
+              f"{'driver x':>9} {'server x':>9} {'workers x':>10} {'total x':>8} "
+              f"{'s/round':>8}" + (f" {'disk MiB':>9}" if disk else ""), flush=True)
+        for n, r in results.items():
+            ratios = " ".join(f"{r[k] / first[k]:>{w}.3f}" for k, w in zip(procs, (9, 9, 10)))
+            total = sum(r[k] for k in procs) / base
+            print(f"{n:>10} {r['driver']:>11.0f} {r['server']:>11.0f} {r['workers']:>12.0f} "
+                  f"{ratios} {total:>8.3f} {r['round_seconds']:>8.3f}"
+                  + (f" {r['disk']:>9.2f}" if disk else ""), flush=True)
+        last = results[args.populations[-1]]
+        total = sum(last[k] for k in procs) / base
+        if total > args.target:
+            failed.append(f"{scheme}: {total:.3f}x")
+    print(f"\ntarget: total memory at {args.populations[-1]:,} clients at most "
+          f"{args.target}x that at {args.populations[0]:,}: "
+          + ("met for every scheme" if not failed else "NOT met for " + ", ".join(failed)))
     if args.check_resume:
         print(check_resume(max(args.populations), args.rounds, args.per_round, args.algorithm))
 

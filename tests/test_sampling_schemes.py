@@ -14,6 +14,7 @@ import pytest
 from fedsim.cohort.sampling import (
     EPOCH_KEY,
     GROUP_KEY,
+    CohortSampler,
     epoch_step_counts,
     max_participations,
     min_sep_groups,
@@ -150,6 +151,24 @@ def test_a_rounds_cohort_depends_only_on_seed_and_round(sampling):
     assert all(np.array_equal(a, b) for a, b in zip(in_order[19:], resumed))
     other = cohorts(sampling, population, per_round, n, seed=5)
     assert any(not np.array_equal(a, b) for a, b in zip(in_order, other))
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig("uniform"), SamplingConfig("poisson"),
+                                      EPOCHS, SamplingConfig("min_sep", 3)])
+def test_the_servers_caching_sampler_draws_sample_rounds_cohorts_in_any_order(sampling):
+    """CohortSampler (the server's: an epoch's permutation and min_sep's groups
+    computed once) gives exactly sample_round's cohorts, rounds asked in order,
+    shuffled (across epoch boundaries: 10 rounds per epoch here) or repeated."""
+    population, per_round, n = 103, 10, 35
+    sampler = CohortSampler(sampling, population, per_round, 4)
+    order = list(range(1, n + 1)) + [3, 3, 27, 1]
+    random.Random(1).shuffle(order)
+    for t in list(range(1, n + 1)) + order:
+        np.testing.assert_array_equal(sampler(t), sample_round(sampling, population, per_round,
+                                                               4, t))
+    if sampling.scheme in ("epochs", "min_sep"):  # (as sample_round)
+        with pytest.raises(ValueError, match="numbered from 1"):
+            sampler(0)
 
 
 @pytest.mark.parametrize("method", ["uniform", "poisson"])

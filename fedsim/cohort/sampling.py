@@ -141,6 +141,46 @@ def sample_round(sampling: SamplingConfig, population: int, per_round: int, seed
     raise ValueError(f"sampling must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 
+class CohortSampler:
+    """:func:`sample_round` for one run, with the O(population) work of ``epochs``
+    and ``min_sep`` done once instead of every round: an epoch's permutation is
+    kept while its rounds are drawn, and min_sep's groups for the whole run.
+    The cohorts are exactly :func:`sample_round`'s (the same streams, the same
+    draws), in any order of rounds (a resume asks for a later round first).
+
+    Memory: at most one permutation of the population (8 bytes per client)
+    for ``epochs``, the groups (the same) for ``min_sep``, nothing for
+    ``uniform`` and ``poisson``.
+    """
+
+    def __init__(self, sampling: SamplingConfig, population: int, per_round: int,
+                 seed: int) -> None:
+        self.sampling, self.population, self.per_round, self.seed = (
+            sampling, population, per_round, seed)
+        self._epoch: Optional[tuple[int, np.ndarray]] = None  # (epoch, its permutation)
+        self._groups: Optional[list[np.ndarray]] = None
+
+    def __call__(self, round_num: int) -> np.ndarray:
+        """Round ``round_num``'s cohort (1-based; sorted int64 client ids)."""
+        scheme, n, k = self.sampling.scheme, self.population, self.per_round
+        if round_num < 1 or scheme not in ("epochs", "min_sep"):
+            return sample_round(self.sampling, n, k, self.seed, round_num)
+        if scheme == "epochs":
+            epoch, r = divmod(round_num - 1, rounds_per_epoch(n, k))
+            if self._epoch is None or self._epoch[0] != epoch:
+                self._epoch = (epoch, stream(self.seed, STREAM_SAMPLING, EPOCH_KEY,
+                                             epoch).permutation(n))
+            return np.sort(self._epoch[1][r * k:(r + 1) * k]).astype(np.int64)
+        b = self.sampling.min_sep
+        if b is None or k > n // b:  # (sample_round's one-line errors)
+            return sample_round(self.sampling, n, k, self.seed, round_num)
+        if self._groups is None:
+            self._groups = min_sep_groups(n, b, self.seed)
+        group = self._groups[(round_num - 1) % b]
+        rng = stream(self.seed, STREAM_SAMPLING, round_num)
+        return np.sort(rng.choice(group, size=k, replace=False)).astype(np.int64)
+
+
 def max_participations(scheme: str, rounds: int, population: int, per_round: int,
                        min_sep: Optional[int] = None) -> Optional[int]:
     """The most rounds any one client can take part in among rounds ``1..rounds``

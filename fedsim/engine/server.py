@@ -3,7 +3,7 @@
 :class:`Server` is plain Python (usable without Ray); the simulation runs it as
 a Ray actor. Per round it:
 
-1. samples the cohort (:func:`fedsim.cohort.sampling.sample_round`, seeded per round);
+1. samples the cohort (:class:`fedsim.cohort.sampling.CohortSampler`, seeded per round);
 2. hands out the global weights (one flat float32 vector) and the aggregator's
    client parameters (e.g. the clip norm);
 3. merges the workers' partial sums, lets the aggregator finalize them (noise is
@@ -24,7 +24,7 @@ import numpy as np
 from fedsim.aggregation.base import Partial, merge_partials
 from fedsim.algorithms.base import add_sums
 from fedsim.cohort.faults import RoundPlan, plan_round, sample_size
-from fedsim.cohort.sampling import sample_round
+from fedsim.cohort.sampling import CohortSampler
 from fedsim.config import SimConfig
 from fedsim.engine.parts import Parts, build_aggregator
 from fedsim.engine.worker import WorkerReport, configure_tensorflow, reinit_process
@@ -91,6 +91,8 @@ class Server:
                                   cfg.clients_per_round) if cfg.audit.kind == "canary" else None)
         self.x_test = x_test
         self.y_test = y_test
+        self._sampler = CohortSampler(cfg.sampling, cfg.clients, sample_size(
+            cfg.clients_per_round, cfg.faults, cfg.clients), cfg.seed)
 
         def _eval_batch(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
             return model_spec.batch_sums(y, self.model(x, training=False))
@@ -103,9 +105,7 @@ class Server:
 
     def sample(self, round_num: int) -> np.ndarray:
         """The cohort sampled in ``round_num`` (sorted client ids; over-selection included)."""
-        per_round = sample_size(self.cfg.clients_per_round, self.cfg.faults, self.cfg.clients)
-        return sample_round(self.cfg.sampling, self.cfg.clients, per_round, self.cfg.seed,
-                            round_num)
+        return self._sampler(round_num)
 
     def plan(self, round_num: int) -> RoundPlan:
         """The sampled cohort and which of its clients drop, straggle or report."""
