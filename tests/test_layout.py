@@ -94,3 +94,42 @@ def test_driver_side_imports_without_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_plain_runs_actors_start_without_jax_dp_accounting_or_scipy_stats():
+    """A worker and a server for the quick start's run (dp=none, FedAvg), built in
+    a fresh process from the pickled parts Ray would send, import TensorFlow but
+    not what they never use: JAX (TF Lite's converter imports it: skipped by
+    fedsim.engine.worker.import_tensorflow), dp-accounting (SciPy's signal
+    processing) and SciPy's statistics (the canary audit): seconds of every
+    actor's start. The import still works where it is needed (checked last)."""
+    import pickle
+
+    from fedsim.algorithms.base import resolve_algorithm
+    from fedsim.config import SimConfig
+    from fedsim.data.loaders import load_federated_data
+    from fedsim.engine.parts import Parts
+    from fedsim.models.spec import model_spec
+    from fedsim.privacy.mechanisms.base import resolve_mechanism
+
+    cfg = SimConfig(clients=10, clients_per_round=2, rounds=1, progress=False)
+    data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
+    parts = Parts(model_spec(cfg.model, None, task=data.task, example=data.example),
+                  resolve_mechanism("none"), resolve_algorithm("fedavg", cfg))
+    blob = pickle.dumps((cfg, parts, data.train, data.input_shape, data.num_classes,
+                         data.x_test, data.y_test))
+    child = (
+        "import pickle, sys\n"
+        "cfg, parts, train, shape, k, x, y = pickle.loads(sys.stdin.buffer.read())\n"
+        "from fedsim.engine.server import Server\n"
+        "from fedsim.engine.worker import ClientWorker\n"
+        "ClientWorker(cfg, parts, train, shape, k, 1.0, 0)\n"
+        "Server(cfg, parts, shape, k, x, y, 1.0)\n"
+        "print(sorted(m for m in ('jax', 'dp_accounting', 'scipy.signal', 'scipy.stats',\n"
+        "                         'tensorflow_privacy', 'tensorflow_federated')\n"
+        "             if m in sys.modules), 'tensorflow' in sys.modules)\n"
+        "import jax, dp_accounting\n"
+        "print(jax.numpy.zeros(2).shape, dp_accounting.NoOpDpEvent())\n")
+    out = subprocess.run([sys.executable, "-c", child], input=blob, capture_output=True,
+                         check=True, cwd=PACKAGE.parent)
+    assert out.stdout.decode().splitlines() == ["[] True", "(2,) NoOpDpEvent()"]

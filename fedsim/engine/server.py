@@ -29,7 +29,6 @@ from fedsim.config import SimConfig
 from fedsim.engine.parts import Parts, build_aggregator
 from fedsim.engine.worker import WorkerReport, configure_tensorflow, reinit_process
 from fedsim.errors import FedsimError
-from fedsim.privacy.audit import CanaryAudit
 from fedsim.results.outputs import memory_mib
 from fedsim.rng import (
     STREAM_CLIENT_FAULTS,
@@ -87,8 +86,12 @@ class Server:
         self.aggregator = build_aggregator(cfg, parts.mechanism)
         self.agg_state = self.aggregator.initial_state()
         self.initial_weights = self.weights.copy()  # w_0: the same on resume (seeded)
-        self.audit = (CanaryAudit(cfg.audit, cfg.seed, self.weights.size, cfg.clients,
-                                  cfg.clients_per_round) if cfg.audit.kind == "canary" else None)
+        self.audit: Any = None
+        if cfg.audit.kind == "canary":  # (SciPy's statistics: imported only for the audit)
+            from fedsim.privacy.audit import CanaryAudit
+
+            self.audit = CanaryAudit(cfg.audit, cfg.seed, self.weights.size, cfg.clients,
+                                     cfg.clients_per_round)
         self.x_test = x_test
         self.y_test = y_test
         self._sampler = CohortSampler(cfg.sampling, cfg.clients, sample_size(

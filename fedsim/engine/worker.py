@@ -56,10 +56,36 @@ class WorkerReport:
     state_file: Optional[str] = None
 
 
+def import_tensorflow() -> Any:
+    """``import tensorflow``, without the JAX import that comes with it.
+
+    TensorFlow 2.14 imports ``jax``, when it is installed (TFF needs it), only
+    for TF Lite's JAX converter (``tensorflow.lite.python.util`` tries ``from
+    jax import xla_computation``), which fedsim never calls: a second or so of
+    every actor's start. While TensorFlow is first imported, ``jax`` is
+    marked absent, so that import fails and TF Lite goes without; afterwards
+    ``jax`` is importable as usual (a user's model, TFF). A process that has
+    imported ``jax`` already is left as it is."""
+    import sys
+
+    if "tensorflow" in sys.modules or "jax" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    sys.modules["jax"] = None  # type: ignore[assignment]  # import jax: ImportError
+    try:
+        import tensorflow as tf
+    finally:
+        if sys.modules.get("jax", 0) is None:
+            del sys.modules["jax"]
+    return tf
+
+
 def configure_tensorflow(num_cpus: float) -> None:
     """Size TF's thread pools to the CPUs Ray gives this process, and let it
-    share GPUs (memory growth), before TF runs any op."""
-    import tensorflow as tf
+    share GPUs (memory growth), before TF runs any op (and import TensorFlow:
+    :func:`import_tensorflow`)."""
+    tf = import_tensorflow()
 
     threads = max(1, int(num_cpus))
     try:

@@ -5,7 +5,10 @@ abstract methods (:meth:`Mechanism.round_event`, :meth:`Mechanism.build_aggregat
 capabilities asked before anything runs (:attr:`Mechanism.private`,
 :attr:`Mechanism.secure_sum`, :attr:`Mechanism.calibratable`), and defaults for
 the rest. Importable without TensorFlow: a mechanism imports its aggregator's
-module only in :meth:`Mechanism.build_aggregator`, which runs in the actors.
+module only in :meth:`Mechanism.build_aggregator`, which runs in the actors;
+and without dp-accounting (which imports SciPy's signal processing), which
+only the methods that make DpEvents import, in the driver and the server, so
+that a worker that only trains does not pay for it.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Optional, Union
 
-import dp_accounting
-from dp_accounting import DpEvent
-
 from fedsim.config import DP_MECHANISMS, DPConfig, SimConfig, build_named
 from fedsim.errors import ConfigError
 from fedsim.privacy import noise
 
 if TYPE_CHECKING:
+    from dp_accounting import DpEvent
+
     from fedsim.aggregation.base import Aggregator
 
 BUILTIN = {
@@ -102,6 +104,8 @@ class Mechanism(ABC):
     def calibration_event(self, value: float) -> DpEvent:
         """The round's event as a function of the searched noise parameter
         (default: a Gaussian of noise multiplier ``value``)."""
+        import dp_accounting
+
         return dp_accounting.GaussianDpEvent(value)
 
     def calibrated(self, cfg: SimConfig, value: float) -> DPConfig:

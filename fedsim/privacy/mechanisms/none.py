@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import dp_accounting
-from dp_accounting import DpEvent
+from typing import TYPE_CHECKING, Optional
 
 from fedsim.aggregation.base import Aggregator, MeanAggregator
 from fedsim.config import DPConfig, SimConfig
 from fedsim.privacy.mechanisms.base import Mechanism
+
+if TYPE_CHECKING:
+    from dp_accounting import DpEvent
 
 
 class NoMechanism(Mechanism):
@@ -19,6 +19,8 @@ class NoMechanism(Mechanism):
 
     def round_event(self, dp: DPConfig, clients_per_round: int, *, dim: Optional[int] = None,
                     precision_bits: int = 16, noise_shares: Optional[int] = None) -> DpEvent:
+        import dp_accounting
+
         return dp_accounting.NoOpDpEvent()
 
     def noise_sampler(self, dp: DPConfig) -> str:
