@@ -140,3 +140,100 @@ def test_metric_values_keep_finite_numbers_with_mlflow_keys():
     assert metric_values({"round": 4, "a": 1, "b": None, "c": float("nan"), "d": True,
                           "e": np.float32(0.5), "f/g h": 2.0, "x:y": 3}) == {
         "a": 1.0, "e": 0.5, "f/g h": 2.0, "x_y": 3.0}
+
+
+# ---------------------------------------------------------------- end to end, fresh processes
+
+def run_cli(*args: str, cwd: Path):
+    """scripts/simulate.py as users run it (the repository root on PYTHONPATH for the
+    Ray launcher plugin)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, SCRIPT
+
+    env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                          if p))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+SMALL = ["clients=20", "clients_per_round=5", "rounds=2", "local_epochs=1", "model=logreg",
+         "ray.workers=1", "ray.num_cpus=2", "progress=false"]
+
+
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
+def test_a_multirun_is_one_experiment_whose_runs_hold_every_points_metrics(tmp_path):
+    from fedsim.results.outputs import read_metrics
+
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "hydra/launcher=ray", "hydra.launcher.max_parallel=2", *SMALL,
+                   "tracking=mlflow", "dp=gaussian", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = client_of(sweep / "mlruns")
+    exp = client.get_experiment_by_name("fedsim")
+    runs = {r.data.tags["override.seed"]: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["0", "1"]
+    for num, seed in ((0, "0"), (1, "1")):
+        run, rows = runs[seed], read_metrics(sweep / str(num) / "metrics.jsonl")
+        assert run.info.status == "FINISHED" and run.data.params["seed"] == seed
+        assert run.data.tags["hydra.sweep_dir"] == str(sweep)
+        for key in ("eval_accuracy", "epsilon"):
+            assert history(client, run.info.run_id, key) == [
+                (r["round"], pytest.approx(r[key])) for r in rows]
+    assert not (sweep / "0" / "mlruns").exists()  # one store, the sweep's
+
+
+@pytest.mark.slow  # end to end, in fresh processes (`uv run pytest -m slow`)
+def test_a_single_run_tracks_to_an_mlflow_server(tmp_path):
+    """A real `mlflow server` on localhost, tracking.uri pointing at it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", file_store_uri(tmp_path / "server-store"),
+         "--default-artifact-root", file_store_uri(tmp_path / "server-artifacts")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        out = tmp_path / "run"
+        proc = run_cli(*SMALL, "tracking=mlflow", f"tracking.uri={uri}",
+                       "tracking.experiment=served", f"hydra.run.dir={out}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        from mlflow.tracking import MlflowClient
+
+        from fedsim.results.outputs import read_metrics
+
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert history(client, runs[0].info.run_id, "eval_accuracy") == [
+            (r["round"], pytest.approx(r["eval_accuracy"]))
+            for r in read_metrics(out / "metrics.jsonl")]
+        assert {f.path for f in client.list_artifacts(runs[0].info.run_id)} == {
+            "summary.json", "metrics.png", "final_weights.npy"}
+        assert not (out / "mlruns").exists()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
