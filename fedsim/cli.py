@@ -35,6 +35,41 @@ def to_sim_config(cfg: Any) -> SimConfig:
     return obj
 
 
+def with_hydra_tracking(sim: SimConfig, hydra_cfg: Any) -> SimConfig:
+    """``sim`` with what only Hydra knows filled into ``tracking`` (``tracking=mlflow``):
+    in a multirun (``hydra_cfg.mode`` MULTIRUN), a null ``tracking.uri`` becomes a
+    file store ``mlruns/`` in the sweep directory, shared by every point (one
+    experiment for the sweep), and the tags gain the point's overrides
+    (``override.<key>``: value, as given to Hydra), ``hydra.sweep_dir`` and
+    ``hydra.job_num``. A single run keeps its store in the run directory."""
+    import dataclasses
+    from pathlib import Path
+
+    from hydra.types import RunMode
+
+    if sim.tracking.kind == "none" or hydra_cfg.mode != RunMode.MULTIRUN:
+        return sim
+    from fedsim.results.sweep import parse_overrides
+    from fedsim.results.tracking import STORE, file_store_uri
+
+    sweep_dir = Path(str(hydra_cfg.sweep.dir)).absolute()
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    tags = {f"override.{k}": v for k, v in parse_overrides(overrides).items()}
+    tags.update({"hydra.sweep_dir": str(sweep_dir), "hydra.job_num": str(hydra_cfg.job.num),
+                 "hydra.overrides": " ".join(overrides)}, **sim.tracking.tags)
+    uri = sim.tracking.uri if sim.tracking.uri is not None else file_store_uri(sweep_dir / STORE)
+    return dataclasses.replace(sim, tracking=dataclasses.replace(sim.tracking, uri=uri,
+                                                                 tags=tags))
+
+
+def objective(summary: Any) -> Any:
+    """What a sweeper optimizes (Hydra's Optuna sweeper): the final value of the
+    task's primary metric (``summary["primary_metric"]``, e.g. ``eval_accuracy``
+    of the last evaluation); None if the run never evaluated."""
+    value = (summary.get("final") or {}).get(summary.get("primary_metric"))
+    return float(value) if value is not None else None
+
+
 def _chain(first: BaseException) -> list[BaseException]:
     out: list[BaseException] = []
     seen: set[int] = set()

@@ -46,6 +46,7 @@ BATCH_SAMPLING = ("poisson", "shuffle")
 ROBUST_AGGREGATORS = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 AGGREGATORS = ("native", "tff") + ROBUST_AGGREGATORS
 AUDITS = ("none", "canary")
+TRACKERS = ("none", "mlflow")
 
 
 def _check(ok: bool, option: str, allowed: str, value: object) -> None:
@@ -767,6 +768,39 @@ class AuditConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (:mod:`fedsim.results.tracking`): ``tracking=mlflow``.
+
+    kind: ``none`` or ``mlflow``: each run is one MLflow run holding the resolved
+      config (flattened, as params), every round's metrics (step = round), and
+      as artifacts ``summary.json``, ``metrics.png`` and the final weights.
+    uri: the MLflow tracking URI (e.g. ``http://127.0.0.1:5000``, or
+      ``file:///abs/path/mlruns`` for a local file store); null: a file store
+      ``mlruns/`` in the run directory, or, for a point of a Hydra multirun, in
+      the sweep directory, shared by all its points (set by ``scripts/simulate.py``).
+    experiment: the MLflow experiment's name (created if missing).
+    run_name: the MLflow run's name; null: MLflow's own.
+    tags: extra tags of the MLflow run (``scripts/simulate.py`` adds a multirun
+      point's Hydra overrides as ``override.<key>``, and the sweep directory).
+    """
+
+    kind: str = "none"
+    uri: Optional[str] = None
+    experiment: str = "fedsim"
+    run_name: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _one_of("tracking.kind", self.kind, TRACKERS)
+        _check(self.uri is None or (isinstance(self.uri, str) and self.uri != ""),
+               "tracking.uri", "null (a file store in the run or sweep directory) or a "
+               "tracking URI", self.uri)
+        _check(isinstance(self.experiment, str) and self.experiment.strip() != "",
+               "tracking.experiment", "a non-empty experiment name", self.experiment)
+        self.tags = {str(k): str(v) for k, v in dict(self.tags).items()}
+
+
+@dataclass
 class FederatedEvalConfig:
     """Evaluation of the global model on the clients' OWN test data, in the
     worker actors, every ``eval_every`` rounds (as TFF's federated evaluation;
@@ -920,6 +954,7 @@ class SimConfig:
       name is short for ``AlgorithmConfig(name)``).
     federated_eval: evaluation on the clients' own test data
       (:class:`FederatedEvalConfig`).
+    tracking: experiment tracking (:class:`TrackingConfig`: none or mlflow).
     """
 
     clients: int = 100
@@ -947,6 +982,7 @@ class SimConfig:
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     federated_eval: FederatedEvalConfig = field(default_factory=FederatedEvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tensorboard: bool = False
 
     def __post_init__(self) -> None:

@@ -72,6 +72,7 @@ from fedsim.results.outputs import (
     write_json_atomic,
 )
 from fedsim.results.summary import example_level_privacy, run_summary
+from fedsim.results.tracking import tracker
 from fedsim.tasks.classification import Classification
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     rows: list[dict[str, Any]] = list(kept)
     first_round = resumed["round"] + 1 if resumed else 1
     stop_reason = f"reached rounds={cfg.rounds}"
-    hooks = default_callbacks(cfg, callbacks)
+    hooks = default_callbacks(cfg, callbacks, tracker(cfg.tracking))
     pool = server = None
     try:
         data_ref = ray.put(data.train)
@@ -433,7 +434,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             memory["client_state_disk_mib"] = (
                 ray.get(server.client_state_bytes.remote()) / 2**20)
     finally:
-        failed = sys.exc_info()[0] is not None
+        raised = failed = sys.exc_info()[0] is not None
         if server is not None and ray.is_initialized():
             try:  # stops e.g. a TFF aggregator's worker_binary child
                 ray.get(server.close.remote(), timeout=15)
@@ -443,8 +444,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                 failed = True
             if actors is None:
                 ray.kill(server)  # now, not whenever the handle is collected
-        for hook in hooks:
-            hook.close()
+        if raised:  # (else after the summary, which on_summary hooks see)
+            for hook in hooks:
+                hook.close()
         if actors is not None and ray.is_initialized():
             actors.release(server, pool, failed=failed)  # kept alive, unless it failed
         elif pool is not None and pool.placement_group is not None and ray.is_initialized():
@@ -454,17 +456,24 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         if temporary_state and state_dir is not None:
             remove_store(state_dir)
 
-    summary = run_summary(cfg, data, rows, accountant, privacy, audit, mech, started=t_start,
-                          setup_seconds=setup_seconds, stop_reason=stop_reason,
-                          resumed_from=resumed["round"] if resumed else None,
-                          workers=n_workers, placement=placement, memory=memory,
-                          num_parameters=num_parameters, model=spec.name, task=spec.kind)
-    if out:
-        plot_metrics(rows, out / "metrics.png", audit_epsilon=audit and audit["epsilon"],
-                     metric=spec.kind.primary_metric, bounded=spec.kind.higher_is_better,
-                     title=f"{spec.name} on {data.name}, {cfg.clients} clients, "
-                           f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
-        write_json_atomic(out / "summary.json", summary)
+    try:
+        summary = run_summary(cfg, data, rows, accountant, privacy, audit, mech,
+                              started=t_start, setup_seconds=setup_seconds,
+                              stop_reason=stop_reason,
+                              resumed_from=resumed["round"] if resumed else None,
+                              workers=n_workers, placement=placement, memory=memory,
+                              num_parameters=num_parameters, model=spec.name, task=spec.kind)
+        if out:
+            plot_metrics(rows, out / "metrics.png", audit_epsilon=audit and audit["epsilon"],
+                         metric=spec.kind.primary_metric, bounded=spec.kind.higher_is_better,
+                         title=f"{spec.name} on {data.name}, {cfg.clients} clients, "
+                               f"{cfg.clients_per_round}/round, dp={cfg.dp.mechanism}")
+            write_json_atomic(out / "summary.json", summary)
+        for hook in hooks:
+            hook.on_summary(ctx, summary, final_weights)
+    finally:
+        for hook in hooks:
+            hook.close()
     return SimulationResult(rows, summary, out, final_weights)
 
 

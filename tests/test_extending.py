@@ -238,13 +238,18 @@ def test_user_callbacks_see_the_rounds_add_metrics_and_stop(warm_actors, tmp_pat
         def on_run_end(self, ctx) -> None:
             self.events.append(("end", len(ctx.rows)))
 
+        def on_summary(self, ctx, summary, weights) -> None:  # outputs written, actors gone
+            self.events.append(("summary", summary["rounds_completed"],
+                                (ctx.output_dir / "summary.json").is_file(), weights.dtype.name))
+
         def close(self) -> None:
             self.events.append(("close",))
 
     rec = Recorder()
     cfg = _dp_cfg(dp=DPConfig(), rounds=5, server=ServerConfig())
     result = run_simulation(cfg, tmp_path / "run", callbacks=[rec], actors=warm_actors)
-    assert rec.events == [("start", 1, True), ("round", 1), ("round", 2), ("end", 2), ("close",)]
+    assert rec.events == [("start", 1, True), ("round", 1), ("round", 2), ("end", 2),
+                          ("summary", 2, True, "float32"), ("close",)]
     assert result.summary["stop_reason"] == "two rounds are enough"
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["twice_the_round"] for r in logged] == [2, 4]

@@ -83,14 +83,16 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_driver_side_imports_without_tensorflow():
     """What the driver needs to check a config and account for privacy never
-    starts TensorFlow (8 s and a GiB per process)."""
+    starts TensorFlow (8 s and a GiB per process), nor imports MLflow (only a
+    tracked run does)."""
     code = ("import sys; import fedsim.config, fedsim.privacy.accounting, fedsim.cli, "
             "fedsim.privacy.mechanisms.base, fedsim.privacy.mechanisms.gaussian, "
             "fedsim.privacy.mechanisms.gaussian_adaptive, fedsim.privacy.mechanisms.laplace, "
             "fedsim.privacy.mechanisms.distributed_skellam, fedsim.privacy.mechanisms.none, "
-            "fedsim.results.checkpoint, fedsim.models.spec, fedsim.simulation; "
-            "print(sorted(m for m in ('tensorflow', 'tensorflow_privacy', 'tensorflow_federated') "
-            "if m in sys.modules))")
+            "fedsim.results.checkpoint, fedsim.models.spec, fedsim.simulation, "
+            "fedsim.results.tracking, fedsim.privacy.tuning; "
+            "print(sorted(m for m in ('tensorflow', 'tensorflow_privacy', 'tensorflow_federated', "
+            "'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"

@@ -273,3 +273,70 @@ def test_collect_runs_reports_failed_incomplete_and_never_started_points(tmp_pat
     assert "resume=" not in collect_runs(sweep / "2")[0]["note"]
     (sweep / "2" / "checkpoint.json").write_text("{}")
     assert f"continue with resume={sweep / '2'}" in collect_runs(sweep / "2")[0]["note"]
+
+
+def private_summary(accuracy: float, z: float, rounds: int = 5) -> dict:
+    """A completed DP run's summary.json as fedsim writes it: the event of ``rounds``
+    Poisson-sampled Gaussian rounds from a real accountant."""
+    from dp_accounting import GaussianDpEvent
+
+    from fedsim.privacy.accounting import PrivacyAccountant
+    from fedsim.results.summary import encoded_run_event
+
+    acct = PrivacyAccountant("rdp", "poisson", 20, 5, 1e-3)
+    for _ in range(rounds):
+        acct.record(acct.round_event(GaussianDpEvent(z)))
+    return json.loads(json.dumps({
+        "status": "completed", "stop_reason": "reached rounds=5", "rounds_completed": rounds,
+        "final": {"eval_accuracy": accuracy}, "wall_seconds": 3.0,
+        "privacy": {"mechanism": "gaussian", "epsilon": acct.epsilon(), "delta": acct.delta,
+                    "neighboring_relation": acct.relation.name,
+                    "event": encoded_run_event(acct)},
+        "config": {"seed": 0, "dp": {"mechanism": "gaussian", "noise_multiplier": z}}}))
+
+
+def test_sweep_summary_states_the_privacy_cost_of_the_whole_search(tmp_path):
+    """Three trials of the same noise on one population: the report gives the
+    composition of all three (what applies to a search that reports every trial)
+    and the repeat-and-select figure, as fedsim.privacy.tuning computes them, and
+    says why the composition applies (a fixed number of trials, or an adaptive
+    sampler)."""
+    from fedsim.privacy.tuning import search_privacy
+
+    sweep = tmp_path / "sweep"
+    summaries = [private_summary(a, 1.0) for a in (0.5, 0.7, 0.6)]
+    for n, (lr, summary) in enumerate(zip(("0.1", "0.2", "0.3"), summaries)):
+        write_point(sweep / str(n), [f"client.learning_rate={lr}"], summary=summary, z=1.0)
+    def sampler(name: str) -> None:
+        for n in range(3):
+            (sweep / str(n) / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {
+                "sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper."
+                                        "OptunaSweeper", "sampler": {"_target_": name}}}}))
+
+    sampler("optuna.samplers.RandomSampler")
+    copy = sweep / "mlruns" / "1" / "abc" / "artifacts"  # tracking=mlflow's store: not a point
+    copy.mkdir(parents=True)
+    (copy / "summary.json").write_text(json.dumps(summaries[0]))
+    text = write_sweep_report(sweep)
+    assert [r["point"] for r in collect_runs(sweep)] == ["0", "1", "2"]
+    want = search_privacy(summaries)
+    one = summaries[0]["privacy"]["epsilon"]
+    assert one < want.composed_epsilon < 3 * one
+    assert 0 < want.repeat_and_select_epsilon < want.composed_epsilon
+    section = text.split("## Privacy of the search")[1].split("## Grid points")[0]
+    assert f"| composition of all 3 trials (ComposedDpEvent) | {want.composed_epsilon:.4g} |" \
+        in section
+    assert f"geometric number of trials, mean 3) | {want.repeat_and_select_epsilon:.4g} |" \
+        in section
+    assert ("This sweep was a fixed number of trials (hydra.sweeper.n_trials) of "
+            "RandomSampler and reports every trial, so the composition applies: "
+            f"**epsilon = {want.composed_epsilon:.4g} at delta = 0.001**") in section
+    sampler("optuna.samplers.TPESampler")
+    assert "This sweep was an adaptive search (TPESampler: each trial's hyperparameters " \
+        "depend on earlier results)" in write_sweep_report(sweep)
+    # a trial that trained without DP makes the search non-private
+    write_point(sweep / "3", ["dp=none"], summary={
+        "status": "completed", "final": {"eval_accuracy": 0.9},
+        "privacy": {"mechanism": "none", "epsilon": None},
+        "config": {"seed": 0, "dp": {"mechanism": "none"}}})
+    assert "the search as a whole is not private" in write_sweep_report(sweep)

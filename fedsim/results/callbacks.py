@@ -2,7 +2,7 @@
 
 :func:`fedsim.simulation.run_simulation` builds the parts, runs the rounds and
 summarises; everything else a run does on the way (the budget stop, memory
-sampling, TensorBoard, the metrics file, checkpoints, the progress bar) is a
+sampling, TensorBoard, MLflow, the metrics file, checkpoints, the progress bar) is a
 :class:`Callback` here, called in order. A user's callbacks (``callbacks=`` of
 ``run_simulation``) see the same :class:`RunContext` and run before the
 writers (:func:`default_callbacks`), so what they add to a row is logged.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from fedsim.config import SimConfig
 from fedsim.results.outputs import MetricsLog, Progress, TensorBoardLog
@@ -61,6 +61,13 @@ class Callback:
 
     def on_run_end(self, ctx: RunContext) -> None:
         """The last round ran (or a callback stopped the run); actors still up."""
+
+    def on_summary(self, ctx: RunContext, summary: Mapping[str, Any],
+                   weights: Any) -> None:
+        """The run ended well and its outputs are written (``summary.json`` and
+        ``metrics.png`` in ``ctx.output_dir`` when there is one); ``summary`` is
+        summary.json's content, ``weights`` the final global model (flat
+        float32). Actors are gone; :meth:`close` follows."""
 
     def close(self) -> None:
         """Always called at the end, also after an error: release files."""
@@ -165,13 +172,17 @@ class ProgressBar(Callback):
             self.bar = None
 
 
-def default_callbacks(cfg: SimConfig, user: Sequence[Callback] = ()) -> list[Callback]:
+def default_callbacks(cfg: SimConfig, user: Sequence[Callback] = (),
+                      tracker: Optional[Callback] = None) -> list[Callback]:
     """The callbacks a run uses, in the order they are called: the budget stop and
     the memory sampler, then the ``user``'s (so that the keys they add to a row
-    are written too), then the writers (TensorBoard, the metrics file,
-    checkpoints, the progress bar)."""
+    are written too), then the writers (TensorBoard, the ``tracker``: MLflow
+    with ``tracking=mlflow``, :func:`fedsim.results.tracking.tracker`; the
+    metrics file, checkpoints, the progress bar)."""
     out: list[Callback] = [BudgetStop(), MemorySampler(), *user]
     if cfg.tensorboard:
         out.append(TensorBoard())
+    if tracker is not None:
+        out.append(tracker)
     out += [MetricsFile(), Checkpoints(), ProgressBar()]
     return out

@@ -359,7 +359,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 # Options that may differ between a run and its resumption.
 FREE_ON_RESUME = {"rounds", "resume", "resume_force", "progress", "ray", "checkpoint_every",
-                  "faults"}
+                  "faults", "tracking"}
 # Options that change the privacy guarantee: allowed only with resume_force.
 PRIVACY_KEYS = {"dp", "sampling", "clients", "clients_per_round"}
 

@@ -38,6 +38,31 @@ def sampling_summary(cfg: SimConfig, rounds: Optional[int] = None) -> dict[str, 
     return out
 
 
+def encoded_run_event(accountant: Any) -> Any:
+    """The DpEvent of the whole run, whose epsilon (under ``accountant.relation``)
+    is the run's: ``epochs``/``min_sep``: the most participating client's
+    (:meth:`~fedsim.privacy.accounting.PrivacyAccountant.stream_event`);
+    otherwise the composition of the ledger. Encoded as checkpoints encode
+    events (``{"$dp_event": "GaussianDpEvent", ...}``,
+    :mod:`fedsim.results.checkpoint`); None without a ledger."""
+    import dp_accounting
+
+    from fedsim.results.checkpoint import CheckpointError, encode_state
+
+    if not accountant.ledger:
+        return None
+    if accountant.unamplified:
+        event = accountant.stream_event(accountant.ledger)
+    else:
+        parts = [dp_accounting.SelfComposedDpEvent(e, int(c)) for e, c in accountant.ledger]
+        event = parts[0] if len(parts) == 1 else dp_accounting.ComposedDpEvent(parts)
+    try:
+        payload, arrays = encode_state(event)
+    except CheckpointError:
+        return None
+    return payload if not arrays else None
+
+
 def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any],
                     mechanism: Any = None, rounds: Optional[int] = None) -> dict[str, Any]:
     """What the run spent, and the assumptions the number rests on (``rounds``:
@@ -63,7 +88,9 @@ def privacy_summary(cfg: SimConfig, accountant: Any, extra: dict[str, Any],
                dict(zip(("model_size", "precision_bits"), accountant.secure_rounding))
                if accountant.secure_rounding else None),
            "not_privatized": NOT_PRIVATIZED,
-           "ledger": [{"event": repr(e), "count": c} for e, c in accountant.ledger]}
+           "ledger": [{"event": repr(e), "count": c} for e, c in accountant.ledger],
+           # the whole run as one DpEvent, machine-readable (fedsim.privacy.tuning reads it)
+           "event": encoded_run_event(accountant)}
     out.update(extra)
     return out
 

@@ -7,7 +7,9 @@ point (``0/``, ``1/``, ... with ``.hydra/overrides.yaml``) and Hydra's
 - ``sweep_points.csv``: one row per grid point (see :func:`collect_runs`);
 - ``sweep_summary.csv``: one row per parameter combination, mean and sample
   standard deviation over the seeds (see :func:`summarize`);
-- ``sweep_summary.md``: both as markdown tables;
+- ``sweep_summary.md``: both as markdown tables, and the privacy cost of the
+  whole search when its points ran with DP (:func:`search_privacy_lines`,
+  :mod:`fedsim.privacy.tuning`);
 - ``privacy_utility.png``: test accuracy against epsilon, one series per DP
   mechanism, error bars over the seeds; runs without DP and runs with
   epsilon = inf (no noise) sit on their own markers to the right.
@@ -39,6 +41,7 @@ from fedsim.errors import FedsimError
 from fedsim.results.outputs import plot_metrics, read_metrics
 
 CHECKPOINT = "checkpoint.json"  # fedsim.results.checkpoint.CHECKPOINT (not imported: light)
+TRACKING_STORE = "mlruns"  # fedsim.results.tracking.STORE (not imported: light)
 
 # Statuses of a grid point.
 COMPLETED = "completed"
@@ -197,6 +200,8 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     for name in _RUN_FILES:
         found |= {p.parent for p in sweep_dir.rglob(name)}
     found.discard(sweep_dir)
+    # the MLflow file store of tracking=mlflow holds copies of summary.json as artifacts
+    found = {p for p in found if TRACKING_STORE not in p.relative_to(sweep_dir).parts}
     return sorted(found, key=lambda p: _natural_key(p.relative_to(sweep_dir).as_posix()))
 
 
@@ -461,7 +466,9 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], groups: Sequence[Mapping
              _fmt_mean_std(g["accuracy_mean"], g["accuracy_std"], ".4f"),
              _epsilon_text(g["mechanism"], g["epsilon_mean"], g["epsilon_std"]),
              _fmt(g["wall_seconds_mean"], ".1f"), g["status"]] for g in groups]
-    lines += ["", _markdown_table(header, body), "", "## Grid points", ""]
+    lines += ["", _markdown_table(header, body), ""]
+    lines += search_privacy_lines(rows)
+    lines += ["## Grid points", ""]
     pkeys = varying_keys([r["overrides"] for r in rows], skip=_SHOWN_AS_COLUMNS)
     pheader = ["point", *pkeys, "mechanism", "z", "seed", "status", "rounds",
                "test accuracy", "epsilon", "wall s", "note"]
@@ -472,6 +479,70 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], groups: Sequence[Mapping
               _fmt(r["wall_seconds"], ".1f"), r["note"]] for r in rows]
     lines += [_markdown_table(pheader, pbody), ""]
     return "\n".join(lines)
+
+
+def _sweeper(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The sweeper's and its sampler's class names, from a job's ``.hydra/hydra.yaml``."""
+    for r in rows:
+        path = Path(str(r["dir"])) / ".hydra" / "hydra.yaml" if r["dir"] else None
+        if path is not None and path.is_file():
+            sweeper = ((_read_yaml(path) or {}).get("hydra") or {}).get("sweeper") or {}
+            sampler = sweeper.get("sampler") or {}
+            return (str(sweeper.get("_target_", "")).rsplit(".", 1)[-1],
+                    str(sampler.get("_target_", "")).rsplit(".", 1)[-1]
+                    if isinstance(sampler, Mapping) else "")
+    return "", ""
+
+
+def search_privacy_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``## Privacy of the search`` (markdown lines; none for a sweep without DP):
+    the epsilon of all the trials together (:mod:`fedsim.privacy.tuning`), which
+    bound applies to this sweep, and why."""
+    from fedsim.privacy.tuning import search_privacy
+
+    private = [r for r in rows if r["mechanism"] not in (None, "none")]
+    if not private:
+        return []
+    lines = ["## Privacy of the search", ""]
+    if any(r["mechanism"] == "none" and r["status"] == COMPLETED for r in rows):
+        return lines + ["A trial without DP trained on the population: the search as a "
+                        "whole is not private (epsilon = inf).", ""]
+    done = [r for r in private if r["status"] == COMPLETED and r["dir"]]
+    uncounted = len([r for r in private if r["status"] != COMPLETED and r["rounds_completed"]])
+    try:
+        tp = search_privacy([_read_json(Path(str(r["dir"])) / "summary.json") for r in done])
+    except (FedsimError, OSError, ValueError, KeyError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        return lines + [f"No epsilon for the search: {first}", ""]
+    sweeper, sampler = _sweeper(done)
+    how = (f"a fixed grid of {tp.trials} points" if sweeper == "BasicSweeper" else
+           f"a fixed number of trials (hydra.sweeper.n_trials) of {sampler}"
+           if sampler == "RandomSampler" else
+           f"an adaptive search ({sampler or sweeper or 'unknown sweeper'}: each trial's "
+           "hyperparameters depend on earlier results)")
+    eps_ps = tp.repeat_and_select_epsilon
+    assert eps_ps is not None  # (computed for every list of trials)
+    lines += [f"The {tp.trials} trials train on the same private population, so the search "
+              f"spends more than any one trial (relation {tp.relation}, RDP accountant, "
+              f"delta = {tp.delta:.3g}).", "",
+              _markdown_table(
+                  ["bound", "epsilon", "holds when"],
+                  [[f"composition of all {tp.trials} trials (ComposedDpEvent)",
+                    _fmt(tp.composed_epsilon), "always; every trial's result may be released "
+                    "(as this report does)"],
+                   [f"repeat and select (Papernot-Steinke; RepeatAndSelectDpEvent, "
+                    f"geometric number of trials, mean {tp.mean_trials:g})",
+                    _fmt(eps_ps) + (f" ({tp.note})" if tp.note else ""),
+                    "the number of trials was drawn at random (geometric, that mean), the "
+                    "trials were independent (random search) and only the best trial's "
+                    "result is released"]]), "",
+              f"This sweep was {how} and reports every trial, so the composition applies: "
+              f"**epsilon = {_fmt(tp.composed_epsilon)} at delta = {tp.delta:.3g}** for the "
+              "whole search."]
+    if uncounted:
+        lines += ["", f"{uncounted} trial{'s' * (uncounted != 1)} without summary.json ran "
+                  "rounds that are not counted: the search spent more."]
+    return lines + [""]
 
 
 def _plot_category(group: Mapping[str, Any]) -> str:
