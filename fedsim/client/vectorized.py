@@ -86,6 +86,7 @@ from fedsim.models.keras import FlatWeights
 from fedsim.models.spec import ModelSpec
 
 CONV_BACKENDS = ("grouped", "vmap")
+DENSE_BACKENDS = ("factored", "stacked")
 
 
 @dataclass(frozen=True)
@@ -198,12 +199,14 @@ class VectorizedTrainer:
     def __init__(self, model: ModelSpec, client_cfg: ClientConfig,
                  input_shape: Sequence[int], num_classes: int, batch_size: int,
                  local_epochs: int, seed: int = 0, max_clients_per_call: int = 16,
-                 conv: str = "grouped") -> None:
+                 conv: str = "grouped", dense: str = "factored") -> None:
         if getattr(client_cfg, "optimizer", "sgd") != "sgd":
             raise NotImplementedError(
                 f"vectorized training: client.optimizer={client_cfg.optimizer} (sgd only)")
         if conv not in CONV_BACKENDS:
             raise ValueError(f"conv must be one of {CONV_BACKENDS}, not {conv!r}")
+        if dense not in DENSE_BACKENDS:
+            raise ValueError(f"dense must be one of {DENSE_BACKENDS}, not {dense!r}")
         if max_clients_per_call < 1:
             raise ValueError("max_clients_per_call must be >= 1")
         self.spec = model
@@ -215,11 +218,13 @@ class VectorizedTrainer:
         self.local_epochs = int(local_epochs)
         self.max_clients_per_call = int(max_clients_per_call)
         self.conv = conv
+        self.dense = dense
         self._lr = tf.constant(client_cfg.learning_rate, tf.float32)
         self._momentum = tf.constant(client_cfg.momentum, tf.float32)
         self._use_momentum = client_cfg.momentum > 0
         bs = self.batch_size
-        self._train = tf.function(self._train_graph, input_signature=[
+        graph = self._train_factored if dense == "factored" else self._train_graph
+        self._train = tf.function(graph, input_signature=[
             tf.TensorSpec([None], tf.float32),                       # global weights
             tf.TensorSpec([None, *self.input_shape], tf.float32),    # x of the chunk
             tf.TensorSpec([None], tf.int32),                         # y of the chunk
@@ -351,6 +356,183 @@ class VectorizedTrainer:
         local = tf.concat([tf.reshape(p, [k, -1]) for p in params], axis=1)
         delta = global_flat[None, :] - local
         return delta, total_loss / tf.maximum(seen, 1.0)
+
+    # -- the factored dense layers ------------------------------------------------------
+    def _momentum_coefficients(self, num_steps: tf.Tensor) -> tf.Tensor:
+        """``C`` ``(S + 1, S)``: after ``s`` SGD steps a dense kernel is
+        ``W0 - sum_{t < s} C[s, t] H_t^T G_t`` (``G_t`` the step-``t`` gradient of
+        the objective with respect to the layer's outputs, ``H_t`` its inputs);
+        ``C[s, t] = sum_{j=t}^{s-1} m^(j-t)`` with momentum m (1 without)."""
+        s = tf.range(num_steps + 1)[:, None]
+        t = tf.range(num_steps)[None, :]
+        past = s > t
+        if not self._use_momentum:
+            return tf.cast(past, tf.float32)
+        d = tf.cast(tf.maximum(s - t, 0), tf.float32)
+        m = self._momentum
+        return tf.where(past, (1.0 - tf.pow(m, d)) / (1.0 - m), 0.0)
+
+    def _train_factored(self, global_flat: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                        idx: tf.Tensor, weights: tf.Tensor, active: tf.Tensor,
+                        seen: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """:meth:`_train_graph` with every dense kernel kept in factored form.
+
+        SGD changes a dense kernel by ``-H_t^T G_t`` at step t (``H_t`` the
+        layer's inputs ``(B, in)``, ``G_t`` the gradient of the step's objective,
+        learning rate included, with respect to the layer's outputs ``(B, out)``),
+        so client k's kernel after s steps is ``W0 - sum_{t<s} c_st H_t^T G_t``
+        (``c_st``: :meth:`_momentum_coefficients`) and its outputs at step s are
+
+            H_s W_s = H_s W0 - sum_{t<s} c_st (H_s H_t^T) G_t:
+
+        ONE matmul of all K clients' inputs with the shared global kernel
+        ``(K*B, in) x (in, out)`` plus a correction through the small Gram
+        matrices ``H_s H_t^T`` of the client's own examples. No client's copy of
+        the kernel is ever formed; at the end its update
+        ``W0 - W = sum_t c_t H_t^T G_t`` is one batched matmul. The same
+        mathematics as the stacked kernels (up to float rounding). Conv kernels
+        and all biases stay stacked. The inputs and output gradients of every
+        step are kept: ``(K, S*B, in + out)`` floats per dense layer. When the
+        model's first parametric layer is a dense layer on the (flattened) input,
+        its inputs are known before the first step: ``H W0`` of all steps and
+        the Gram matrices are computed at once before the loop.
+        """
+        bs = self.batch_size
+        k = tf.shape(idx)[0]
+        num_steps = tf.shape(idx)[1]
+        slots = num_steps * bs
+        shared = [tf.reshape(p, s) for p, s in zip(tf.split(global_flat, self.flat.sizes),
+                                                    self.flat.shapes)]
+        # Parameter positions: dense kernels (factored) and the rest (stacked).
+        kernel_at: dict[int, int] = {}  # param index -> dense layer number
+        i = 0
+        for layer in self.layers:
+            if layer.kind in ("conv", "dense"):
+                if layer.kind == "dense":
+                    kernel_at[i] = len(kernel_at)
+                i += 2
+        stacked_ids = [j for j in range(len(shared)) if j not in kernel_at]
+        stacked = [tf.tile(shared[j][None], [k] + [1] * len(shared[j].shape))
+                   for j in stacked_ids]
+        velocity = [tf.zeros_like(p) for p in stacked]
+        kernels = [shared[j] for j in sorted(kernel_at)]
+        coeffs = self._momentum_coefficients(num_steps)               # (S + 1, S)
+        first = next(n for n, layer in enumerate(self.layers) if layer.kind != "flatten")
+        pre = self.layers[first].kind == "dense"  # the first dense layer sees the input
+        h_buf = [tf.zeros([k, slots, kern.shape[0]]) for kern in kernels]
+        g_buf = [tf.zeros([k, slots, kern.shape[1]]) for kern in kernels]
+        if pre:
+            x0 = tf.reshape(tf.gather(x, tf.reshape(idx, [k, slots])), [k, slots, -1])
+            h_buf[0] = x0
+            xw0 = tf.reshape(tf.matmul(tf.reshape(x0, [k * slots, -1]), kernels[0]),
+                             [k, slots, -1])
+            gram0 = tf.matmul(x0, x0, transpose_b=True)                # (K, SB, SB)
+        rows_k = tf.tile(tf.range(k)[:, None], [1, bs])               # (K, B)
+        total_loss = tf.zeros([k], tf.float32)
+        momentum = self._momentum
+        for step in tf.range(num_steps):
+            rows = idx[:, step]
+            w = weights[:, step]
+            yb = tf.gather(y, rows)
+            lo = step * bs
+            coef = tf.repeat(coeffs[step], bs)                        # (SB,)
+            scatter_at = tf.stack([rows_k, lo + tf.tile(tf.range(bs)[None], [k, 1])], -1)
+            with tf.GradientTape() as tape:
+                tape.watch(stacked)
+                outs, ins = [], []
+                h = None if pre else tf.gather(x, rows)
+                p, d, grouped = iter(stacked), 0, False
+                for n, layer in enumerate(self.layers):
+                    if layer.kind == "dense":
+                        bias = next(p)
+                        if pre and d == 0:
+                            z = xw0[:, lo:lo + bs]
+                            gram = gram0[:, lo:lo + bs]
+                        else:
+                            h = tf.reshape(h, [k, bs, -1])
+                            ins.append(h)
+                            z = tf.reshape(tf.matmul(tf.reshape(h, [k * bs, -1]), kernels[d]),
+                                           [k, bs, -1])
+                            gram = tf.matmul(h, tf.stop_gradient(h_buf[d]), transpose_b=True)
+                        z = z - tf.matmul(gram * coef, g_buf[d])
+                        tape.watch(z)  # (it may not depend on any watched tensor)
+                        outs.append(z)
+                        h = z + bias[:, None, :]
+                        d += 1
+                    elif n < first:  # flatten of the raw input: done in x0
+                        continue
+                    else:
+                        h, grouped = self._stacked_layer(layer, h, p, grouped, k)
+                    if layer.relu:
+                        h = tf.nn.relu(h)
+                ce = self._losses(yb, h)                              # (K, B)
+                objective = tf.reduce_sum(ce * (w * self._lr))
+            grads = tape.gradient(objective, stacked + outs)
+            steps, g_out = grads[:len(stacked)], grads[len(stacked):]
+            total_loss += tf.reduce_sum(tf.where(w > 0, ce, 0.0), axis=1)
+            offset = 1 if pre else 0
+            g_buf = [tf.tensor_scatter_nd_update(buf, scatter_at, g)
+                     for buf, g in zip(g_buf, g_out)]
+            h_buf = h_buf[:offset] + [tf.tensor_scatter_nd_update(buf, scatter_at, hin)
+                                      for buf, hin in zip(h_buf[offset:], ins)]
+            if self._use_momentum:
+                on = active[:, step] > 0
+                new_params, new_velocity = [], []
+                for q, g, u in zip(stacked, steps, velocity):
+                    mask = tf.reshape(on, [-1] + [1] * (len(q.shape) - 1))
+                    u_next = momentum * u + g
+                    new_velocity.append(u_next)
+                    new_params.append(tf.where(mask, q - u_next, q))
+                stacked, velocity = new_params, new_velocity
+            else:
+                stacked = [q - g for q, g in zip(stacked, steps)]
+        done = tf.cast(tf.reduce_sum(active, axis=1), tf.int32)      # real steps per client
+        final = tf.repeat(tf.gather(coeffs, done), bs, axis=1)[:, :, None]  # (K, SB, 1)
+        deltas: dict[int, tf.Tensor] = {}
+        for j, q in zip(stacked_ids, stacked):
+            deltas[j] = tf.reshape(shared[j][None] - q, [k, -1])
+        for j, d in kernel_at.items():
+            deltas[j] = tf.reshape(tf.matmul(h_buf[d], g_buf[d] * final, transpose_a=True),
+                                   [k, -1])
+        delta = tf.concat([deltas[j] for j in range(len(shared))], axis=1)
+        return delta, total_loss / tf.maximum(seen, 1.0)
+
+    def _stacked_layer(self, layer: _Layer, h: tf.Tensor, params: Iterable[tf.Tensor],
+                       grouped: bool, k: tf.Tensor) -> tuple[tf.Tensor, bool]:
+        """One conv, pool or flatten layer of :meth:`_forward` (grouped convolution)
+        on stacked inputs; ``params`` yields the conv's stacked kernel and bias."""
+        bs = self.batch_size
+        it = iter(params)
+        if layer.kind == "conv":
+            kernel, bias = next(it), next(it)
+            if not grouped:  # (K, B, H, W, C) -> (B, H, W, K*C)
+                shape = tf.shape(h)
+                h = tf.transpose(h, [1, 2, 3, 0, 4])
+                h = tf.reshape(h, [bs, shape[2], shape[3], -1])
+                grouped = True
+            kh, kw, cin = kernel.shape[1:4]
+            filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, cin, -1])
+            h = tf.nn.conv2d(h, filt, layer.strides, layer.padding)
+            h = tf.nn.bias_add(h, tf.reshape(bias, [-1]))
+        elif layer.kind == "pool":
+            if grouped:
+                h = tf.nn.max_pool2d(h, layer.pool_size, layer.strides, layer.padding)
+            else:
+                shape = tf.shape(h)
+                flat = tf.reshape(h, tf.concat([[-1], shape[2:]], 0))
+                flat = tf.nn.max_pool2d(flat, layer.pool_size, layer.strides, layer.padding)
+                h = tf.reshape(flat, tf.concat([shape[:2], tf.shape(flat)[1:]], 0))
+        elif layer.kind == "flatten":
+            if grouped:  # (B, H, W, K*C) -> (K, B, H*W*C), row-major like Keras
+                shape = tf.shape(h)
+                h = tf.reshape(h, [bs, shape[1], shape[2], k, -1])
+                h = tf.transpose(h, [3, 0, 1, 2, 4])
+                h = tf.reshape(h, [k, bs, -1])
+                grouped = False
+            else:
+                shape = tf.shape(h)
+                h = tf.reshape(h, [shape[0], shape[1], -1])
+        return h, grouped
 
     # -- Python API -----------------------------------------------------------------
     def train_many(self, global_weights: np.ndarray,
