@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--ks", type=int, nargs="*", default=[10, 25, 50, 100])
+    ap.add_argument("--conv", nargs="+", default=["grouped"], help="conv backends")
+    ap.add_argument("--dense", nargs="+", default=["factored"], help="dense backends")
     ap.add_argument("--no-local", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
@@ -61,10 +63,14 @@ def main() -> None:
         runs["local"] = lambda: [local.train(gw, xs[i], ys[i], np.random.default_rng(i))
                                  for i in range(a.clients)]
     for k in a.ks:
-        vec = VectorizedTrainer(*args, seed=0, max_clients_per_call=k)
-        gw = vec.flat.get().numpy()
-        runs[f"vectorized K={k}"] = (lambda vec=vec, gw=gw: vec.train_many(
-            gw, [(xs[i], ys[i], np.random.default_rng(i)) for i in range(a.clients)]))
+        for conv in (a.conv if a.model == "cnn" else a.conv[:1]):
+            for dense in a.dense:
+                vec = VectorizedTrainer(*args, seed=0, max_clients_per_call=k, conv=conv,
+                                        dense=dense)
+                gw = vec.flat.get().numpy()
+                name = f"K={k} {conv if a.model == 'cnn' else ''} {dense}"
+                runs[name] = (lambda vec=vec, gw=gw: vec.train_many(
+                    gw, [(xs[i], ys[i], np.random.default_rng(i)) for i in range(a.clients)]))
 
     model = W.build_keras_model(a.model)
     opt = tf.keras.optimizers.SGD(W.CLIENT_LR)
@@ -85,7 +91,7 @@ def main() -> None:
                                              for i in range(len(xr))]
 
     best = dict.fromkeys(runs, float("inf"))
-    for name, fn in runs.items():
+    for fn in runs.values():
         fn()  # warm-up: tracing
     for _ in range(a.repeats):
         for name, fn in runs.items():

@@ -3,18 +3,30 @@
 :class:`fedsim.client.local.LocalTrainer` runs one client's SGD steps per call; with
 batches of 10 examples each step is a few tiny matmuls, and a 2-core machine
 spends most of its time dispatching ops. :class:`VectorizedTrainer` trains K
-clients at once: their copies of the weights are stacked along a leading client
-axis (every variable of shape ``s`` becomes ``(K, *s)``) and every SGD step of
-all K clients is one set of batched ops:
+clients at once: their copies of the conv kernels and of all biases are stacked
+along a leading client axis (a variable of shape ``s`` becomes ``(K, *s)``), the
+dense kernels are kept in factored form, and every SGD step of all K clients is
+one set of batched ops:
 
-* dense layers: batched matmuls, ``einsum('kbi,kio->kbo')``;
+* dense layers (``dense="factored"``): no client's copy of the kernel is formed.
+  SGD changes a kernel by ``-H_t^T G_t`` per step (the layer's inputs and the
+  gradient with respect to its outputs), so the K clients' outputs at a step
+  are ONE matmul of all their inputs with the shared global kernel plus a
+  correction through the Gram matrices of each client's own examples
+  (:meth:`VectorizedTrainer._train_factored`); the work per step is that of
+  the global model at batch K * B, plus terms that grow with the examples a
+  client has seen. ``dense="stacked"`` stacks the kernels, ``(K, in, out)``,
+  and runs batched matmuls, ``einsum('kbi,kio->kbo')``: every client's copy is
+  read and written at every step, which bounds it by memory traffic.
+  ``dense="auto"`` (default) factors a call whose clients see at most
+  :data:`FACTORED_MAX_SLOTS` examples (steps x batch size) and stacks beyond;
 * conv layers (``conv="grouped"``, the default): ONE grouped convolution, the K
   clients being K channel groups of a ``(B, H, W, K*C)`` tensor and their
   kernels the groups of a ``(3, 3, C, K*O)`` filter (``feature_group_count`` =
   K; TF 2.14 runs it, forward and backward, on CPU through oneDNN). Bias, ReLU
   and max pooling act per channel, so they run on that layout unchanged.
   ``conv="vmap"`` instead runs a per-client functional forward pass under
-  ``tf.vectorized_map`` (measured slower on CPU; kept for comparison).
+  ``tf.vectorized_map`` (with stacked dense kernels; kept for comparison).
 
 The mathematics is exactly each client's own: client k's loss depends only on
 its weights and its batch, so the gradient of the sum of the clients' losses
@@ -38,37 +50,22 @@ equals ``[LocalTrainer.train(w, x, y, rng), ...]`` up to float rounding (the
 order of floating-point sums differs). The flat weight layout is
 :class:`fedsim.models.keras.FlatWeights`'s, so deltas are interchangeable.
 
-One ``tf.function`` serves every call: the client count K, the step count and
-the number of examples are ``None`` dimensions of its input signature, so it is
-traced once. Clients are sorted by size and trained in chunks of at most
-``max_clients_per_call`` (similar sizes share a chunk, so little is padded);
-results come back in the caller's order. Results are bit-for-bit repeatable for
-the same chunks; a different chunk composition (e.g. another worker count) can
-change the last bits.
+One ``tf.function`` per dense layout serves every call: the client count K,
+the step count and the number of examples are ``None`` dimensions of its input
+signature, so it is traced once. Clients are sorted by size and trained in
+chunks of at most ``max_clients_per_call`` (similar sizes share a chunk, so
+little is padded); results come back in the caller's order. Results are
+bit-for-bit repeatable for the same chunks; a different chunk composition (e.g.
+another worker count) can change the last bits.
 
-Measured (2-core AMD EPYC with AVX-512, TF 2.14.1, 100 clients of 50 28x28x1
-examples, batch 10, 1 epoch; client updates per second, quiet machine):
-
-============  =======  ============  ===========================
-model         threads  LocalTrainer  VectorizedTrainer, K = 16
-============  =======  ============  ===========================
-cnn, 98k      1        84            80-84
-cnn, 98k      2        74-88         135-150
-mlp, 102k     1        380-396       405-550
-mlp, 102k     2        309-314       600-745
-============  =======  ============  ===========================
-
-Per core the CNN gains nothing: its batch-10 steps are already compute-bound in
-oneDNN (about 47 GFLOP/s on one core). What stacking buys is the use of several
-cores by one process (LocalTrainer's small ops do not parallelize). The MLP
-gains 1.2-1.4x per core; vectorized, it is bound by memory traffic (every
-client's own copy of the weights is read and written at every step).
-Inside fedsim (``client.vectorize=16``, two 1-CPU workers, 100 clients per round,
-``benchmarks/compare_simulators.py`` on a loaded machine) the MLP went from 479
-to 653 client updates/s and the CNN from 95 to 72 (no gain, within the noise).
-``conv="vmap"`` measured about 2x slower than ``grouped``; XLA
-(``jit_compile``) made the MLP 1.1-1.4x faster but the grouped convolution
-about 25x slower on CPU, and needs a fixed shape per compilation: not used.
+Speed: ``benchmarks/vectorized_micro.py`` measures this trainer against
+LocalTrainer and the roofline (the model at batch 1,000) outside Ray, and
+``benchmarks/compare_simulators.py`` inside fedsim; README ("compare_simulators")
+has the numbers. What stacking buys a CNN on one core is little (its batch-10
+convolutions are already compute-bound); the factored dense layers are what
+make a dense model's many small steps cost about what the global model's big
+ones do. XLA (``jit_compile``) is not used: it needs a fixed shape per
+compilation and ran the grouped convolution far slower on CPU.
 """
 
 from __future__ import annotations
@@ -86,7 +83,11 @@ from fedsim.models.keras import FlatWeights
 from fedsim.models.spec import ModelSpec
 
 CONV_BACKENDS = ("grouped", "vmap")
-DENSE_BACKENDS = ("factored", "stacked")
+DENSE_BACKENDS = ("auto", "factored", "stacked")
+FACTORED_MAX_SLOTS = 512
+"""``dense="auto"``: dense kernels factored while a call's clients see at most this
+many example slots (steps x batch size) each, stacked beyond (the factored
+form's work and memory grow with the square of the slots)."""
 
 
 @dataclass(frozen=True)
@@ -190,16 +191,17 @@ class VectorizedTrainer:
     K * B examples, so any per-example loss works), plus:
 
     max_clients_per_call: clients per compiled call (K); more clients are
-      trained in several calls. Memory grows as K x (parameters + activations of
-      one batch); on the 2-core CPU of the module docstring K = 16-32 was best,
-      larger K slower (the stacked weights leave the caches).
+      trained in several calls. Memory grows as K x (stacked parameters +
+      activations of one batch + the factored dense layers' kept inputs and
+      output gradients, ``steps * batch_size * (in + out)`` floats per layer).
     conv: ``grouped`` (grouped convolution) or ``vmap`` (``tf.vectorized_map``).
+    dense: ``auto``, ``factored`` or ``stacked`` (the module docstring).
     """
 
     def __init__(self, model: ModelSpec, client_cfg: ClientConfig,
                  input_shape: Sequence[int], num_classes: int, batch_size: int,
                  local_epochs: int, seed: int = 0, max_clients_per_call: int = 16,
-                 conv: str = "grouped", dense: str = "factored") -> None:
+                 conv: str = "grouped", dense: str = "auto") -> None:
         if getattr(client_cfg, "optimizer", "sgd") != "sgd":
             raise NotImplementedError(
                 f"vectorized training: client.optimizer={client_cfg.optimizer} (sgd only)")
@@ -223,8 +225,7 @@ class VectorizedTrainer:
         self._momentum = tf.constant(client_cfg.momentum, tf.float32)
         self._use_momentum = client_cfg.momentum > 0
         bs = self.batch_size
-        graph = self._train_factored if dense == "factored" else self._train_graph
-        self._train = tf.function(graph, input_signature=[
+        signature = [
             tf.TensorSpec([None], tf.float32),                       # global weights
             tf.TensorSpec([None, *self.input_shape], tf.float32),    # x of the chunk
             tf.TensorSpec([None], tf.int32),                         # y of the chunk
@@ -232,7 +233,13 @@ class VectorizedTrainer:
             tf.TensorSpec([None, None, bs], tf.float32),             # example weights
             tf.TensorSpec([None, None], tf.float32),                 # active (K, S)
             tf.TensorSpec([None], tf.float32),                       # examples seen (K,)
-        ])
+        ]
+        # The factored graph (``_train``) and the stacked one, each traced on first
+        # use. (conv="vmap" maps one client's whole forward pass: stacked kernels.)
+        if conv == "vmap" or dense == "stacked":
+            self.dense = "stacked"
+        self._train = tf.function(self._train_factored, input_signature=signature)
+        self._train_stacked = tf.function(self._train_graph, input_signature=signature)
 
     @property
     def num_parameters(self) -> int:
@@ -244,45 +251,14 @@ class VectorizedTrainer:
         if self.conv == "vmap" and any(layer.kind == "conv" for layer in self.layers):
             return tf.vectorized_map(lambda a: self._forward_one(a[0], a[1]),
                                      (list(params), x))
-        bs = self.batch_size
-        h, grouped, i = x, False, 0
+        k = tf.shape(params[0])[0]
+        h, grouped, it = x, False, iter(params)
         for layer in self.layers:
-            if layer.kind == "conv":
-                kernel, bias = params[i], params[i + 1]
-                i += 2
-                if not grouped:  # (K, B, H, W, C) -> (B, H, W, K*C)
-                    shape = tf.shape(h)
-                    h = tf.transpose(h, [1, 2, 3, 0, 4])
-                    h = tf.reshape(h, [bs, shape[2], shape[3], -1])
-                    grouped = True
-                kh, kw, cin = kernel.shape[1:4]  # (K, kh, kw, C, O) -> (kh, kw, C, K*O)
-                filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, cin, -1])
-                h = tf.nn.conv2d(h, filt, layer.strides, layer.padding)
-                h = tf.nn.bias_add(h, tf.reshape(bias, [-1]))
-            elif layer.kind == "pool":
-                if grouped:
-                    h = tf.nn.max_pool2d(h, layer.pool_size, layer.strides, layer.padding)
-                else:
-                    shape = tf.shape(h)
-                    flat = tf.reshape(h, tf.concat([[-1], shape[2:]], 0))
-                    flat = tf.nn.max_pool2d(flat, layer.pool_size, layer.strides,
-                                            layer.padding)
-                    h = tf.reshape(flat, tf.concat([shape[:2], tf.shape(flat)[1:]], 0))
-            elif layer.kind == "flatten":
-                if grouped:  # (B, H, W, K*C) -> (K, B, H*W*C), row-major like Keras
-                    k = tf.shape(params[0])[0]
-                    shape = tf.shape(h)
-                    h = tf.reshape(h, [bs, shape[1], shape[2], k, -1])
-                    h = tf.transpose(h, [3, 0, 1, 2, 4])
-                    h = tf.reshape(h, [k, bs, -1])
-                    grouped = False
-                else:
-                    shape = tf.shape(h)
-                    h = tf.reshape(h, [shape[0], shape[1], -1])
-            elif layer.kind == "dense":
-                kernel, bias = params[i], params[i + 1]
-                i += 2
+            if layer.kind == "dense":
+                kernel, bias = next(it), next(it)
                 h = tf.einsum("kbi,kio->kbo", h, kernel) + bias[:, None, :]
+            else:
+                h, grouped = self._stacked_layer(layer, h, it, grouped, k)
             if layer.relu:
                 h = tf.nn.relu(h)
         return h
@@ -574,7 +550,10 @@ class VectorizedTrainer:
                             for c in clients])
         y = np.concatenate([np.asarray(c[1], np.int32).reshape(-1) for c in clients])
         seen = np.asarray(sizes, np.float32) * self.local_epochs
-        delta, loss = self._train(gw, x, y, idx, weights, active, seen)
+        factored = self.dense == "factored" or (
+            self.dense == "auto" and idx.shape[1] * self.batch_size <= FACTORED_MAX_SLOTS)
+        train = self._train if factored else self._train_stacked
+        delta, loss = train(gw, x, y, idx, weights, active, seen)
         delta, loss = delta.numpy(), loss.numpy()
         return [ClientResult(delta=delta[i], num_examples=int(n), loss=float(loss[i]))
                 for i, n in enumerate(sizes)]
