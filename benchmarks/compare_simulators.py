@@ -2,7 +2,8 @@
 side by side, in one invocation on one machine.
 
     uv run python benchmarks/compare_simulators.py \\
-        --clients-per-round 10 100 --models cnn mlp --dp none gaussian [--rounds 3] [--gpu]
+        --clients-per-round 10 100 1000 --models cnn mlp --dp none gaussian \\
+        [--systems fedsim roofline ...] [--rounds 3] [--gpu]
 
 Workload (``benchmarks/workload.py``): 1,000 clients of 50 MNIST-shaped
 (28x28x1) examples, synthetic (seeded class templates plus noise, stored as a
@@ -19,8 +20,11 @@ Systems, each in its own process:
 
 * ``fedsim``: ``fedsim.simulation.run_simulation`` on a local Ray instance with
   ``--cpus`` CPUs (one worker actor per CPU), data=mnist from the generated file,
-  partition=iid (50 examples per client); the other systems get exactly the
-  clients fedsim's partition makes.
+  partition=iid (50 examples per client), otherwise fedsim's default settings
+  (``client.vectorize=auto`` picks the trainer; the row's "path" says which);
+  the other systems get exactly the clients fedsim's partition makes.
+* ``fedsim_one_at_a_time``: the same with ``client.vectorize=0`` (LocalTrainer,
+  one client per compiled call).
 * ``tff``: TFF's ``build_unweighted_fed_avg`` (Keras model via
   ``from_keras_model``, ``DifferentiallyPrivateFactory.gaussian_fixed`` or
   ``UnweightedMeanFactory``), TFF's default local C++ runtime; its
@@ -33,8 +37,7 @@ Systems, each in its own process:
 * ``naive``: fedsim's LocalTrainer, client after client, in one process (all
   CPUs available to TensorFlow; its small ops use about one).
 * ``fedsim_vectorized``: fedsim with ``client.vectorize=--vectorize`` (its workers
-  train that many clients per compiled call); skipped while fedsim has no such
-  option.
+  train that many clients per compiled call).
 * ``vectorized``: fedsim's VectorizedTrainer standalone (``--vectorize`` clients
   per compiled call), one process with TensorFlow's default thread pools (all
   CPUs), no Ray.
@@ -71,9 +74,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import workload as W  # noqa: E402
 
-SYSTEMS = ("fedsim", "fedsim_vectorized", "vectorized", "tff", "flower", "naive", "roofline")
-LABELS = {"fedsim": "fedsim (Ray actors)",
-          "fedsim_vectorized": "fedsim, client.vectorize (Ray actors)",
+SYSTEMS = ("fedsim", "fedsim_one_at_a_time", "fedsim_vectorized", "vectorized", "tff",
+           "flower", "naive", "roofline")
+LABELS = {"fedsim": "fedsim (Ray actors, default settings)",
+          "fedsim_one_at_a_time": "fedsim, client.vectorize=0 (Ray actors)",
+          "fedsim_vectorized": "fedsim, client.vectorize=K (Ray actors)",
           "vectorized": "fedsim vectorized, standalone",
           "tff": "TFF simulation", "flower": "Flower simulation", "naive": "naive loop",
           "roofline": "roofline (batch 1,000)"}
@@ -211,7 +216,10 @@ def _breakdown(r: dict[str, Any]) -> str:
             "updates_per_s_at_batch_50": "at batch 50:"}
     text = ", ".join(f"{label} {b[k]:.2f}" if "updates" not in k else f"{label} {b[k]:.0f}"
                      for k, label in keys.items() if isinstance(b.get(k), (int, float)))
-    return text + ("]" if "[" in text else "")
+    text += "]" if "[" in text else ""
+    if r.get("client_vectorize") is not None:  # which trainer fedsim ran
+        text = f"path: client.vectorize={r['client_vectorize']}" + (", " if text else "") + text
+    return text
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -277,7 +285,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients-per-round", type=int, nargs="+", default=[10, 100])
+    ap.add_argument("--clients-per-round", type=int, nargs="+", default=[10, 100, 1000],
+                    help="cohort sizes (of the 1,000 clients; 1000: all of them each round)")
     ap.add_argument("--models", nargs="+", choices=sorted(W.MODELS), default=["cnn", "mlp"])
     ap.add_argument("--dp", nargs="+", choices=sorted(W.DP), default=["none", "gaussian"])
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
@@ -286,7 +295,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
                     help="CPUs for fedsim's and Flower's Ray (one actor per CPU)")
-    ap.add_argument("--vectorize", type=int, default=16,
+    ap.add_argument("--vectorize", type=int, default=64,
                     help="clients per compiled call of the vectorized trainer")
     ap.add_argument("--gpu", action="store_true", help="use the GPU(s); skipped if none")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")

@@ -6,8 +6,9 @@ peak memory and TensorFlow's state are each run's own); writes one JSON result:
     python benchmarks/sim_runners.py SYSTEM --model cnn --dp none --clients-per-round 10 \
         --rounds 3 --warmup 1 --data DIR --out result.json [--gpu]
 
-SYSTEM: ``fedsim`` (``run_simulation``, Ray actors), ``fedsim_vectorized`` (the
-same with ``client.vectorize=--vectorize``, once fedsim has that option), ``tff`` (TFF's
+SYSTEM: ``fedsim`` (``run_simulation``, Ray actors, default settings),
+``fedsim_one_at_a_time`` (the same with ``client.vectorize=0``),
+``fedsim_vectorized`` (the same with ``client.vectorize=--vectorize``), ``tff`` (TFF's
 ``build_unweighted_fed_avg``), ``naive`` (fedsim's LocalTrainer, client after
 client, one process), ``vectorized`` (fedsim's VectorizedTrainer, standalone,
 one process), ``roofline`` (the model's training throughput at batch 1,000).
@@ -41,18 +42,15 @@ def _timed_summary(round_seconds: list[float], warmup: int, cpr: int) -> dict[st
 
 
 # ---------------------------------------------------------------------------- fedsim
-def run_fedsim(a: argparse.Namespace, vectorize: int = 0) -> dict[str, Any]:
-    """fedsim's run_simulation; ``vectorize`` > 0 sets ``client.vectorize`` (the
-    workers train that many clients per compiled call)."""
-    import dataclasses
-
+def run_fedsim(a: argparse.Namespace, vectorize: int | None = None) -> dict[str, Any]:
+    """fedsim's run_simulation; ``vectorize`` (not None) sets ``client.vectorize``
+    (the workers train that many clients per compiled call; 0: one at a time),
+    None keeps fedsim's default."""
     from fedsim.config import ClientConfig, DataConfig, DPConfig, RayConfig, ServerConfig, SimConfig
     from fedsim.simulation import run_simulation
 
     client_kw: dict[str, Any] = {}
-    if vectorize:
-        if "vectorize" not in {f.name for f in dataclasses.fields(ClientConfig)}:
-            return {"skipped": "skipped: fedsim has no client.vectorize option yet"}
+    if vectorize is not None:
         client_kw["vectorize"] = vectorize
     dp = W.DP[a.dp]
     rounds = a.warmup + a.rounds
@@ -79,6 +77,7 @@ def run_fedsim(a: argparse.Namespace, vectorize: int = 0) -> dict[str, Any]:
                     "server_actor_peak": mem["server"]["peak"],
                     "worker_actors_peak": sum(w["peak"] for w in mem["workers"]),
                     "workers": len(mem["workers"])},
+        client_vectorize=summary.get("config", {}).get("client", {}).get("vectorize"),
         final_accuracy=summary["final"]["eval_accuracy"],
         num_parameters=summary.get("num_parameters"),
         version=summary.get("versions", {}).get("fedsim", "0.1.0"))
@@ -250,8 +249,8 @@ def run_roofline(a: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("system", choices=["fedsim", "fedsim_vectorized", "tff", "naive",
-                                       "vectorized", "roofline"])
+    ap.add_argument("system", choices=["fedsim", "fedsim_one_at_a_time", "fedsim_vectorized",
+                                       "tff", "naive", "vectorized", "roofline"])
     W.add_run_arguments(ap)
     ap.add_argument("--vectorize", type=int, default=16, help="clients per vectorized call")
     ap.add_argument("--gpu", action="store_true")
@@ -261,6 +260,7 @@ def main() -> None:
     if not a.gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     run = {"fedsim": run_fedsim, "fedsim_vectorized": lambda a: run_fedsim(a, a.vectorize),
+           "fedsim_one_at_a_time": lambda a: run_fedsim(a, 0),
            "tff": run_tff, "roofline": run_roofline,
            "naive": lambda a: run_loop(a, False), "vectorized": lambda a: run_loop(a, True)}
     result = run[a.system](a)

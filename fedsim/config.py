@@ -23,6 +23,9 @@ from typing import Any, Optional
 
 from fedsim.errors import ConfigError
 
+AUTO_VECTORIZE = 64
+"""Clients per compiled call that ``client.vectorize=auto`` picks."""
+
 DATASETS = ("digits", "synthetic", "mnist", "emnist", "tff_client_data", "leaf")
 TFF_DATASET_NAMES = ("emnist", "emnist_only_digits", "cifar100", "shakespeare", "stackoverflow")
 LEAF_DATASETS = ("femnist", "shakespeare", "sent140")
@@ -295,9 +298,12 @@ class ClientConfig:
       epsilon is a bound without amplification (:mod:`fedsim.client.dp_sgd`).
     delta: dp_sgd only: the delta at which each client's example-level epsilon
       is reported.
-    vectorize: train this many clients at once in one compiled call (their
-      weights stacked; :mod:`fedsim.client.vectorized`), the same per-client
-      mathematics as one at a time; 0 or 1: one client per call. sgd only.
+    vectorize: train this many clients at once in one compiled call
+      (:mod:`fedsim.client.vectorized`), the same per-client mathematics as one
+      at a time; 0 or 1: one client per call. sgd only. ``auto`` (default):
+      vectorized, :data:`AUTO_VECTORIZE` clients per call, where it applies (plain
+      SGD, an algorithm without a client side of its own, a built-in model
+      classifying float32 inputs), else one at a time; never an error.
     """
 
     optimizer: str = "sgd"
@@ -308,13 +314,20 @@ class ClientConfig:
     num_microbatches: Optional[int] = None
     batch_sampling: str = "poisson"
     delta: float = 1e-5
-    vectorize: int = 0
+    vectorize: Any = "auto"  # "auto" or an integer (OmegaConf has no int|str union)
 
     def __post_init__(self) -> None:
         _one_of("client.optimizer", self.optimizer, CLIENT_OPTIMIZERS)
-        _check(self.vectorize >= 0, "client.vectorize",
-               "an integer >= 0 (clients per compiled call; 0: one at a time)", self.vectorize)
-        if self.vectorize > 1:
+        if self.vectorize != "auto":
+            try:
+                ok = (isinstance(self.vectorize, (int, str))
+                      and not isinstance(self.vectorize, bool) and int(self.vectorize) >= 0)
+            except ValueError:
+                ok = False
+            _check(ok, "client.vectorize", "auto or an integer >= 0 (clients per compiled "
+                   "call; 0 or 1: one at a time)", self.vectorize)
+            self.vectorize = int(self.vectorize)
+        if self.per_call > 1:
             _check(self.optimizer == "sgd", "client.vectorize",
                    "0 with client.optimizer=dp_sgd (vectorized training is plain SGD)",
                    self.vectorize)
@@ -334,6 +347,13 @@ class ClientConfig:
                    self.num_microbatches)
         _check(0 < self.delta < 1, "client.delta", "a number in (0, 1)", self.delta)
 
+
+    @property
+    def per_call(self) -> int:
+        """Clients per compiled call as a number: ``vectorize``, 0 while it is
+        ``auto`` (:func:`fedsim.simulation.resolve_vectorize` replaces ``auto``
+        with a number before any actor starts)."""
+        return 0 if self.vectorize == "auto" else int(self.vectorize)
 
 @dataclass
 class ServerConfig:
@@ -1064,7 +1084,7 @@ class SimConfig:
         _check(self.client.optimizer == "sgd", "client.optimizer",
                f"sgd with algorithm.name={name} (its client steps are not DP-SGD's)",
                self.client.optimizer)
-        _check(self.client.vectorize <= 1, "client.vectorize",
+        _check(self.client.per_call <= 1, "client.vectorize",
                f"0 or 1 with algorithm.name={name} (the vectorized trainer runs plain "
                "FedAvg steps)", self.client.vectorize)
         if name == "fedprox":

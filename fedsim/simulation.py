@@ -34,7 +34,7 @@ import numpy as np
 from fedsim.algorithms.base import Algorithm, resolve_algorithm
 from fedsim.client.features import trainer_features
 from fedsim.client.state import remove_store
-from fedsim.config import DPConfig, SimConfig, saved_sampling_scheme
+from fedsim.config import AUTO_VECTORIZE, DPConfig, SimConfig, saved_sampling_scheme
 from fedsim.data.base import FederatedData, check_federated_data
 from fedsim.data.loaders import load_federated_data
 from fedsim.engine.parts import Parts, check_sendable
@@ -114,7 +114,7 @@ def check_compatible(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> No
                           "natively federated dataset such as tff_client_data or leaf)",
                           cfg.federated_eval.clients)
     classifies = isinstance(task, Classification)
-    if cfg.client.vectorize > 1 and not (example.is_default and classifies):
+    if cfg.client.per_call > 1 and not (example.is_default and classifies):
         raise ConfigError("client.vectorize", f"0 or 1 for task {task.name} on "
                           f"{example.input_dtype} inputs (vectorized training supports "
                           "classification of float32 inputs)", cfg.client.vectorize)
@@ -135,7 +135,7 @@ def check_compatible(cfg: SimConfig, data: FederatedData, spec: ModelSpec) -> No
             return
     option = "model.builder" if cfg.model.builder is not None else "model"
     check_model(spec, data.input_shape, data.num_classes, cfg.seed, option)
-    if cfg.client.vectorize > 1:
+    if cfg.client.per_call > 1:
         from fedsim.client.vectorized import check_vectorizable
 
         check_vectorizable(spec, data.input_shape, data.num_classes, cfg.seed, cfg.batch_size,
@@ -282,6 +282,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
         cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm,
                                                                      name=_name(algorithm)))
     check_algorithm(cfg, algo)
+    cfg = resolve_vectorize(cfg, spec, algo)
     accounted = mech.private or cfg.aggregator.kind == "tff"  # a TFF factory's own events
     privacy: dict[str, Any] = {}
     resumed: Optional[dict[str, Any]] = None
@@ -487,10 +488,34 @@ def check_algorithm(cfg: SimConfig, algo: Algorithm) -> None:
                           f"client.vectorize={cfg.client.vectorize} honours {honoured}; it "
                           f"needs {', '.join(missing)})", cfg.algorithm.name)
     own_client_side = type(algo).client_update is not Algorithm.client_update
-    if cfg.client.vectorize > 1 and (own_client_side or algo.client_state_fields(1)):
+    if cfg.client.per_call > 1 and (own_client_side or algo.client_state_fields(1)):
         raise ConfigError("client.vectorize", "0 or 1 with an algorithm that has a client "
                           "side of its own (client_update or client state; the vectorized "
                           "trainer runs plain FedAvg steps)", cfg.client.vectorize)
+
+
+def resolve_vectorize(cfg: SimConfig, spec: ModelSpec, algo: Algorithm) -> SimConfig:
+    """``cfg`` with ``client.vectorize=auto`` replaced by a number: ``AUTO_VECTORIZE``
+    clients per call where the vectorized trainer runs exactly what one client
+    at a time would (client SGD, an algorithm without client options, a client
+    side or client state of its own, a built-in model with its default loss
+    classifying float32 inputs), else 0 (one at a time). The CNN is vectorized
+    only on workers of 2 or more CPUs (``ray.cpus_per_worker``): per core its
+    batch-10 convolutions run as fast one client at a time as grouped, and what
+    stacking buys it is the use of several cores by one process. A number is
+    kept."""
+    if cfg.client.vectorize != "auto":
+        return cfg
+    name = cfg.algorithm.name
+    plain = (not algo.client_features and not algo.client_state_fields(1)
+             and type(algo).client_update is Algorithm.client_update
+             and (name == "fedavg" or ":" in name))
+    fits = (cfg.client.optimizer == "sgd" and plain and spec.is_builtin
+            and not spec.own_metrics and isinstance(spec.kind, Classification)
+            and spec.layout.is_default
+            and (cfg.model.name != "cnn" or cfg.ray.cpus_per_worker >= 2))
+    return dataclasses.replace(cfg, client=dataclasses.replace(
+        cfg.client, vectorize=AUTO_VECTORIZE if fits else 0))
 
 
 def _client_state_dir(cfg: SimConfig, algo: Algorithm, out: Optional[Path]

@@ -29,6 +29,8 @@ CASES = {
     "gaussian_adaptive": ["dp=gaussian_adaptive"],
     "secagg_plus_distributed_skellam": ["secagg=secagg_plus", "dp=distributed_skellam"],
     "vectorize": ["client.vectorize=4"],
+    # The trainer client.vectorize=auto (the default) replaced: before it, "fedavg".
+    "one_at_a_time": ["client.vectorize=0"],
 }
 
 

@@ -36,10 +36,11 @@ def _global(trainer):
     return w + rng.normal(scale=0.01, size=w.shape).astype(np.float32)
 
 
+@pytest.mark.parametrize("dense", ["factored", "stacked"])
 @pytest.mark.parametrize("name,momentum", [("logreg", 0.0), ("mlp", 0.0), ("mlp", 0.9),
                                            ("cnn", 0.0), ("cnn", 0.9)])
-def test_vectorized_equals_one_client_at_a_time(name, momentum):
-    local, vec = _pair(name, momentum, max_clients_per_call=4)  # 6 clients: 2 calls
+def test_vectorized_equals_one_client_at_a_time(name, momentum, dense):
+    local, vec = _pair(name, momentum, max_clients_per_call=4, dense=dense)  # 2 calls
     assert vec.num_parameters == local.num_parameters
     w0 = _global(local)
     clients = _clients()
@@ -54,7 +55,8 @@ def test_vectorized_equals_one_client_at_a_time(name, momentum):
         np.testing.assert_allclose(g.delta, e.delta, rtol=1e-4, atol=1e-6)
         assert g.loss == pytest.approx(e.loss, rel=1e-5)
     # One compiled function for every chunk (K and step counts differ): no retracing.
-    assert vec._train.experimental_get_tracing_count() == 1
+    train = vec._train if dense == "factored" else vec._train_stacked
+    assert train.experimental_get_tracing_count() == 1
 
 
 def test_wrong_shuffling_or_data_gives_a_different_result():
@@ -121,3 +123,62 @@ def test_dp_sgd_clients_are_refused():
     with pytest.raises(NotImplementedError, match="sgd only"):
         VectorizedTrainer(model_spec(ModelConfig(name="logreg")), ClientConfig(optimizer="dp_sgd"),
                           SHAPE, 10, BATCH, EPOCHS)
+
+
+def test_auto_dense_layout_factors_short_clients_and_stacks_long_ones(monkeypatch):
+    import fedsim.client.vectorized as V
+
+    local, vec = _pair("mlp", 0.5, max_clients_per_call=6)
+    assert vec.dense == "auto"
+    w0 = _global(local)
+    clients = _clients()
+    jobs = [(x, y, np.random.default_rng(i)) for i, (x, y) in enumerate(clients)]
+    expected = [local.train(w0, *job[:2], np.random.default_rng(i))
+                for i, job in enumerate(jobs)]
+    # The longest client holds 23 examples: 5 steps per epoch x 2 epochs x batch 5.
+    monkeypatch.setattr(V, "FACTORED_MAX_SLOTS", 49)
+    stacked = vec.train_many(w0, [(x, y, np.random.default_rng(i))
+                                  for i, (x, y) in enumerate(clients)])
+    monkeypatch.setattr(V, "FACTORED_MAX_SLOTS", 50)
+    factored = vec.train_many(w0, [(x, y, np.random.default_rng(i))
+                                   for i, (x, y) in enumerate(clients)])
+    assert vec._train_stacked.experimental_get_tracing_count() == 1
+    assert vec._train.experimental_get_tracing_count() == 1
+    for e, a, b in zip(expected, stacked, factored):
+        np.testing.assert_allclose(a.delta, e.delta, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b.delta, e.delta, rtol=1e-4, atol=1e-6)
+
+
+def test_vectorize_auto_picks_the_vectorized_trainer_only_where_it_applies():
+    from fedsim.algorithms.base import resolve_algorithm
+    from fedsim.config import AUTO_VECTORIZE, AlgorithmConfig, RayConfig, SimConfig
+    from fedsim.errors import ConfigError
+    from fedsim.models.spec import ModelSpec
+    from fedsim.simulation import resolve_vectorize
+
+    def resolved(custom=None, **kw):
+        cfg = SimConfig(clients=10, clients_per_round=5, **kw)
+        spec = model_spec(cfg.model, custom)
+        algo = resolve_algorithm(cfg.algorithm, cfg)
+        return resolve_vectorize(cfg, spec, algo).client.vectorize
+
+    assert ClientConfig().vectorize == "auto"
+    assert resolved() == AUTO_VECTORIZE
+    assert resolved(model=ModelConfig(name="logreg")) == AUTO_VECTORIZE
+    # The CNN gains only from several cores per worker.
+    assert resolved(model=ModelConfig(name="cnn")) == 0
+    assert resolved(model=ModelConfig(name="cnn"),
+                    ray=RayConfig(cpus_per_worker=2)) == AUTO_VECTORIZE
+    # Where the vectorized trainer does not apply, auto is one at a time, silently.
+    assert resolved(client=ClientConfig(optimizer="dp_sgd")) == 0
+    for name in ("fedprox", "scaffold", "mime_lite"):
+        assert resolved(algorithm=AlgorithmConfig(name=name)) == 0
+    custom = ModelSpec(lambda shape, classes, seed: None)  # never built here
+    assert resolved(custom=custom) == 0
+    # A number is kept; a bad value is one line naming the option.
+    assert resolved(client=ClientConfig(vectorize=0)) == 0
+    assert resolved(client=ClientConfig(vectorize="8")) == 8
+    with pytest.raises(ConfigError, match="^client.vectorize=-1: allowed is auto or an integer"):
+        ClientConfig(vectorize=-1)
+    with pytest.raises(ConfigError, match="^client.vectorize=many: allowed is auto or"):
+        ClientConfig(vectorize="many")

@@ -24,6 +24,6 @@ def trainer_features(cfg: SimConfig) -> frozenset[str]:
     one-at-a-time trainer takes them all; the vectorized and the DP-SGD
     trainers take none (a proximal term or a correction would change DP-SGD's
     sensitivity analysis, and the vectorized trainer's fused steps)."""
-    if cfg.client.optimizer == "dp_sgd" or cfg.client.vectorize > 1:
+    if cfg.client.optimizer == "dp_sgd" or cfg.client.per_call > 1:
         return frozenset()
     return LOCAL_TRAINER_FEATURES

@@ -3,18 +3,30 @@
 :class:`fedsim.client.local.LocalTrainer` runs one client's SGD steps per call; with
 batches of 10 examples each step is a few tiny matmuls, and a 2-core machine
 spends most of its time dispatching ops. :class:`VectorizedTrainer` trains K
-clients at once: their copies of the weights are stacked along a leading client
-axis (every variable of shape ``s`` becomes ``(K, *s)``) and every SGD step of
-all K clients is one set of batched ops:
+clients at once: their copies of the conv kernels and of all biases are stacked
+along a leading client axis (a variable of shape ``s`` becomes ``(K, *s)``), the
+dense kernels are kept in factored form, and every SGD step of all K clients is
+one set of batched ops:
 
-* dense layers: batched matmuls, ``einsum('kbi,kio->kbo')``;
+* dense layers (``dense="factored"``): no client's copy of the kernel is formed.
+  SGD changes a kernel by ``-H_t^T G_t`` per step (the layer's inputs and the
+  gradient with respect to its outputs), so the K clients' outputs at a step
+  are ONE matmul of all their inputs with the shared global kernel plus a
+  correction through the Gram matrices of each client's own examples
+  (:meth:`VectorizedTrainer._train_factored`); the work per step is that of
+  the global model at batch K * B, plus terms that grow with the examples a
+  client has seen. ``dense="stacked"`` stacks the kernels, ``(K, in, out)``,
+  and runs batched matmuls, ``einsum('kbi,kio->kbo')``: every client's copy is
+  read and written at every step, which bounds it by memory traffic.
+  ``dense="auto"`` (default) factors a call whose clients see at most
+  :data:`FACTORED_MAX_SLOTS` examples (steps x batch size) and stacks beyond;
 * conv layers (``conv="grouped"``, the default): ONE grouped convolution, the K
   clients being K channel groups of a ``(B, H, W, K*C)`` tensor and their
   kernels the groups of a ``(3, 3, C, K*O)`` filter (``feature_group_count`` =
   K; TF 2.14 runs it, forward and backward, on CPU through oneDNN). Bias, ReLU
   and max pooling act per channel, so they run on that layout unchanged.
   ``conv="vmap"`` instead runs a per-client functional forward pass under
-  ``tf.vectorized_map`` (measured slower on CPU; kept for comparison).
+  ``tf.vectorized_map`` (with stacked dense kernels; kept for comparison).
 
 The mathematics is exactly each client's own: client k's loss depends only on
 its weights and its batch, so the gradient of the sum of the clients' losses
@@ -38,37 +50,22 @@ equals ``[LocalTrainer.train(w, x, y, rng), ...]`` up to float rounding (the
 order of floating-point sums differs). The flat weight layout is
 :class:`fedsim.models.keras.FlatWeights`'s, so deltas are interchangeable.
 
-One ``tf.function`` serves every call: the client count K, the step count and
-the number of examples are ``None`` dimensions of its input signature, so it is
-traced once. Clients are sorted by size and trained in chunks of at most
-``max_clients_per_call`` (similar sizes share a chunk, so little is padded);
-results come back in the caller's order. Results are bit-for-bit repeatable for
-the same chunks; a different chunk composition (e.g. another worker count) can
-change the last bits.
+One ``tf.function`` per dense layout serves every call: the client count K,
+the step count and the number of examples are ``None`` dimensions of its input
+signature, so it is traced once. Clients are sorted by size and trained in
+chunks of at most ``max_clients_per_call`` (similar sizes share a chunk, so
+little is padded); results come back in the caller's order. Results are
+bit-for-bit repeatable for the same chunks; a different chunk composition (e.g.
+another worker count) can change the last bits.
 
-Measured (2-core AMD EPYC with AVX-512, TF 2.14.1, 100 clients of 50 28x28x1
-examples, batch 10, 1 epoch; client updates per second, quiet machine):
-
-============  =======  ============  ===========================
-model         threads  LocalTrainer  VectorizedTrainer, K = 16
-============  =======  ============  ===========================
-cnn, 98k      1        84            80-84
-cnn, 98k      2        74-88         135-150
-mlp, 102k     1        380-396       405-550
-mlp, 102k     2        309-314       600-745
-============  =======  ============  ===========================
-
-Per core the CNN gains nothing: its batch-10 steps are already compute-bound in
-oneDNN (about 47 GFLOP/s on one core). What stacking buys is the use of several
-cores by one process (LocalTrainer's small ops do not parallelize). The MLP
-gains 1.2-1.4x per core; vectorized, it is bound by memory traffic (every
-client's own copy of the weights is read and written at every step).
-Inside fedsim (``client.vectorize=16``, two 1-CPU workers, 100 clients per round,
-``benchmarks/compare_simulators.py`` on a loaded machine) the MLP went from 479
-to 653 client updates/s and the CNN from 95 to 72 (no gain, within the noise).
-``conv="vmap"`` measured about 2x slower than ``grouped``; XLA
-(``jit_compile``) made the MLP 1.1-1.4x faster but the grouped convolution
-about 25x slower on CPU, and needs a fixed shape per compilation: not used.
+Speed: ``benchmarks/vectorized_micro.py`` measures this trainer against
+LocalTrainer and the roofline (the model at batch 1,000) outside Ray, and
+``benchmarks/compare_simulators.py`` inside fedsim; README ("compare_simulators")
+has the numbers. What stacking buys a CNN on one core is little (its batch-10
+convolutions are already compute-bound); the factored dense layers are what
+make a dense model's many small steps cost about what the global model's big
+ones do. XLA (``jit_compile``) is not used: it needs a fixed shape per
+compilation and ran the grouped convolution far slower on CPU.
 """
 
 from __future__ import annotations
@@ -86,6 +83,11 @@ from fedsim.models.keras import FlatWeights
 from fedsim.models.spec import ModelSpec
 
 CONV_BACKENDS = ("grouped", "vmap")
+DENSE_BACKENDS = ("auto", "factored", "stacked")
+FACTORED_MAX_SLOTS = 512
+"""``dense="auto"``: dense kernels factored while a call's clients see at most this
+many example slots (steps x batch size) each, stacked beyond (the factored
+form's work and memory grow with the square of the slots)."""
 
 
 @dataclass(frozen=True)
@@ -189,21 +191,24 @@ class VectorizedTrainer:
     K * B examples, so any per-example loss works), plus:
 
     max_clients_per_call: clients per compiled call (K); more clients are
-      trained in several calls. Memory grows as K x (parameters + activations of
-      one batch); on the 2-core CPU of the module docstring K = 16-32 was best,
-      larger K slower (the stacked weights leave the caches).
+      trained in several calls. Memory grows as K x (stacked parameters +
+      activations of one batch + the factored dense layers' kept inputs and
+      output gradients, ``steps * batch_size * (in + out)`` floats per layer).
     conv: ``grouped`` (grouped convolution) or ``vmap`` (``tf.vectorized_map``).
+    dense: ``auto``, ``factored`` or ``stacked`` (the module docstring).
     """
 
     def __init__(self, model: ModelSpec, client_cfg: ClientConfig,
                  input_shape: Sequence[int], num_classes: int, batch_size: int,
                  local_epochs: int, seed: int = 0, max_clients_per_call: int = 16,
-                 conv: str = "grouped") -> None:
+                 conv: str = "grouped", dense: str = "auto") -> None:
         if getattr(client_cfg, "optimizer", "sgd") != "sgd":
             raise NotImplementedError(
                 f"vectorized training: client.optimizer={client_cfg.optimizer} (sgd only)")
         if conv not in CONV_BACKENDS:
             raise ValueError(f"conv must be one of {CONV_BACKENDS}, not {conv!r}")
+        if dense not in DENSE_BACKENDS:
+            raise ValueError(f"dense must be one of {DENSE_BACKENDS}, not {dense!r}")
         if max_clients_per_call < 1:
             raise ValueError("max_clients_per_call must be >= 1")
         self.spec = model
@@ -215,11 +220,12 @@ class VectorizedTrainer:
         self.local_epochs = int(local_epochs)
         self.max_clients_per_call = int(max_clients_per_call)
         self.conv = conv
+        self.dense = dense
         self._lr = tf.constant(client_cfg.learning_rate, tf.float32)
         self._momentum = tf.constant(client_cfg.momentum, tf.float32)
         self._use_momentum = client_cfg.momentum > 0
         bs = self.batch_size
-        self._train = tf.function(self._train_graph, input_signature=[
+        signature = [
             tf.TensorSpec([None], tf.float32),                       # global weights
             tf.TensorSpec([None, *self.input_shape], tf.float32),    # x of the chunk
             tf.TensorSpec([None], tf.int32),                         # y of the chunk
@@ -227,7 +233,13 @@ class VectorizedTrainer:
             tf.TensorSpec([None, None, bs], tf.float32),             # example weights
             tf.TensorSpec([None, None], tf.float32),                 # active (K, S)
             tf.TensorSpec([None], tf.float32),                       # examples seen (K,)
-        ])
+        ]
+        # The factored graph (``_train``) and the stacked one, each traced on first
+        # use. (conv="vmap" maps one client's whole forward pass: stacked kernels.)
+        if conv == "vmap" or dense == "stacked":
+            self.dense = "stacked"
+        self._train = tf.function(self._train_factored, input_signature=signature)
+        self._train_stacked = tf.function(self._train_graph, input_signature=signature)
 
     @property
     def num_parameters(self) -> int:
@@ -239,45 +251,14 @@ class VectorizedTrainer:
         if self.conv == "vmap" and any(layer.kind == "conv" for layer in self.layers):
             return tf.vectorized_map(lambda a: self._forward_one(a[0], a[1]),
                                      (list(params), x))
-        bs = self.batch_size
-        h, grouped, i = x, False, 0
+        k = tf.shape(params[0])[0]
+        h, grouped, it = x, False, iter(params)
         for layer in self.layers:
-            if layer.kind == "conv":
-                kernel, bias = params[i], params[i + 1]
-                i += 2
-                if not grouped:  # (K, B, H, W, C) -> (B, H, W, K*C)
-                    shape = tf.shape(h)
-                    h = tf.transpose(h, [1, 2, 3, 0, 4])
-                    h = tf.reshape(h, [bs, shape[2], shape[3], -1])
-                    grouped = True
-                kh, kw, cin = kernel.shape[1:4]  # (K, kh, kw, C, O) -> (kh, kw, C, K*O)
-                filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, cin, -1])
-                h = tf.nn.conv2d(h, filt, layer.strides, layer.padding)
-                h = tf.nn.bias_add(h, tf.reshape(bias, [-1]))
-            elif layer.kind == "pool":
-                if grouped:
-                    h = tf.nn.max_pool2d(h, layer.pool_size, layer.strides, layer.padding)
-                else:
-                    shape = tf.shape(h)
-                    flat = tf.reshape(h, tf.concat([[-1], shape[2:]], 0))
-                    flat = tf.nn.max_pool2d(flat, layer.pool_size, layer.strides,
-                                            layer.padding)
-                    h = tf.reshape(flat, tf.concat([shape[:2], tf.shape(flat)[1:]], 0))
-            elif layer.kind == "flatten":
-                if grouped:  # (B, H, W, K*C) -> (K, B, H*W*C), row-major like Keras
-                    k = tf.shape(params[0])[0]
-                    shape = tf.shape(h)
-                    h = tf.reshape(h, [bs, shape[1], shape[2], k, -1])
-                    h = tf.transpose(h, [3, 0, 1, 2, 4])
-                    h = tf.reshape(h, [k, bs, -1])
-                    grouped = False
-                else:
-                    shape = tf.shape(h)
-                    h = tf.reshape(h, [shape[0], shape[1], -1])
-            elif layer.kind == "dense":
-                kernel, bias = params[i], params[i + 1]
-                i += 2
+            if layer.kind == "dense":
+                kernel, bias = next(it), next(it)
                 h = tf.einsum("kbi,kio->kbo", h, kernel) + bias[:, None, :]
+            else:
+                h, grouped = self._stacked_layer(layer, h, it, grouped, k)
             if layer.relu:
                 h = tf.nn.relu(h)
         return h
@@ -352,6 +333,183 @@ class VectorizedTrainer:
         delta = global_flat[None, :] - local
         return delta, total_loss / tf.maximum(seen, 1.0)
 
+    # -- the factored dense layers ------------------------------------------------------
+    def _momentum_coefficients(self, num_steps: tf.Tensor) -> tf.Tensor:
+        """``C`` ``(S + 1, S)``: after ``s`` SGD steps a dense kernel is
+        ``W0 - sum_{t < s} C[s, t] H_t^T G_t`` (``G_t`` the step-``t`` gradient of
+        the objective with respect to the layer's outputs, ``H_t`` its inputs);
+        ``C[s, t] = sum_{j=t}^{s-1} m^(j-t)`` with momentum m (1 without)."""
+        s = tf.range(num_steps + 1)[:, None]
+        t = tf.range(num_steps)[None, :]
+        past = s > t
+        if not self._use_momentum:
+            return tf.cast(past, tf.float32)
+        d = tf.cast(tf.maximum(s - t, 0), tf.float32)
+        m = self._momentum
+        return tf.where(past, (1.0 - tf.pow(m, d)) / (1.0 - m), 0.0)
+
+    def _train_factored(self, global_flat: tf.Tensor, x: tf.Tensor, y: tf.Tensor,
+                        idx: tf.Tensor, weights: tf.Tensor, active: tf.Tensor,
+                        seen: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """:meth:`_train_graph` with every dense kernel kept in factored form.
+
+        SGD changes a dense kernel by ``-H_t^T G_t`` at step t (``H_t`` the
+        layer's inputs ``(B, in)``, ``G_t`` the gradient of the step's objective,
+        learning rate included, with respect to the layer's outputs ``(B, out)``),
+        so client k's kernel after s steps is ``W0 - sum_{t<s} c_st H_t^T G_t``
+        (``c_st``: :meth:`_momentum_coefficients`) and its outputs at step s are
+
+            H_s W_s = H_s W0 - sum_{t<s} c_st (H_s H_t^T) G_t:
+
+        ONE matmul of all K clients' inputs with the shared global kernel
+        ``(K*B, in) x (in, out)`` plus a correction through the small Gram
+        matrices ``H_s H_t^T`` of the client's own examples. No client's copy of
+        the kernel is ever formed; at the end its update
+        ``W0 - W = sum_t c_t H_t^T G_t`` is one batched matmul. The same
+        mathematics as the stacked kernels (up to float rounding). Conv kernels
+        and all biases stay stacked. The inputs and output gradients of every
+        step are kept: ``(K, S*B, in + out)`` floats per dense layer. When the
+        model's first parametric layer is a dense layer on the (flattened) input,
+        its inputs are known before the first step: ``H W0`` of all steps and
+        the Gram matrices are computed at once before the loop.
+        """
+        bs = self.batch_size
+        k = tf.shape(idx)[0]
+        num_steps = tf.shape(idx)[1]
+        slots = num_steps * bs
+        shared = [tf.reshape(p, s) for p, s in zip(tf.split(global_flat, self.flat.sizes),
+                                                    self.flat.shapes)]
+        # Parameter positions: dense kernels (factored) and the rest (stacked).
+        kernel_at: dict[int, int] = {}  # param index -> dense layer number
+        i = 0
+        for layer in self.layers:
+            if layer.kind in ("conv", "dense"):
+                if layer.kind == "dense":
+                    kernel_at[i] = len(kernel_at)
+                i += 2
+        stacked_ids = [j for j in range(len(shared)) if j not in kernel_at]
+        stacked = [tf.tile(shared[j][None], [k] + [1] * len(shared[j].shape))
+                   for j in stacked_ids]
+        velocity = [tf.zeros_like(p) for p in stacked]
+        kernels = [shared[j] for j in sorted(kernel_at)]
+        coeffs = self._momentum_coefficients(num_steps)               # (S + 1, S)
+        first = next(n for n, layer in enumerate(self.layers) if layer.kind != "flatten")
+        pre = self.layers[first].kind == "dense"  # the first dense layer sees the input
+        h_buf = [tf.zeros([k, slots, kern.shape[0]]) for kern in kernels]
+        g_buf = [tf.zeros([k, slots, kern.shape[1]]) for kern in kernels]
+        if pre:
+            x0 = tf.reshape(tf.gather(x, tf.reshape(idx, [k, slots])), [k, slots, -1])
+            h_buf[0] = x0
+            xw0 = tf.reshape(tf.matmul(tf.reshape(x0, [k * slots, -1]), kernels[0]),
+                             [k, slots, -1])
+            gram0 = tf.matmul(x0, x0, transpose_b=True)                # (K, SB, SB)
+        rows_k = tf.tile(tf.range(k)[:, None], [1, bs])               # (K, B)
+        total_loss = tf.zeros([k], tf.float32)
+        momentum = self._momentum
+        for step in tf.range(num_steps):
+            rows = idx[:, step]
+            w = weights[:, step]
+            yb = tf.gather(y, rows)
+            lo = step * bs
+            coef = tf.repeat(coeffs[step], bs)                        # (SB,)
+            scatter_at = tf.stack([rows_k, lo + tf.tile(tf.range(bs)[None], [k, 1])], -1)
+            with tf.GradientTape() as tape:
+                tape.watch(stacked)
+                outs, ins = [], []
+                h = None if pre else tf.gather(x, rows)
+                p, d, grouped = iter(stacked), 0, False
+                for n, layer in enumerate(self.layers):
+                    if layer.kind == "dense":
+                        bias = next(p)
+                        if pre and d == 0:
+                            z = xw0[:, lo:lo + bs]
+                            gram = gram0[:, lo:lo + bs]
+                        else:
+                            h = tf.reshape(h, [k, bs, -1])
+                            ins.append(h)
+                            z = tf.reshape(tf.matmul(tf.reshape(h, [k * bs, -1]), kernels[d]),
+                                           [k, bs, -1])
+                            gram = tf.matmul(h, tf.stop_gradient(h_buf[d]), transpose_b=True)
+                        z = z - tf.matmul(gram * coef, g_buf[d])
+                        tape.watch(z)  # (it may not depend on any watched tensor)
+                        outs.append(z)
+                        h = z + bias[:, None, :]
+                        d += 1
+                    elif n < first:  # flatten of the raw input: done in x0
+                        continue
+                    else:
+                        h, grouped = self._stacked_layer(layer, h, p, grouped, k)
+                    if layer.relu:
+                        h = tf.nn.relu(h)
+                ce = self._losses(yb, h)                              # (K, B)
+                objective = tf.reduce_sum(ce * (w * self._lr))
+            grads = tape.gradient(objective, stacked + outs)
+            steps, g_out = grads[:len(stacked)], grads[len(stacked):]
+            total_loss += tf.reduce_sum(tf.where(w > 0, ce, 0.0), axis=1)
+            offset = 1 if pre else 0
+            g_buf = [tf.tensor_scatter_nd_update(buf, scatter_at, g)
+                     for buf, g in zip(g_buf, g_out)]
+            h_buf = h_buf[:offset] + [tf.tensor_scatter_nd_update(buf, scatter_at, hin)
+                                      for buf, hin in zip(h_buf[offset:], ins)]
+            if self._use_momentum:
+                on = active[:, step] > 0
+                new_params, new_velocity = [], []
+                for q, g, u in zip(stacked, steps, velocity):
+                    mask = tf.reshape(on, [-1] + [1] * (len(q.shape) - 1))
+                    u_next = momentum * u + g
+                    new_velocity.append(u_next)
+                    new_params.append(tf.where(mask, q - u_next, q))
+                stacked, velocity = new_params, new_velocity
+            else:
+                stacked = [q - g for q, g in zip(stacked, steps)]
+        done = tf.cast(tf.reduce_sum(active, axis=1), tf.int32)      # real steps per client
+        final = tf.repeat(tf.gather(coeffs, done), bs, axis=1)[:, :, None]  # (K, SB, 1)
+        deltas: dict[int, tf.Tensor] = {}
+        for j, q in zip(stacked_ids, stacked):
+            deltas[j] = tf.reshape(shared[j][None] - q, [k, -1])
+        for j, d in kernel_at.items():
+            deltas[j] = tf.reshape(tf.matmul(h_buf[d], g_buf[d] * final, transpose_a=True),
+                                   [k, -1])
+        delta = tf.concat([deltas[j] for j in range(len(shared))], axis=1)
+        return delta, total_loss / tf.maximum(seen, 1.0)
+
+    def _stacked_layer(self, layer: _Layer, h: tf.Tensor, params: Iterable[tf.Tensor],
+                       grouped: bool, k: tf.Tensor) -> tuple[tf.Tensor, bool]:
+        """One conv, pool or flatten layer of :meth:`_forward` (grouped convolution)
+        on stacked inputs; ``params`` yields the conv's stacked kernel and bias."""
+        bs = self.batch_size
+        it = iter(params)
+        if layer.kind == "conv":
+            kernel, bias = next(it), next(it)
+            if not grouped:  # (K, B, H, W, C) -> (B, H, W, K*C)
+                shape = tf.shape(h)
+                h = tf.transpose(h, [1, 2, 3, 0, 4])
+                h = tf.reshape(h, [bs, shape[2], shape[3], -1])
+                grouped = True
+            kh, kw, cin = kernel.shape[1:4]
+            filt = tf.reshape(tf.transpose(kernel, [1, 2, 3, 0, 4]), [kh, kw, cin, -1])
+            h = tf.nn.conv2d(h, filt, layer.strides, layer.padding)
+            h = tf.nn.bias_add(h, tf.reshape(bias, [-1]))
+        elif layer.kind == "pool":
+            if grouped:
+                h = tf.nn.max_pool2d(h, layer.pool_size, layer.strides, layer.padding)
+            else:
+                shape = tf.shape(h)
+                flat = tf.reshape(h, tf.concat([[-1], shape[2:]], 0))
+                flat = tf.nn.max_pool2d(flat, layer.pool_size, layer.strides, layer.padding)
+                h = tf.reshape(flat, tf.concat([shape[:2], tf.shape(flat)[1:]], 0))
+        elif layer.kind == "flatten":
+            if grouped:  # (B, H, W, K*C) -> (K, B, H*W*C), row-major like Keras
+                shape = tf.shape(h)
+                h = tf.reshape(h, [bs, shape[1], shape[2], k, -1])
+                h = tf.transpose(h, [3, 0, 1, 2, 4])
+                h = tf.reshape(h, [k, bs, -1])
+                grouped = False
+            else:
+                shape = tf.shape(h)
+                h = tf.reshape(h, [shape[0], shape[1], -1])
+        return h, grouped
+
     # -- Python API -----------------------------------------------------------------
     def train_many(self, global_weights: np.ndarray,
                    clients: Iterable[tuple[np.ndarray, np.ndarray, np.random.Generator]]
@@ -392,7 +550,10 @@ class VectorizedTrainer:
                             for c in clients])
         y = np.concatenate([np.asarray(c[1], np.int32).reshape(-1) for c in clients])
         seen = np.asarray(sizes, np.float32) * self.local_epochs
-        delta, loss = self._train(gw, x, y, idx, weights, active, seen)
+        factored = self.dense == "factored" or (
+            self.dense == "auto" and idx.shape[1] * self.batch_size <= FACTORED_MAX_SLOTS)
+        train = self._train if factored else self._train_stacked
+        delta, loss = train(gw, x, y, idx, weights, active, seen)
         delta, loss = delta.numpy(), loss.numpy()
         return [ClientResult(delta=delta[i], num_examples=int(n), loss=float(loss[i]))
                 for i, n in enumerate(sizes)]

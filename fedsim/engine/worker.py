@@ -157,11 +157,11 @@ class ClientWorker:
             from fedsim.client.dp_sgd import DPSGDTrainer
 
             self.trainer = DPSGDTrainer(*args, seed=cfg.seed)
-        elif cfg.client.vectorize > 1:
+        elif cfg.client.per_call > 1:
             from fedsim.client.vectorized import VectorizedTrainer
 
             self.trainer = VectorizedTrainer(*args, seed=cfg.seed,
-                                             max_clients_per_call=cfg.client.vectorize)
+                                             max_clients_per_call=cfg.client.per_call)
         else:
             from fedsim.client.local import LocalTrainer
 
@@ -266,10 +266,10 @@ class ClientWorker:
 
         ids = [int(c) for c in client_ids]
         payload = payload or {}
-        if self.cfg.client.vectorize > 1:  # (SimConfig allows it with sgd only)
+        if self.cfg.client.per_call > 1:  # (SimConfig allows it with sgd only)
             # Chunks bound the memory of the clients' data held at once. (Only
             # algorithms without a client side of their own run vectorized.)
-            step = self.cfg.client.vectorize * 4
+            step = self.cfg.client.per_call * 4
             for s in range(0, len(ids), step):
                 chunk = ids[s:s + step]
                 results = self.trainer.train_many(
