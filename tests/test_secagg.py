@@ -384,9 +384,11 @@ def test_relayed_sums_of_masked_inputs_unmask_to_the_same_sum():
         sum_masked([masked[0], masked[0]], bits)
 
 
+@pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("bits", [20, 32, 40])
-def test_clients_mask_sum_equals_the_sum_of_per_client_masked_inputs(bits):
-    """A worker's relayed sum skips the pairwise masks that cancel inside it; the
+def test_clients_mask_sum_equals_the_sum_of_per_client_masked_inputs(bits, skip):
+    """A worker's relayed sum skips the pairwise masks that cancel inside it (or,
+    skip_cancelling=False, adds every client's masks in full); either way the
     server must receive exactly what summing the clients' own masked inputs gives,
     also when a neighbour dropped before masking (its masks stay in)."""
     from fedsim.secure.protocol import (
@@ -414,7 +416,8 @@ def test_clients_mask_sum_equals_the_sum_of_per_client_masked_inputs(bits):
     per_client = [sum_masked(clients_mask(states, deliveries, {i: inputs[i] for i in g}), bits)
                   for g in groups]
     server, states, deliveries = rounds_0_1()
-    relayed = [clients_mask_sum(states, deliveries, g, sum(inputs[i] for i in g)) for g in groups]
+    relayed = [clients_mask_sum(states, deliveries, g, sum(inputs[i] for i in g),
+                                skip_cancelling=skip) for g in groups]
     for a, b in zip(per_client, relayed):
         assert a.senders == b.senders
         np.testing.assert_array_equal(a.y, b.y)
@@ -442,3 +445,20 @@ def test_placement_follows_the_ring_that_receive_keys_draws():
     # full SecAgg, or fewer clients than parts: runs of the sorted ids
     assert SecAggServer(24, 8, "secagg").placement([5, 1, 3], 2) == [[1, 3], [5]]
     assert SecAggServer(24, 8, "secagg_plus").placement([4], 3) == [[4], [], []]
+
+
+def test_hkdf_is_cryptographys_hkdf_sha256():
+    """The key derivation (one-shot HMACs) gives cryptography's HKDF-SHA256 bytes
+    (no salt, 32 bytes), so seeds, keys and messages are unchanged."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from fedsim.secure.protocol import _INFO_MASK_SEED, _INFO_SHARE_KEY, _hkdf_sha256
+
+    rng = np.random.default_rng(12)
+    for info in (_INFO_MASK_SEED, _INFO_SHARE_KEY, b""):
+        for _ in range(20):
+            ikm = rng.bytes(32)
+            expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                            info=info).derive(ikm)
+            assert _hkdf_sha256(ikm, info) == expected

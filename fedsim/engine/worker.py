@@ -172,7 +172,7 @@ class ClientWorker:
         self._store: Any = None  # the ClientStateStore, opened on first use
         self._evaluator: Any = None  # a ClientEvaluator, built on first use
         self._secagg_states: dict[int, Any] = {}
-        self._secagg_input: Any = None  # (report, client ids, bits, encodings) of train_round
+        self._secagg_input: Any = None  # (report, client ids, bits, encoded sum) of train_round
         self._secagg_seconds = 0.0  # spent on this round's protocol steps so far
         self.index = index
 
@@ -196,10 +196,9 @@ class ClientWorker:
         # the clients' encoded records are summed as they come.
         partial = (self.aggregator.zero_partial(size) if secure is None
                    else Partial(np.zeros(0), 0.0, 0))
-        skip = self.cfg.secagg.skip_cancelling_masks
-        encoded: Any = None  # the encoded input sum, or (not skip) client id -> encoding
+        encoded: Any = None  # the sum of the clients' encoded records
         if secure is not None:
-            encoded = np.zeros(secure.vector_len, secure.word_dtype) if skip else {}
+            encoded = np.zeros(secure.vector_len, secure.word_dtype)
         loss_sum, examples, encode_seconds = 0.0, 0, 0.0
         sums: ClientSums = {}
         new_states: dict[int, Mapping[str, np.ndarray]] = {}
@@ -224,10 +223,7 @@ class ClientWorker:
             t0 = time.perf_counter()
             # rounding and (Skellam) noise shares: a privacy-noise stream
             rng = stream(self.cfg.noise_root(), STREAM_SECAGG, round_num, cid)
-            if skip:
-                secure.encode([one.total, *one.extras], rng, add_to=encoded)
-            else:
-                encoded[cid] = secure.encode([one.total, *one.extras], rng)
+            secure.encode([one.total, *one.extras], rng, add_to=encoded)
             encode_seconds += time.perf_counter() - t0
             partial = merge_partials(partial, Partial(np.zeros(0), one.weight, one.count,
                                                       one.stats))
@@ -345,18 +341,16 @@ class ClientWorker:
         inputs, summed into one ``MaskedSum``, in the round's report.
 
         With ``secagg.skip_cancelling_masks`` the pairwise masks between this
-        worker's own clients, which cancel in the sum, are skipped
-        (:func:`fedsim.secure.protocol.clients_mask_sum`); otherwise every client masks
-        its own input in full (:func:`fedsim.secure.protocol.clients_mask`)."""
-        from fedsim.secure.protocol import clients_mask, clients_mask_sum, sum_masked
+        worker's own clients, which cancel in the sum, are skipped; otherwise
+        every client computes all of its masks
+        (:func:`fedsim.secure.protocol.clients_mask_sum`, ``skip_cancelling``)."""
+        from fedsim.secure.protocol import clients_mask_sum
 
         t0 = time.perf_counter()
-        report, ids, bits, encoded = self._secagg_input
+        report, ids, _, encoded = self._secagg_input
         self._secagg_input = None
-        if isinstance(encoded, dict):
-            masked = sum_masked(clients_mask(self._secagg_states, deliveries, encoded), bits)
-        else:
-            masked = clients_mask_sum(self._secagg_states, deliveries, ids, encoded)
+        masked = clients_mask_sum(self._secagg_states, deliveries, ids, encoded,
+                                  skip_cancelling=self.cfg.secagg.skip_cancelling_masks)
         self._secagg_seconds += time.perf_counter() - t0
         return dataclasses.replace(report, masked=(masked,))
 

@@ -107,6 +107,7 @@ out of order.
 from __future__ import annotations
 
 import copy
+import hmac
 import math
 import os
 import struct
@@ -116,11 +117,9 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedsim.errors import FedsimError
 from fedsim.secure.fixedpoint import word_dtype
@@ -142,6 +141,7 @@ _PLAINTEXT_BYTES = _IDS.size + 2 * _SHARE_BYTES
 _INFO_SHARE_KEY = b"fedsim-secagg/v1 share encryption key"
 _INFO_MASK_SEED = b"fedsim-secagg/v1 pairwise mask seed"
 _AD_PREFIX = b"fedsim-secagg/v1 shares"
+_HKDF_ZERO_SALT = bytes(32)  # HKDF's default salt: HashLen zero bytes
 
 
 class SecAggError(FedsimError, ValueError):
@@ -274,6 +274,18 @@ def shamir_reconstruct(points: Sequence[tuple[int, int]]) -> int:
 
 # --------------------------------------------------------------------------- primitives
 
+def _hkdf_sha256(ikm: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 (RFC 5869) of ``ikm`` with no salt (``HashLen`` zero bytes) and
+    ``info``, 32 bytes of output: ``HMAC(HMAC(0^32, ikm), info || 0x01)``.
+
+    The same bytes as ``cryptography``'s ``HKDF(SHA256(), 32, salt=None,
+    info)`` (a test checks it), with two one-shot C HMAC calls instead of the
+    objects that one derivation there builds (a client derives one key per
+    neighbour and round)."""
+    prk = hmac.digest(_HKDF_ZERO_SALT, ikm, "sha256")
+    return hmac.digest(prk, info + b"\x01", "sha256")
+
+
 def _agree(sk: bytes | X25519PrivateKey, pk_raw: bytes, info: bytes) -> bytes:
     """HKDF-SHA256(X25519(sk, pk)) -> 32 bytes. ValueError for an invalid public key.
 
@@ -281,8 +293,7 @@ def _agree(sk: bytes | X25519PrivateKey, pk_raw: bytes, info: bytes) -> bytes:
     as much as the exchange, so loops over neighbours load it once)."""
     if isinstance(sk, bytes):
         sk = X25519PrivateKey.from_private_bytes(sk)
-    shared = sk.exchange(X25519PublicKey.from_public_bytes(pk_raw))
-    return HKDF(algorithm=hashes.SHA256(), length=_KEY_BYTES, salt=None, info=info).derive(shared)
+    return _hkdf_sha256(sk.exchange(X25519PublicKey.from_public_bytes(pk_raw)), info)
 
 
 def _public(sk_raw: bytes) -> bytes:
@@ -544,6 +555,23 @@ class ClientState:
     # neighbour -> the AES-GCM key of round 1 (ECDH is symmetric: the same key
     # decrypts the neighbour's shares in round 2, so it is derived once)
     share_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
+    # c_sk and s_sk loaded once, as a client keeps the key pairs it made
+    # (loading a raw X25519 key costs a scalar multiplication: it derives the
+    # public key)
+    c_key: X25519PrivateKey | None = field(default=None, repr=False, compare=False)
+    s_key: X25519PrivateKey | None = field(default=None, repr=False, compare=False)
+
+    def c_private(self) -> X25519PrivateKey:
+        """``c_sk``, loaded (once)."""
+        if self.c_key is None:
+            self.c_key = X25519PrivateKey.from_private_bytes(self.c_sk)
+        return self.c_key
+
+    def s_private(self) -> X25519PrivateKey:
+        """``s_sk``, loaded (once)."""
+        if self.s_key is None:
+            self.s_key = X25519PrivateKey.from_private_bytes(self.s_sk)
+        return self.s_key
 
 
 # --------------------------------------------------------------------------- clients
@@ -585,8 +613,12 @@ def clients_advertise(ids: Iterable[int], rng: RngLike = None
     for cid, crng in _client_rngs(ids, rng).items():
         both = _randbytes(crng, 2 * _KEY_BYTES)
         c_sk, s_sk = both[:_KEY_BYTES], both[_KEY_BYTES:]
-        st = ClientState(client_id=cid, c_sk=c_sk, s_sk=s_sk, c_pk=_public(c_sk),
-                         s_pk=_public(s_sk), rng=crng)
+        c_key = X25519PrivateKey.from_private_bytes(c_sk)
+        s_key = X25519PrivateKey.from_private_bytes(s_sk)
+        st = ClientState(client_id=cid, c_sk=c_sk, s_sk=s_sk,
+                         c_pk=c_key.public_key().public_bytes_raw(),
+                         s_pk=s_key.public_key().public_bytes_raw(), rng=crng,
+                         c_key=c_key, s_key=s_key)
         states[cid] = st
         msgs.append(AdvertiseKeys(cid, st.c_pk, st.s_pk))
     return states, msgs
@@ -629,7 +661,7 @@ def clients_share_keys(states: Mapping[int, ClientState],
         b_shares = shamir_split(int.from_bytes(st.b_seed, "big"), st.threshold, xs, randbytes)
         st.shares = {cid: (sk_shares[-1], b_shares[-1])}
         ciphertexts = {}
-        c_key = X25519PrivateKey.from_private_bytes(st.c_sk)
+        c_key = st.c_private()
         for j, sk_share, b_share in zip(neighbours, sk_shares, b_shares):
             pk, pair = setup.keys[j][0], (min(cid, j), max(cid, j))
             key = pair_keys.get(pair) if genuine.get(j) == pk else None
@@ -659,7 +691,8 @@ def _receive_shares(st: ClientState, delivery: SharesDelivery) -> None:
             raise _abort(2, f"client {cid} received shares from client {sender}, which is not "
                             "its neighbour")
         try:
-            key = st.share_keys.get(sender) or _agree(st.c_sk, st.neighbour_keys[sender][0],
+            key = st.share_keys.get(sender) or _agree(st.c_private(),
+                                                      st.neighbour_keys[sender][0],
                                                       _INFO_SHARE_KEY)
             plaintext = AESGCM(key).decrypt(blob[:_NONCE_BYTES], blob[_NONCE_BYTES:],
                                             _ad(sender, cid))
@@ -712,7 +745,7 @@ def _add_masks(ks: _Keystream, y: np.ndarray, st: ClientState, peers: Iterable[i
     cid = st.client_id
     assert st.b_seed is not None  # drawn when the client advertised its keys
     ks.add(y, st.b_seed)
-    s_key = X25519PrivateKey.from_private_bytes(st.s_sk)
+    s_key = st.s_private()
     for j in sorted(peers):
         try:
             seed = _agree(s_key, st.neighbour_keys[j][1], _INFO_MASK_SEED)
@@ -748,7 +781,8 @@ def clients_mask(states: Mapping[int, ClientState], deliveries: Mapping[int, Sha
 
 
 def clients_mask_sum(states: Mapping[int, ClientState], deliveries: Mapping[int, SharesDelivery],
-                     senders: Collection[int], input_sum: np.ndarray) -> MaskedSum:
+                     senders: Collection[int], input_sum: np.ndarray,
+                     skip_cancelling: bool = True) -> MaskedSum:
     """Round 2 for the clients ``senders``, relayed as one :class:`MaskedSum`.
 
     ``input_sum``: the sum modulo ``2^bits`` (or modulo the width of its
@@ -771,6 +805,14 @@ def clients_mask_sum(states: Mapping[int, ClientState], deliveries: Mapping[int,
     CPU time, which leaves out the cancelled key agreements and PRG expansions
     (about half of a client's ``k`` with two workers). A real client computes
     all ``k`` of its pairwise masks.
+
+    ``skip_cancelling=False``: every client agrees, expands and adds all of its
+    masks (its self mask and one per neighbour in its delivery), the cancelling
+    ones too, as deployed clients would: the protocol's full client-side cost.
+    The masks are added into the relay's running sum rather than into one
+    vector per client first (modular addition is associative, so the result
+    is the same; what is left out is one copy and one addition of a vector per
+    client, no cryptography).
     """
     ids = sorted(_check_id(c) for c in senders)
     if not ids or len(set(ids)) != len(ids):
@@ -791,7 +833,8 @@ def clients_mask_sum(states: Mapping[int, ClientState], deliveries: Mapping[int,
     ks = _Keystream(vector_len, bits)
     for cid in ids:
         st = masking[cid]
-        cancelled = {j for j in st.mask_peers & group if cid in masking[j].mask_peers}
+        cancelled = ({j for j in st.mask_peers & group if cid in masking[j].mask_peers}
+                     if skip_cancelling else set())
         _add_masks(ks, total, st, st.mask_peers - cancelled)
     total &= _mask_of(bits, total.dtype)
     return MaskedSum(group, total.astype(np.uint64, copy=False))
