@@ -162,6 +162,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
         if pts:
             left.plot(*zip(*pts), marker="o", label=name, **styles[name])
     left.set_xscale("log")
+    left.minorticks_off()
     left.set_xticks(eps_all, [f"{e:g}" for e in eps_all])
     left.set_xlabel("epsilon (delta = clients^-1.1)")
     left.set_ylabel("final test accuracy")
