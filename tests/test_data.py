@@ -94,7 +94,7 @@ def test_synthetic_train_and_test_parts():
     data = SyntheticClientData(num_clients=50, seed=0, dim=20, num_classes=5)
     for cid in range(50):
         x, y = data.client(cid)
-        xt, yt = data.test_part(cid)
+        xt, yt = data.client_test(cid)
         n = len(y) + len(yt)
         assert 50 <= n <= 1050
         assert len(yt) == n // 5 and x.shape == (n - n // 5, 20) and xt.shape == (n // 5, 20)
@@ -126,7 +126,7 @@ def test_synthetic_population_of_100k_is_instant():
         x, y = data.train.client(cid)
         assert x.shape[1:] == (60,) and len(x) == len(y) >= 40
     # The test split: held-out parts of 10 clients spaced evenly over the population.
-    expected = [data.train.test_part(c)[1] for c in range(0, 100_000, 10_000)]
+    expected = [data.train.client_test(c)[1] for c in range(0, 100_000, 10_000)]
     np.testing.assert_array_equal(data.y_test, np.concatenate(expected))
     assert data.x_test.shape == (len(data.y_test), 60) and data.x_test.dtype == np.float32
 
@@ -135,7 +135,7 @@ def test_synthetic_test_split_uses_every_client_of_a_small_population():
     cfg = DataConfig(name="synthetic", synthetic_dim=8, synthetic_classes=3, test_clients=100)
     data = load_federated_data(cfg, clients=4, seed=0)
     assert data.input_shape == (8,) and data.num_classes == 3
-    assert len(data.y_test) == sum(len(data.train.test_part(c)[1]) for c in range(4))
+    assert len(data.y_test) == sum(len(data.train.client_test(c)[1]) for c in range(4))
 
 
 # --------------------------------------------------------------------------- synthetic IID
@@ -168,7 +168,7 @@ def test_synthetic_iid_labels_come_from_one_shared_model():
     assert not np.array_equal(SyntheticClientData(1000, seed=5, iid=True).shared_model()[0], w)
     labels = set()
     for cid in (0, 17, 999):
-        for x, y in (data.client(cid), data.test_part(cid)):
+        for x, y in (data.client(cid), data.client_test(cid)):
             assert x.dtype == np.float32 and y.dtype == np.int32
             np.testing.assert_array_equal(np.argmax(x.astype(np.float64) @ w + b, axis=1), y)
             labels.update(y.tolist())
@@ -193,7 +193,7 @@ def test_synthetic_iid_is_deterministic_and_independent_of_generation_order():
     b = SyntheticClientData(num_clients=1000, seed=7, iid=True)
     for cid in range(0, 1000, 37):  # other clients first, in another order
         b.client(cid)
-        b.test_part(cid)
+        b.client_test(cid)
     for cid in (999, 3, 500):
         for got, want in zip(b.client(cid), reference[cid]):
             np.testing.assert_array_equal(got, want)
@@ -201,7 +201,7 @@ def test_synthetic_iid_is_deterministic_and_independent_of_generation_order():
     leaf = SyntheticClientData(num_clients=1000, seed=7)
     for cid in (0, 3, 500, 999):
         assert len(a.client(cid)[1]) == len(leaf.client(cid)[1])
-        assert len(a.test_part(cid)[1]) == len(leaf.test_part(cid)[1])
+        assert len(a.client_test(cid)[1]) == len(leaf.client_test(cid)[1])
     assert not np.array_equal(a.client(3)[0][:40], a.client(4)[0][:40])
     assert not np.array_equal(a.client(3)[0][:40],
                               SyntheticClientData(1000, seed=8, iid=True).client(3)[0][:40])
@@ -215,8 +215,8 @@ def test_a_global_model_learns_synthetic_iid_but_not_leaf_synthetic(iid, learnab
     x = np.concatenate([data.client(c)[0] for c in range(200)])
     y = np.concatenate([data.client(c)[1] for c in range(200)])
     w, b = fit_softmax_regression(x, y, data.num_classes)
-    xt = np.concatenate([data.test_part(c)[0] for c in range(200, 250)])
-    yt = np.concatenate([data.test_part(c)[1] for c in range(200, 250)])
+    xt = np.concatenate([data.client_test(c)[0] for c in range(200, 250)])
+    yt = np.concatenate([data.client_test(c)[1] for c in range(200, 250)])
     accuracy = np.mean(np.argmax(xt @ w + b, axis=1) == yt)
     if learnable:
         assert accuracy > 0.6
@@ -232,7 +232,7 @@ def test_synthetic_iid_config_and_loader():
     w, b = data.train.shared_model()
     np.testing.assert_array_equal(np.argmax(data.x_test.astype(np.float64) @ w + b, axis=1),
                                   data.y_test)
-    expected = [data.train.test_part(c)[1] for c in range(0, 1_000_000, 100_000)]
+    expected = [data.train.client_test(c)[1] for c in range(0, 1_000_000, 100_000)]
     np.testing.assert_array_equal(data.y_test, np.concatenate(expected))
     assert not DataConfig(name="synthetic").synthetic_iid
     with pytest.raises(ConfigError, match="data.synthetic_iid"):

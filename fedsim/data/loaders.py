@@ -109,7 +109,9 @@ class SyntheticClientData:
 
     Of the ``n_k`` samples the first ``n_k - n_k // 5`` (80%) are the client's
     training data (:meth:`client`), the last ``n_k // 5`` its held-out part
-    (:meth:`test_part`).
+    (:meth:`client_test`: the ``client_test`` capability, so ``federated_eval``
+    evaluates clients on their own held-out samples, the view that LEAF's
+    synthetic(1, 1), where every client labels by its own model, needs).
 
     num_clients: population size. seed: root seed. alpha, beta: model and data
     heterogeneity (standard deviations, >= 0). dim: feature dimension.
@@ -164,7 +166,7 @@ class SyntheticClientData:
         x, y, n_train = self._generate(cid)
         return x[:n_train], y[:n_train]
 
-    def test_part(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+    def client_test(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
         """Held-out part (20%, at least 10 samples) of client ``cid``."""
         x, y, n_train = self._generate(cid)
         return x[n_train:], y[n_train:]
@@ -265,7 +267,7 @@ def _load_synthetic(cfg: DataConfig, clients: int, seed: int) -> FederatedData:
         dim=cfg.synthetic_dim, num_classes=cfg.synthetic_classes, iid=cfg.synthetic_iid)
     m = min(cfg.test_clients, clients)
     test_cids = (np.arange(m, dtype=np.int64) * clients) // m
-    parts = [train.test_part(int(c)) for c in test_cids]
+    parts = [train.client_test(int(c)) for c in test_cids]
     return FederatedData(
         train=train,
         x_test=np.concatenate([p[0] for p in parts]),
