@@ -96,15 +96,18 @@ def test_sweep_end_writes_summary_csv_with_mean_and_std_over_seeds(dp_sweep):
 def test_sweep_end_writes_markdown_table_and_plot(dp_sweep):
     sweep_dir, proc = dp_sweep
     text = (sweep_dir / "sweep_summary.md").read_text()
-    table = [line for line in text.split("## Grid points")[0].splitlines()
-             if line.startswith("|")]
+    # Sections: the grouped table first, then the privacy of the search, then every point.
+    head, rest = text.split("\n## Privacy of the search\n")
+    search, grid = rest.split("\n## Grid points\n")
+    table = [line for line in head.splitlines() if line.startswith("|")]
     assert table[0].startswith("| mechanism | z | n | seeds | test accuracy | epsilon |")
     assert len(table) == 2 + 2  # header, separator, one row per noise multiplier
     assert all("gaussian" in row and " ± " in row and "2/2 completed" in row
                for row in table[2:])
     assert "4 grid points (4 completed), 2 groups" in text
-    points = [line for line in text.split("## Grid points")[1].splitlines()
-              if line.startswith("| ")]
+    # A fixed grid that reports every point: the composition of the 4 trials applies.
+    assert "a fixed grid of 4 points" in search and "composition of all 4 trials" in search
+    points = [line for line in grid.splitlines() if line.startswith("| ")]
     assert len(points) == 2 + 4  # header, separator, 4 points
     # The callback printed the summary table at the end of the sweep.
     assert table[0] in proc.stdout and "fedsim: sweep summary in" in proc.stdout
