@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -169,6 +169,21 @@ def main() -> None:
               sum(one["total_seconds"] for one in saved))
         return
 
+    runs, total = run_rows(args, base_config(args), row_config, lambda run, result: {
+        "noise_state_mib": result.summary["memory_mib"].get("aggregator_state_mib", 0.0)})
+    write(runs, args, total)
+
+
+def run_rows(args: argparse.Namespace, base: Any, configure: Callable[..., Any],
+             extra: Callable[[dict[str, Any], Any], dict[str, Any]],
+             after_each: Optional[Callable[[list[dict[str, Any]], float], None]] = None,
+             ) -> tuple[list[dict[str, Any]], float]:
+    """Every (seed, row, epsilon) of ``args`` run on one set of warm actors: the
+    runs' records (accuracy per evaluation, epsilon spent, noise multiplier,
+    times, plus ``extra(run, result)`` of the record so far and the
+    :class:`fedsim.simulation.SimulationResult`) and the total seconds.
+    ``configure(base, row, epsilon, args)`` makes a row's config;
+    ``after_each(runs, seconds)`` is called after every run."""
     import ray
 
     from fedsim.config import RayConfig
@@ -176,7 +191,6 @@ def main() -> None:
     from fedsim.engine.warm import WarmActors
     from fedsim.simulation import run_simulation
 
-    base = base_config(args)
     started = connect_ray(RayConfig(num_cpus=2))
     runs: list[dict[str, Any]] = []
     t_all = time.perf_counter()
@@ -185,7 +199,7 @@ def main() -> None:
             for seed in args.seeds:
                 for row in args.rows:
                     for eps in ([None] if row == "nonprivate" else args.epsilons):
-                        cfg = dataclasses.replace(row_config(base, row, eps, args), seed=seed)
+                        cfg = dataclasses.replace(configure(base, row, eps, args), seed=seed)
                         t0 = time.perf_counter()
                         result = run_simulation(cfg, actors=actors)
                         evals = [m for m in result.metrics if m.get("eval_accuracy") is not None]
@@ -198,17 +212,19 @@ def main() -> None:
                                "rounds": [m["round"] for m in evals], "accuracy": acc,
                                "final_accuracy": acc[-1], "best_accuracy": max(acc),
                                "round_seconds": [m["round_seconds"] for m in result.metrics],
-                               "noise_state_mib": result.summary["memory_mib"].get(
-                                   "aggregator_state_mib", 0.0),
+                               "setup_seconds": result.summary.get("setup_seconds"),
                                "wall_seconds": time.perf_counter() - t0}
+                        run.update(extra(run, result))
                         runs.append(run)
                         print(f"seed {seed} {row:10s} eps {eps} spent {run['epsilon_spent']} "
-                              f"z {run['noise_multiplier']} final {acc[-1]:.3f} "
+                              f"z {run['noise_multiplier']} final {acc[-1]:.4f} "
                               f"({run['wall_seconds']:.0f} s)", flush=True)
+                        if after_each is not None:
+                            after_each(runs, time.perf_counter() - t_all)
     finally:
         if started:
             ray.shutdown()
-    write(runs, args, time.perf_counter() - t_all)
+    return runs, time.perf_counter() - t_all
 
 
 def write(runs: list[dict[str, Any]], args: argparse.Namespace, total: float) -> None:

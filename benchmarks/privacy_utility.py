@@ -39,7 +39,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -234,52 +233,21 @@ def main() -> None:
               sum(one["total_seconds"] for one in saved))
         return
 
-    import ray
-
-    from fedsim.config import ClientConfig, RayConfig
-    from fedsim.engine.ray_setup import connect_ray
-    from fedsim.engine.warm import WarmActors
-    from fedsim.simulation import run_simulation
+    from fedsim.config import ClientConfig
 
     base = correlated_noise.base_config(args)
     if args.vectorize:
         base = dataclasses.replace(base, client=ClientConfig(learning_rate=args.client_lr,
                                                              vectorize=args.vectorize))
-    started = connect_ray(RayConfig(num_cpus=2))
-    runs: list[dict[str, Any]] = []
-    t_all = time.perf_counter()
-    try:
-        with WarmActors() as actors:
-            for seed in args.seeds:
-                for row in args.rows:
-                    for eps in ([None] if row == "nonprivate" else args.epsilons):
-                        cfg = dataclasses.replace(row_config(base, row, eps, args), seed=seed)
-                        t0 = time.perf_counter()
-                        result = run_simulation(cfg, actors=actors)
-                        evals = [m for m in result.metrics if m.get("eval_accuracy") is not None]
-                        acc = [m["eval_accuracy"] for m in evals]
-                        privacy = result.summary.get("privacy") or {}
-                        run = {"row": row, "epsilon": eps, "seed": seed,
-                               "quantile": args.quantile if row == "adaptive" else None,
-                               "command": command(row, eps, args).replace("{seed}", str(seed)),
-                               "epsilon_spent": privacy.get("epsilon"),
-                               "noise_multiplier": (privacy.get("noise_multiplier")
-                                                    if eps is not None else None),
-                               "rounds": [m["round"] for m in evals], "accuracy": acc,
-                               "final_accuracy": acc[-1], "best_accuracy": max(acc),
-                               "round_seconds": [m["round_seconds"] for m in result.metrics],
-                               "setup_seconds": result.summary.get("setup_seconds"),
-                               "wall_seconds": time.perf_counter() - t0}
-                        runs.append(run)
-                        print(f"seed {seed} {row:10s} eps {eps} spent {run['epsilon_spent']} "
-                              f"z {run['noise_multiplier']} final {acc[-1]:.4f} "
-                              f"({run['wall_seconds']:.0f} s)", flush=True)
-                        # what has run so far stays on disk if a later row fails or is killed
-                        write(runs, args, time.perf_counter() - t_all)
-    finally:
-        if started:
-            ray.shutdown()
-    write(runs, args, time.perf_counter() - t_all)
+    runs, total = correlated_noise.run_rows(
+        args, base, row_config,
+        lambda run, result: {
+            "quantile": args.quantile if run["row"] == "adaptive" else None,
+            "command": command(run["row"], run["epsilon"], args).replace("{seed}",
+                                                                          str(run["seed"]))},
+        # what has run so far stays on disk if a later row fails or is killed
+        after_each=lambda runs, seconds: write(runs, args, seconds))
+    write(runs, args, total)
 
 
 if __name__ == "__main__":
