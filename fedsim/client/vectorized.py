@@ -148,6 +148,23 @@ def _describe(model: tf.keras.Model) -> list[_Layer]:
     return layers
 
 
+def _momentum_step(params: list[tf.Tensor], steps: list[tf.Tensor],
+                   velocity: list[tf.Tensor], on: tf.Tensor, momentum: float,
+                   ) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """One heavy-ball step of K stacked clients, as (params, velocity). ``steps`` are
+    already lr * g and ``velocity`` is u = lr * v: u <- m * u + lr * g; w <- w - u
+    (LocalTrainer's v <- m * v + g; w <- w - lr * v, scaled). Clients with ``on``
+    False (their padding steps, which come after their last real one, so their
+    velocity no longer matters) keep their weights."""
+    new_params, new_velocity = [], []
+    for p, g, u in zip(params, steps, velocity):
+        mask = tf.reshape(on, [-1] + [1] * (len(p.shape) - 1))
+        u_next = momentum * u + g
+        new_velocity.append(u_next)
+        new_params.append(tf.where(mask, p - u_next, p))
+    return new_params, new_velocity
+
+
 def batch_plan(sizes: Sequence[int], batch_size: int, local_epochs: int,
                orders: Sequence[np.ndarray], offsets: Sequence[int] | np.ndarray
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -315,18 +332,8 @@ class VectorizedTrainer:
             steps = tape.gradient(objective, params)
             total_loss += tf.reduce_sum(tf.where(w > 0, ce, 0.0), axis=1)
             if self._use_momentum:
-                # u = lr * v:  u <- m * u + lr * g;  w <- w - u  (LocalTrainer's
-                # v <- m * v + g; w <- w - lr * v, scaled). Inactive (padding)
-                # steps leave the weights as they are; they come after a client's
-                # last real step, so its velocity no longer matters.
-                on = active[:, step] > 0
-                new_params, new_velocity = [], []
-                for p, g, u in zip(params, steps, velocity):
-                    mask = tf.reshape(on, [-1] + [1] * (len(p.shape) - 1))
-                    u_next = momentum * u + g
-                    new_velocity.append(u_next)
-                    new_params.append(tf.where(mask, p - u_next, p))
-                params, velocity = new_params, new_velocity
+                params, velocity = _momentum_step(params, steps, velocity,
+                                                  active[:, step] > 0, momentum)
             else:  # padding steps have all-zero example weights, hence zero gradients
                 params = [p - g for p, g in zip(params, steps)]
         local = tf.concat([tf.reshape(p, [k, -1]) for p in params], axis=1)
@@ -452,14 +459,8 @@ class VectorizedTrainer:
             h_buf = h_buf[:offset] + [tf.tensor_scatter_nd_update(buf, scatter_at, hin)
                                       for buf, hin in zip(h_buf[offset:], ins)]
             if self._use_momentum:
-                on = active[:, step] > 0
-                new_params, new_velocity = [], []
-                for q, g, u in zip(stacked, steps, velocity):
-                    mask = tf.reshape(on, [-1] + [1] * (len(q.shape) - 1))
-                    u_next = momentum * u + g
-                    new_velocity.append(u_next)
-                    new_params.append(tf.where(mask, q - u_next, q))
-                stacked, velocity = new_params, new_velocity
+                stacked, velocity = _momentum_step(stacked, steps, velocity,
+                                                   active[:, step] > 0, momentum)
             else:
                 stacked = [q - g for q, g in zip(stacked, steps)]
         done = tf.cast(tf.reduce_sum(active, axis=1), tf.int32)      # real steps per client
