@@ -20,7 +20,11 @@ seconds the protocol's steps took in the slowest worker plus the server
 (``secagg_seconds``). Full SecAgg is quadratic in the cohort: it is skipped
 above --max-full-secagg clients.
 
+``--vectorize`` sets ``client.vectorize`` for every variant (``auto``, the
+default, or a number; 0 trains one client at a time).
+
     uv run python benchmarks/secagg_round_time.py [--cohorts 10 100 1000] [--rounds 6]
+        [--vectorize 0]
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 VARIANTS = ("secagg_plus", "secagg_plus:full", "secagg", "secagg:full")
 
 
-def round_times(cohort: int, variant: str, rounds: int) -> tuple[list[float], list[float]]:
-    """Per-round seconds (after the first round) and protocol seconds of one run."""
+def round_times(cohort: int, variant: str, rounds: int, vectorize: str = "auto",
+                ) -> tuple[list[float], list[float]]:
+    """Per-round seconds (after the first round) and protocol seconds of one run
+    (``vectorize``: client.vectorize, ``auto`` or a number of clients per call)."""
     from fedsim.config import (
+        ClientConfig,
         DataConfig,
         DPConfig,
         ModelConfig,
@@ -54,6 +61,8 @@ def round_times(cohort: int, variant: str, rounds: int) -> tuple[list[float], li
                     data=DataConfig(name="synthetic", test_clients=20),
                     model=ModelConfig(name="mlp", hidden=[1500]),
                     server=ServerConfig(weighting="uniform"),
+                    client=ClientConfig(vectorize=vectorize if vectorize == "auto"
+                                        else int(vectorize)),
                     dp=DPConfig(mechanism="gaussian", noise_multiplier=1.0, l2_norm_clip=1.0),
                     secagg=SecAggConfig(protocol=protocol, skip_cancelling_masks=not full),
                     ray=RayConfig(num_cpus=2, workers=2))
@@ -81,6 +90,9 @@ def main() -> None:
     ap.add_argument("--max-full-secagg", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["secagg_plus", "secagg_plus:full",
                                                       "secagg"], choices=VARIANTS)
+    ap.add_argument("--vectorize", default="auto",
+                    help="client.vectorize for every variant: auto (the default) or a number "
+                         "(0: one client at a time)")
     args = ap.parse_args()
     import ray
 
@@ -95,7 +107,7 @@ def main() -> None:
         proto: dict[str, list[float]] = {v: [] for v in variants}
         for rep in range(args.repeats):
             for v in (variants if rep % 2 == 0 else variants[::-1]):
-                t, p = round_times(cohort, v, args.rounds)
+                t, p = round_times(cohort, v, args.rounds, args.vectorize)
                 wait_idle(ray)
                 times[v] += t
                 proto[v] += p
