@@ -39,7 +39,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 VARIANTS = ("secagg_plus", "secagg_plus:full", "secagg", "secagg:full")
 
 
-def round_times(cohort: int, variant: str, rounds: int, vectorize: str = "auto",
+def vectorize_option(text: str) -> str | int:
+    """``--vectorize``: ``auto`` or a number of clients per call (argparse's type)."""
+    return text if text == "auto" else int(text)
+
+
+def round_times(cohort: int, variant: str, rounds: int, vectorize: str | int = "auto",
                 ) -> tuple[list[float], list[float]]:
     """Per-round seconds (after the first round) and protocol seconds of one run
     (``vectorize``: client.vectorize, ``auto`` or a number of clients per call)."""
@@ -61,8 +66,7 @@ def round_times(cohort: int, variant: str, rounds: int, vectorize: str = "auto",
                     data=DataConfig(name="synthetic", test_clients=20),
                     model=ModelConfig(name="mlp", hidden=[1500]),
                     server=ServerConfig(weighting="uniform"),
-                    client=ClientConfig(vectorize=vectorize if vectorize == "auto"
-                                        else int(vectorize)),
+                    client=ClientConfig(vectorize=vectorize),
                     dp=DPConfig(mechanism="gaussian", noise_multiplier=1.0, l2_norm_clip=1.0),
                     secagg=SecAggConfig(protocol=protocol, skip_cancelling_masks=not full),
                     ray=RayConfig(num_cpus=2, workers=2))
@@ -90,7 +94,7 @@ def main() -> None:
     ap.add_argument("--max-full-secagg", type=int, default=100)
     ap.add_argument("--variants", nargs="+", default=["secagg_plus", "secagg_plus:full",
                                                       "secagg"], choices=VARIANTS)
-    ap.add_argument("--vectorize", default="auto",
+    ap.add_argument("--vectorize", default="auto", type=vectorize_option,
                     help="client.vectorize for every variant: auto (the default) or a number "
                          "(0: one client at a time)")
     args = ap.parse_args()
