@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--dense", nargs="+", default=["factored"], help="dense backends")
     ap.add_argument("--no-local", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--examples", type=int, default=None,
+                    help="examples per client (default: the workload's)")
     a = ap.parse_args()
 
     import tensorflow as tf
@@ -50,7 +52,7 @@ def main() -> None:
     from fedsim.models.spec import model_spec
 
     rng = np.random.default_rng(0)
-    n = W.EXAMPLES_PER_CLIENT
+    n = a.examples or W.EXAMPLES_PER_CLIENT
     xs = rng.random((a.clients, n, *W.IMAGE_SHAPE), dtype=np.float32)
     ys = rng.integers(0, W.NUM_CLASSES, (a.clients, n)).astype(np.int32)
     args = (model_spec(W.model_config(a.model)), ClientConfig(learning_rate=W.CLIENT_LR),
@@ -98,11 +100,11 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-    roof = a.clients / best["roofline (batch 1000)"]
+    roof = a.clients * n / W.EXAMPLES_PER_CLIENT / best["roofline (batch 1000)"]
     print(f"{a.model}, {a.threads} thread(s), {a.clients} clients, load "
           f"{os.getloadavg()[0]:.1f}")
     for name, t in best.items():
-        ups = a.clients / t
+        ups = a.clients * n / W.EXAMPLES_PER_CLIENT / t
         print(f"  {name:>24}: {ups:8.1f} updates/s  ({ups / roof:.2f} of the roofline)")
 
 

@@ -125,28 +125,73 @@ def test_dp_sgd_clients_are_refused():
                           SHAPE, 10, BATCH, EPOCHS)
 
 
-def test_auto_dense_layout_factors_short_clients_and_stacks_long_ones(monkeypatch):
-    import fedsim.client.vectorized as V
-
+def test_auto_dense_layout_factors_short_clients_and_trains_long_ones_one_at_a_time():
     local, vec = _pair("mlp", 0.5, max_clients_per_call=6)
-    assert vec.dense == "auto"
+    assert vec.dense == "auto" and vec.stack_long_clients  # 16 hidden units: small
+    vec.stack_long_clients = False  # as for a model of large dense kernels
     w0 = _global(local)
     clients = _clients()
-    jobs = [(x, y, np.random.default_rng(i)) for i, (x, y) in enumerate(clients)]
-    expected = [local.train(w0, *job[:2], np.random.default_rng(i))
-                for i, job in enumerate(jobs)]
+    expected = [local.train(w0, x, y, np.random.default_rng(i))
+                for i, (x, y) in enumerate(clients)]
     # The longest client holds 23 examples: 5 steps per epoch x 2 epochs x batch 5.
-    monkeypatch.setattr(V, "FACTORED_MAX_SLOTS", 49)
-    stacked = vec.train_many(w0, [(x, y, np.random.default_rng(i))
-                                  for i, (x, y) in enumerate(clients)])
-    monkeypatch.setattr(V, "FACTORED_MAX_SLOTS", 50)
+    vec.factored_max_slots = 49
+    alone = vec.train_many(w0, [(x, y, np.random.default_rng(i))
+                                for i, (x, y) in enumerate(clients)])
+    vec.factored_max_slots = 50
     factored = vec.train_many(w0, [(x, y, np.random.default_rng(i))
                                    for i, (x, y) in enumerate(clients)])
-    assert vec._train_stacked.experimental_get_tracing_count() == 1
     assert vec._train.experimental_get_tracing_count() == 1
-    for e, a, b in zip(expected, stacked, factored):
-        np.testing.assert_allclose(a.delta, e.delta, rtol=1e-4, atol=1e-6)
+    assert vec._train_stacked.experimental_get_tracing_count() == 0
+    for e, a, b in zip(expected, alone, factored):
+        # One at a time is LocalTrainer's own graph on the same drawn order: equal.
+        np.testing.assert_array_equal(a.delta, e.delta)
+        assert a.loss == e.loss and a.num_examples == e.num_examples
         np.testing.assert_allclose(b.delta, e.delta, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_auto_dense_layout_stacks_long_clients_of_small_or_conv_models(name):
+    local, vec = _pair(name, 0.5, max_clients_per_call=6)
+    assert vec.stack_long_clients
+    w0 = _global(local)
+    clients = _clients()
+    vec.factored_max_slots = 49
+    stacked = vec.train_many(w0, [(x, y, np.random.default_rng(i))
+                                  for i, (x, y) in enumerate(clients)])
+    assert vec._train_stacked.experimental_get_tracing_count() == 1
+    assert vec._train.experimental_get_tracing_count() == 0
+    for i, ((x, y), got) in enumerate(zip(clients, stacked)):
+        want = local.train(w0, x, y, np.random.default_rng(i))
+        np.testing.assert_allclose(got.delta, want.delta, rtol=1e-4, atol=1e-6)
+
+
+def test_factored_slot_limit_is_where_the_corrections_cost_what_formed_kernels_do():
+    from fedsim.client.vectorized import FACTORED_MAX_SLOTS, factored_slot_limit
+
+    # LEAF synthetic's 60 -> 1500 -> 10 MLP: (60*1500 + 1500*10) / (1560 + 1510).
+    assert factored_slot_limit([(60, 1500), (1500, 10)]) == 105000 // 3070 == 34
+    # compare_simulators' 784 -> 128 -> 10 MLP on clients of 50 examples: factored.
+    assert factored_slot_limit([(784, 128), (128, 10)]) == 101632 // 1050 == 96
+    assert factored_slot_limit([(4096, 4096)]) == FACTORED_MAX_SLOTS
+    assert factored_slot_limit([]) == 0
+    _, vec = _pair("mlp", 0.0)
+    shapes = [tuple(v.shape) for v in vec.model.trainable_variables if len(v.shape) == 2]
+    assert vec.factored_max_slots == factored_slot_limit(shapes) > 0
+
+
+def test_large_dense_models_train_long_clients_one_at_a_time():
+    from fedsim.client.vectorized import STACKED_MAX_KERNEL_FLOATS
+
+    def vec(hidden, name="mlp"):
+        return VectorizedTrainer(model_spec(ModelConfig(name=name, hidden=hidden,
+                                                        filters=[4, 8])),
+                                 ClientConfig(), SHAPE, 10, BATCH, EPOCHS)
+
+    per_unit = SHAPE[0] * SHAPE[1] + 10  # 64 inputs -> h -> 10 classes
+    fits = STACKED_MAX_KERNEL_FLOATS // per_unit
+    assert vec([fits]).stack_long_clients
+    assert not vec([fits + 1]).stack_long_clients
+    assert vec([fits + 1], name="cnn").stack_long_clients  # convolutions: stacked
 
 
 def test_vectorize_auto_picks_the_vectorized_trainer_only_where_it_applies():

@@ -19,7 +19,13 @@ one set of batched ops:
   and runs batched matmuls, ``einsum('kbi,kio->kbo')``: every client's copy is
   read and written at every step, which bounds it by memory traffic.
   ``dense="auto"`` (default) factors a call whose clients see at most
-  :data:`FACTORED_MAX_SLOTS` examples (steps x batch size) and stacks beyond;
+  :attr:`VectorizedTrainer.factored_max_slots` examples (steps x batch size):
+  beyond it the factored form's corrections cost more than forming the
+  kernels. A larger call is stacked, unless the model has no convolution and
+  its dense kernels hold more than :data:`STACKED_MAX_KERNEL_FLOATS` weights:
+  then every client's copy read and written at every step costs more than the
+  per-step dispatch that stacking saves, and the clients are trained one at a
+  time (LocalTrainer's graph on each client's own drawn order);
 * conv layers (``conv="grouped"``, the default): ONE grouped convolution, the K
   clients being K channel groups of a ``(B, H, W, K*C)`` tensor and their
   kernels the groups of a ``(3, 3, C, K*O)`` filter (``feature_group_count`` =
@@ -76,7 +82,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fedsim.client.local import ClientResult, epoch_order
+from fedsim.client.local import ClientResult, LocalTrainer, epoch_order
 from fedsim.config import ClientConfig
 from fedsim.errors import ConfigError
 from fedsim.models.keras import FlatWeights
@@ -85,9 +91,28 @@ from fedsim.models.spec import ModelSpec
 CONV_BACKENDS = ("grouped", "vmap")
 DENSE_BACKENDS = ("auto", "factored", "stacked")
 FACTORED_MAX_SLOTS = 512
-"""``dense="auto"``: dense kernels factored while a call's clients see at most this
-many example slots (steps x batch size) each, stacked beyond (the factored
-form's work and memory grow with the square of the slots)."""
+"""``dense="auto"``: never factored beyond this many example slots (steps x batch
+size) per client (the factored form's memory grows with the square of the
+slots); :attr:`VectorizedTrainer.factored_max_slots` may set a lower bound."""
+
+STACKED_MAX_KERNEL_FLOATS = 1 << 15
+"""``dense="auto"``: a model without convolutions whose dense kernels hold more
+weights than this trains a call beyond the factored limit one client at a time
+rather than stacked (``benchmarks/vectorized_micro.py --examples`` measures
+where the two cross)."""
+
+
+def factored_slot_limit(kernels: Sequence[tuple[int, int]]) -> int:
+    """The example slots per client up to which factored dense layers are cheaper
+    than formed ones, for dense kernels of shapes ``(in, out)``: per step and
+    example a formed kernel costs ``sum(in * out)`` multiply-adds, the factored
+    correction ``slots * sum(in + out)``. Capped by :data:`FACTORED_MAX_SLOTS`;
+    0 when the model has no dense layer."""
+    if not kernels:
+        return 0
+    direct = sum(i * o for i, o in kernels)
+    per_slot = sum(i + o for i, o in kernels)
+    return min(FACTORED_MAX_SLOTS, direct // per_slot)
 
 
 @dataclass(frozen=True)
@@ -230,6 +255,7 @@ class VectorizedTrainer:
             raise ValueError("max_clients_per_call must be >= 1")
         self.spec = model
         self.model = model.build(input_shape, num_classes, seed)
+        self.num_classes = int(num_classes)
         self.flat = FlatWeights(self.model.trainable_variables)
         self.layers = _describe(self.model)
         self.input_shape = tuple(int(d) for d in input_shape)
@@ -257,6 +283,19 @@ class VectorizedTrainer:
             self.dense = "stacked"
         self._train = tf.function(self._train_factored, input_signature=signature)
         self._train_stacked = tf.function(self._train_graph, input_signature=signature)
+        kernels = [tuple(int(d) for d in v.shape) for v in self.model.trainable_variables
+                   if len(v.shape) == 2]
+        self.factored_max_slots = factored_slot_limit(kernels)
+        """``dense="auto"``: a call is factored while its clients see at most this
+        many example slots (:func:`factored_slot_limit` of the dense kernels)."""
+        self.stack_long_clients = (any(layer.kind == "conv" for layer in self.layers)
+                                   or sum(i * o for i, o in kernels)
+                                   <= STACKED_MAX_KERNEL_FLOATS)
+        """``dense="auto"``: a call beyond :attr:`factored_max_slots` is stacked
+        (True) or trained one client at a time (False; see the module docstring)."""
+        self._client_cfg = client_cfg
+        self._seed = seed
+        self._one_at_a_time: LocalTrainer | None = None  # dense="auto", built on first use
 
     @property
     def num_parameters(self) -> int:
@@ -551,13 +590,26 @@ class VectorizedTrainer:
                             for c in clients])
         y = np.concatenate([np.asarray(c[1], np.int32).reshape(-1) for c in clients])
         seen = np.asarray(sizes, np.float32) * self.local_epochs
+        slots = idx.shape[1] * self.batch_size
         factored = self.dense == "factored" or (
-            self.dense == "auto" and idx.shape[1] * self.batch_size <= FACTORED_MAX_SLOTS)
+            self.dense == "auto" and slots <= self.factored_max_slots)
+        if self.dense == "auto" and not factored and not self.stack_long_clients:
+            return self._train_one_at_a_time(gw, clients, orders)
         train = self._train if factored else self._train_stacked
         delta, loss = train(gw, x, y, idx, weights, active, seen)
         delta, loss = delta.numpy(), loss.numpy()
         return [ClientResult(delta=delta[i], num_examples=int(n), loss=float(loss[i]))
                 for i, n in enumerate(sizes)]
+
+    def _train_one_at_a_time(self, gw: np.ndarray, clients: Sequence[tuple],
+                             orders: Sequence[np.ndarray]) -> list[ClientResult]:
+        """Each client by LocalTrainer's graph, in its already drawn order."""
+        if self._one_at_a_time is None:
+            self._one_at_a_time = LocalTrainer(
+                self.spec, self._client_cfg, self.input_shape, self.num_classes,
+                self.batch_size, self.local_epochs, self._seed)
+        return [self._one_at_a_time.train_in_order(gw, x, y, order)
+                for (x, y, _), order in zip(clients, orders)]
 
 
 def check_vectorizable(model: ModelSpec, input_shape: Sequence[int], num_classes: int,
