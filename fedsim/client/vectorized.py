@@ -283,7 +283,7 @@ class VectorizedTrainer:
             self.dense = "stacked"
         self._train = tf.function(self._train_factored, input_signature=signature)
         self._train_stacked = tf.function(self._train_graph, input_signature=signature)
-        kernels = [tuple(int(d) for d in v.shape) for v in self.model.trainable_variables
+        kernels = [(int(v.shape[0]), int(v.shape[1])) for v in self.model.trainable_variables
                    if len(v.shape) == 2]
         self.factored_max_slots = factored_slot_limit(kernels)
         """``dense="auto"``: a call is factored while its clients see at most this
