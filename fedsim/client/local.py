@@ -217,9 +217,6 @@ class LocalTrainer:
         fixed; ``full_gradient``: also return the gradient of the mean loss at
         ``global_weights`` (computed first, over the first epoch's order)."""
         order = epoch_order(len(x), self.local_epochs, rng)
-        if not (full_gradient or proximal_mu > 0 or correction is not None
-                or frozen_momentum is not None):
-            return self.train_in_order(global_weights, x, y, order)
         full = (self._full_gradient(global_weights, x, y, order[:len(x)]).numpy()
                 if full_gradient else None)
         extra: list[Any] = []
@@ -236,7 +233,7 @@ class LocalTrainer:
     def train_in_order(self, global_weights: np.ndarray, x: np.ndarray, y: np.ndarray,
                        order: np.ndarray) -> ClientResult:
         """Plain SGD on one client whose shuffling is already drawn: ``order`` is
-        :func:`epoch_order`'s ``(local_epochs * len(x),)`` indices. ``train`` with
-        no options is this with the order drawn from its ``rng``."""
+        :func:`epoch_order`'s ``(local_epochs * len(x),)`` indices. The same graph
+        as ``train`` with no options, which draws the order from its ``rng``."""
         delta, loss = self._train(global_weights, x, y, order)
         return ClientResult(delta=delta.numpy(), num_examples=int(len(x)), loss=float(loss))

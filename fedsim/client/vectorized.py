@@ -583,6 +583,13 @@ class VectorizedTrainer:
         sizes = [len(x) for x, _, _ in clients]
         if sum(sizes) == 0:
             return [ClientResult(np.zeros_like(gw), 0, 0.0) for _ in clients]
+        # The longest client's example slots (batch_plan's steps x batch size),
+        # decided before any of the chunk's data is gathered.
+        slots = self.local_epochs * -(-max(sizes) // self.batch_size) * self.batch_size
+        factored = self.dense == "factored" or (
+            self.dense == "auto" and slots <= self.factored_max_slots)
+        if self.dense == "auto" and not factored and not self.stack_long_clients:
+            return self._train_one_at_a_time(gw, clients, orders)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
         idx, weights, active = batch_plan(sizes, self.batch_size, self.local_epochs, orders,
                                           offsets)
@@ -590,11 +597,6 @@ class VectorizedTrainer:
                             for c in clients])
         y = np.concatenate([np.asarray(c[1], np.int32).reshape(-1) for c in clients])
         seen = np.asarray(sizes, np.float32) * self.local_epochs
-        slots = idx.shape[1] * self.batch_size
-        factored = self.dense == "factored" or (
-            self.dense == "auto" and slots <= self.factored_max_slots)
-        if self.dense == "auto" and not factored and not self.stack_long_clients:
-            return self._train_one_at_a_time(gw, clients, orders)
         train = self._train if factored else self._train_stacked
         delta, loss = train(gw, x, y, idx, weights, active, seen)
         delta, loss = delta.numpy(), loss.numpy()
