@@ -462,3 +462,27 @@ def test_hkdf_is_cryptographys_hkdf_sha256():
             expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                             info=info).derive(ikm)
             assert _hkdf_sha256(ikm, info) == expected
+
+
+def test_full_cost_share_keys_derive_every_key_and_agree_with_the_shared_ones(monkeypatch):
+    """clients_share_keys derives a pair's key once for two clients of the call
+    (X25519 is symmetric) unless share_pair_keys=False, where every client
+    derives each of its keys itself (the full client cost); the keys are equal."""
+    from fedsim.secure import protocol
+
+    ids = list(range(0, 40, 2))
+    calls = []
+    real = protocol._agree
+    monkeypatch.setattr(protocol, "_agree", lambda *a: calls.append(a) or real(*a))
+    keys = {}
+    for share in (True, False):
+        server = protocol.SecAggServer(20, 8, "secagg_plus", graph_seed=2, neighbours=6)
+        states, adverts = protocol.clients_advertise(ids, 9)
+        setups = server.receive_keys(adverts)
+        calls.clear()
+        protocol.clients_share_keys(states, setups, share_pair_keys=share)
+        keys[share] = ({c: dict(st.share_keys) for c, st in states.items()}, len(calls))
+    degrees = sum(len(server.neighbours[c]) for c in ids)
+    assert degrees == 6 * len(ids)
+    assert keys[False][1] == degrees and keys[True][1] == degrees // 2
+    assert keys[True][0] == keys[False][0]

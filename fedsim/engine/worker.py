@@ -328,11 +328,14 @@ class ClientWorker:
         return msgs
 
     def secagg_share_keys(self, setups: Mapping[int, Any]) -> list:
-        """Round 1: encrypted Shamir shares of each client's secrets for its neighbours."""
+        """Round 1: encrypted Shamir shares of each client's secrets for its neighbours
+        (with ``secagg.skip_cancelling_masks=false`` each client derives every one
+        of its share keys itself, as it derives all of its masks)."""
         from fedsim.secure.protocol import clients_share_keys
 
         t0 = time.perf_counter()
-        out = clients_share_keys(self._secagg_states, setups)
+        out = clients_share_keys(self._secagg_states, setups,
+                                 share_pair_keys=self.cfg.secagg.skip_cancelling_masks)
         self._secagg_seconds += time.perf_counter() - t0
         return out
 

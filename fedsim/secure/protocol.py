@@ -625,7 +625,8 @@ def clients_advertise(ids: Iterable[int], rng: RngLike = None
 
 
 def clients_share_keys(states: Mapping[int, ClientState],
-                       setups: Mapping[int, NeighbourKeys]) -> list[EncryptedShares]:
+                       setups: Mapping[int, NeighbourKeys],
+                       share_pair_keys: bool = True) -> list[EncryptedShares]:
     """Round 1 for the clients in ``setups``: secret-share ``b_i`` and ``s_sk_i``, encrypt shares.
 
     Each client draws its self-mask seed ``b_i``, splits ``b_i`` and ``s_sk_i``
@@ -633,12 +634,17 @@ def clients_share_keys(states: Mapping[int, ClientState],
     encrypts each neighbour's pair of shares with AES-256-GCM under
     ``HKDF(X25519(c_sk_i, c_pk_j))``. Returns one :class:`EncryptedShares` per
     client for :meth:`SecAggServer.route_shares`.
+
+    share_pair_keys: ECDH is symmetric, so when two clients of this call see
+      each other's genuine ``c_pk``, ``X25519(c_sk_i, c_pk_j) ==
+      X25519(c_sk_j, c_pk_i)`` and the pair's key is derived once (the same
+      bytes either way: a saving of the simulation's CPU time only). False:
+      every client derives each of its keys itself, as a deployed client
+      would (the protocol's full client-side cost).
     """
     out = []
-    # ECDH is symmetric: when two clients of this call see each other's genuine
-    # c_pk, X25519(c_sk_i, c_pk_j) == X25519(c_sk_j, c_pk_i), so the pair's key
-    # is derived once (the same bytes either way).
-    genuine = {cid: states[cid].c_pk for cid in setups if cid in states}
+    genuine = ({cid: states[cid].c_pk for cid in setups if cid in states}
+               if share_pair_keys else {})
     pair_keys: dict[tuple[int, int], bytes] = {}
     for cid in sorted(setups):
         setup = setups[cid]
