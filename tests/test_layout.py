@@ -101,7 +101,8 @@ def test_driver_side_imports_without_tensorflow():
 def test_a_plain_runs_actors_start_without_jax_dp_accounting_or_scipy_stats():
     """A worker and a server for the quick start's run (dp=none, FedAvg), built in
     a fresh process from the pickled parts Ray would send, import TensorFlow but
-    not what they never use: JAX (TF Lite's converter imports it: skipped by
+    not what they never use: JAX and pandas (TF Lite's converter and Keras's
+    data adapter import them: skipped by
     fedsim.engine.worker.import_tensorflow), dp-accounting (SciPy's signal
     processing) and SciPy's statistics (the canary audit): seconds of every
     actor's start. The import still works where it is needed (checked last)."""
@@ -127,11 +128,11 @@ def test_a_plain_runs_actors_start_without_jax_dp_accounting_or_scipy_stats():
         "from fedsim.engine.worker import ClientWorker\n"
         "ClientWorker(cfg, parts, train, shape, k, 1.0, 0)\n"
         "Server(cfg, parts, shape, k, x, y, 1.0)\n"
-        "print(sorted(m for m in ('jax', 'dp_accounting', 'scipy.signal', 'scipy.stats',\n"
-        "                         'tensorflow_privacy', 'tensorflow_federated')\n"
+        "print(sorted(m for m in ('jax', 'pandas', 'dp_accounting', 'scipy.signal',\n"
+        "                         'scipy.stats', 'tensorflow_privacy', 'tensorflow_federated')\n"
         "             if m in sys.modules), 'tensorflow' in sys.modules)\n"
-        "import jax, dp_accounting\n"
-        "print(jax.numpy.zeros(2).shape, dp_accounting.NoOpDpEvent())\n")
+        "import jax, dp_accounting, pandas\n"
+        "print(jax.numpy.zeros(2).shape, dp_accounting.NoOpDpEvent(), pandas.Series([1]).size)\n")
     out = subprocess.run([sys.executable, "-c", child], input=blob, capture_output=True,
                          check=True, cwd=PACKAGE.parent)
-    assert out.stdout.decode().splitlines() == ["[] True", "(2,) NoOpDpEvent()"]
+    assert out.stdout.decode().splitlines() == ["[] True", "(2,) NoOpDpEvent() 1"]

@@ -56,28 +56,38 @@ class WorkerReport:
     state_file: Optional[str] = None
 
 
-def import_tensorflow() -> Any:
-    """``import tensorflow``, without the JAX import that comes with it.
+_SKIPPED_WITH_TENSORFLOW = ("jax", "pandas")
+"""Optional imports of ``import tensorflow`` that fedsim never uses: TF Lite's
+JAX converter (``tensorflow.lite.python.util`` tries ``from jax import
+xla_computation``; JAX is installed because TFF needs it) and Keras's pandas
+inputs (``keras.src.engine.data_adapter`` tries ``import pandas``). Each costs
+an actor's start a second or more of CPU."""
 
-    TensorFlow 2.14 imports ``jax``, when it is installed (TFF needs it), only
-    for TF Lite's JAX converter (``tensorflow.lite.python.util`` tries ``from
-    jax import xla_computation``), which fedsim never calls: a second or so of
-    every actor's start. While TensorFlow is first imported, ``jax`` is
-    marked absent, so that import fails and TF Lite goes without; afterwards
-    ``jax`` is importable as usual (a user's model, TFF). A process that has
-    imported ``jax`` already is left as it is."""
+
+def import_tensorflow() -> Any:
+    """``import tensorflow``, without the optional imports that come with it
+    (:data:`_SKIPPED_WITH_TENSORFLOW`).
+
+    While TensorFlow is first imported, those modules are marked absent, so
+    its ``try: import ...`` fails and TF Lite's JAX converter and Keras's
+    pandas support go without; afterwards they are importable as usual (a
+    user's model, TFF). A module this process has imported already is left as
+    it is, and so is a process that has imported TensorFlow."""
     import sys
 
-    if "tensorflow" in sys.modules or "jax" in sys.modules:
+    if "tensorflow" in sys.modules:
         import tensorflow as tf
 
         return tf
-    sys.modules["jax"] = None  # type: ignore[assignment]  # import jax: ImportError
+    skipped = [m for m in _SKIPPED_WITH_TENSORFLOW if m not in sys.modules]
+    for m in skipped:
+        sys.modules[m] = None  # type: ignore[assignment]  # import m: ImportError
     try:
         import tensorflow as tf
     finally:
-        if sys.modules.get("jax", 0) is None:
-            del sys.modules["jax"]
+        for m in skipped:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
     return tf
 
 
