@@ -323,7 +323,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     started = connect_ray(cfg.ray)
     import ray
 
-    from fedsim.engine.server import Server
+    from fedsim.engine.server import start_server
     from fedsim.engine.worker import make_pool, make_worker, pool_size
 
     rows: list[dict[str, Any]] = list(kept)
@@ -333,13 +333,15 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     pool = server = None
     try:
         data_ref = ray.put(data.train)
+        test_ref = ray.put((data.x_test, data.y_test))  # evaluated by worker 0 for the server
         resources = ray.cluster_resources()
         n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
         if actors is None:
-            server = ray.remote(num_cpus=0)(Server).remote(
-                actor_cfg, parts, data.input_shape, data.num_classes, data.x_test, data.y_test)
             pool = make_pool(actor_cfg, parts, data_ref, data.input_shape, data.num_classes,
                              n_workers)
+            # w_0 from a worker (the server's process needs no TensorFlow of its own)
+            server = start_server(actor_cfg, parts, data.input_shape, data.num_classes,
+                                  data.x_test, data.y_test, pool.actors[0].initial_weights.remote())
         else:
             server, pool = actors.acquire(actor_cfg, parts, data_ref, data.input_shape,
                                           data.num_classes, data.x_test, data.y_test, n_workers)
@@ -398,7 +400,8 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             row["round_seconds"] = time.perf_counter() - t0
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 t1 = time.perf_counter()
-                row.update(ray.get(server.evaluate.remote()))
+                row.update(ray.get(workers[0].evaluate_central.remote(
+                    server.global_weights.remote(), test_ref)))
                 row["eval_seconds"] = time.perf_counter() - t1
                 if cfg.federated_eval.enabled:
                     t1 = time.perf_counter()

@@ -4,6 +4,7 @@ hand-computed example-weighted mean of the clients' deltas."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from fedsim.client.local import LocalTrainer
 from fedsim.config import ModelConfig, RayConfig, SimConfig
@@ -51,3 +52,28 @@ def test_one_round_on_ray_equals_hand_computed_fedavg(ray_local):
     np.testing.assert_allclose(w1, w0 - mean, rtol=1e-5, atol=1e-6)  # server SGD, lr 1.0
     for a in workers + [server]:
         ray.kill(a)
+
+
+def test_plain_state_nesting_is_tf_nests():
+    """Without TensorFlow the server flattens and restores an aggregator's state
+    itself: in tf.nest's order (mappings by sorted key, sequences and namedtuples
+    in order), back to the same structure, 0-d leaves as Python scalars."""
+    import collections
+
+    import tensorflow as tf
+
+    from fedsim.engine.server import flatten_plain, pack_plain
+
+    Pair = collections.namedtuple("Pair", "b a")
+    state = {"z": np.arange(3), "a": [np.float32(1.5), (np.int64(2), {"y": 4, "x": 5})],
+             "m": Pair(np.zeros(2), collections.OrderedDict([("q", 1), ("p", 2)]))}
+    leaves = flatten_plain(state)
+    assert [np.asarray(v).tolist() for v in leaves] == \
+        [np.asarray(v).tolist() for v in tf.nest.flatten(state)]
+    back = pack_plain(state, [np.asarray(v) for v in leaves])
+    assert all(tf.nest.flatten(tf.nest.map_structure(np.array_equal, back, state)))
+    assert type(back["m"]) is Pair and list(back["m"][1]) == ["q", "p"]
+    assert isinstance(back["a"][0], float) and isinstance(back["a"][1][1]["x"], int)
+    with pytest.raises(ValueError, match="has 7 leaves, the aggregator's structure 8"):
+        pack_plain(state, leaves[:-1])
+

@@ -99,9 +99,11 @@ def test_driver_side_imports_without_tensorflow():
 
 
 def test_a_plain_runs_actors_start_without_jax_dp_accounting_or_scipy_stats():
-    """A worker and a server for the quick start's run (dp=none, FedAvg), built in
-    a fresh process from the pickled parts Ray would send, import TensorFlow but
-    not what they never use: JAX and pandas (TF Lite's converter and Keras's
+    """A server and a worker for the quick start's run (dp=none, FedAvg), built in
+    a fresh process from the pickled parts Ray would send. The server, given
+    w_0, imports no TensorFlow (also through a checkpoint's get/set_state); the
+    worker builds the same w_0 and evaluates like the server would in process.
+    The worker imports TensorFlow but not what it never uses: JAX and pandas (TF Lite's converter and Keras's
     data adapter import them: skipped by
     fedsim.engine.worker.import_tensorflow), dp-accounting (SciPy's signal
     processing) and SciPy's statistics (the canary audit): seconds of every
@@ -119,15 +121,22 @@ def test_a_plain_runs_actors_start_without_jax_dp_accounting_or_scipy_stats():
     data = load_federated_data(cfg.data, cfg.clients, cfg.seed)
     parts = Parts(model_spec(cfg.model, None, task=data.task, example=data.example),
                   resolve_mechanism("none"), resolve_algorithm("fedavg", cfg))
+    w0 = parts.model.initial_weights(data.input_shape, data.num_classes, cfg.seed)
     blob = pickle.dumps((cfg, parts, data.train, data.input_shape, data.num_classes,
-                         data.x_test, data.y_test))
+                         data.x_test, data.y_test, w0))
     child = (
         "import pickle, sys\n"
-        "cfg, parts, train, shape, k, x, y = pickle.loads(sys.stdin.buffer.read())\n"
+        "import numpy as np\n"
+        "cfg, parts, train, shape, k, x, y, w0 = pickle.loads(sys.stdin.buffer.read())\n"
         "from fedsim.engine.server import Server\n"
         "from fedsim.engine.worker import ClientWorker\n"
-        "ClientWorker(cfg, parts, train, shape, k, 1.0, 0)\n"
-        "Server(cfg, parts, shape, k, x, y, 1.0)\n"
+        "server = Server(cfg, parts, shape, k, x, y, 1.0, w0)\n"
+        "server.set_state(server.get_state())\n"
+        "print('tensorflow' in sys.modules, server.num_parameters() == w0.size)\n"
+        "worker = ClientWorker(cfg, parts, train, shape, k, 1.0, 0)\n"
+        "print(np.array_equal(worker.initial_weights(), w0),\n"
+        "      worker.evaluate_central(w0, (x, y)) == Server(cfg, parts, shape, k, x, y,\n"
+        "                                                    1.0, w0).evaluate())\n"
         "print(sorted(m for m in ('jax', 'pandas', 'dp_accounting', 'scipy.signal',\n"
         "                         'scipy.stats', 'tensorflow_privacy', 'tensorflow_federated')\n"
         "             if m in sys.modules), 'tensorflow' in sys.modules)\n"
@@ -135,4 +144,5 @@ def test_a_plain_runs_actors_start_without_jax_dp_accounting_or_scipy_stats():
         "print(jax.numpy.zeros(2).shape, dp_accounting.NoOpDpEvent(), pandas.Series([1]).size)\n")
     out = subprocess.run([sys.executable, "-c", child], input=blob, capture_output=True,
                          check=True, cwd=PACKAGE.parent)
-    assert out.stdout.decode().splitlines() == ["[] True", "(2,) NoOpDpEvent() 1"]
+    assert out.stdout.decode().splitlines() == ["False True", "True True", "[] True",
+                                                "(2,) NoOpDpEvent() 1"]

@@ -83,17 +83,19 @@ class ClientEvaluator:
                 var.assign_sub(self._lr * g)
         return loss
 
-    def _evaluate_loaded(self, cid: int, x: np.ndarray, y: np.ndarray) -> ClientEval:
-        loss, sums = sum_batches(self._sums, x, y, self.batch_size)
+    def _evaluate_loaded(self, cid: int, x: np.ndarray, y: np.ndarray,
+                         batch_size: int | None = None) -> ClientEval:
+        loss, sums = sum_batches(self._sums, x, y, batch_size or self.batch_size)
         return ClientEval(int(cid), int(len(x)), float(loss[0]),
                           {k: (float(sums[k][0]), float(sums[k][1])) if k in sums else (0.0, 0.0)
                            for k in self.spec.metrics}, float(loss[1]))
 
-    def evaluate(self, weights: np.ndarray, cid: int, x: np.ndarray, y: np.ndarray
-                 ) -> ClientEval:
-        """The model with ``weights`` on client ``cid``'s test examples ``x, y``."""
+    def evaluate(self, weights: np.ndarray, cid: int, x: np.ndarray, y: np.ndarray,
+                 batch_size: int | None = None) -> ClientEval:
+        """The model with ``weights`` on client ``cid``'s test examples ``x, y``
+        (in batches of ``batch_size``; None: the evaluator's)."""
         self.flat.assign(weights)
-        return self._evaluate_loaded(cid, x, y)
+        return self._evaluate_loaded(cid, x, y, batch_size)
 
     def personalize(self, weights: np.ndarray, cid: int, x_train: np.ndarray,
                     y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, steps: int,
@@ -108,3 +110,18 @@ class ClientEvaluator:
             idx = order[j * b:(j + 1) * b]
             self._step(x_train[idx], y_train[idx])
         return self._evaluate_loaded(cid, x_test, y_test)
+
+
+CENTRAL_EVAL_BATCH = 1000
+"""Examples per batch when the global model is evaluated on the centralized test split."""
+
+
+def central_metrics(result: ClientEval) -> dict[str, float | None]:
+    """The global model's row entries from its evaluation on the centralized test
+    split: ``eval_loss`` (mean per example, or the ratio loss's numerator over
+    its denominator) and ``eval_<metric>`` for each metric (numerator sum over
+    denominator sum; None when the denominator is 0)."""
+    den = result.loss_den if result.loss_den is not None else result.num_examples
+    metrics = {f"eval_{k}": num / d if d else None for k, (num, d) in result.metrics.items()}
+    return {"eval_loss": result.loss_sum / den, **metrics}
+

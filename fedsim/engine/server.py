@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -49,41 +50,45 @@ def _one_per_return(per_worker: list) -> Any:
 class Server:
     def __init__(self, cfg: SimConfig, parts: Parts, input_shape: Sequence[int],
                  num_classes: int, x_test: np.ndarray, y_test: np.ndarray,
-                 num_cpus: float = 1.0) -> None:
-        self.reset(cfg, parts, input_shape, num_classes, x_test, y_test, num_cpus)
+                 num_cpus: float = 1.0, initial_weights: Optional[np.ndarray] = None) -> None:
+        self.reset(cfg, parts, input_shape, num_classes, x_test, y_test, num_cpus,
+                   initial_weights)
 
     def reset(self, cfg: SimConfig, parts: Parts, input_shape: Sequence[int],
               num_classes: int, x_test: np.ndarray, y_test: np.ndarray,
-              num_cpus: float = 1.0) -> None:
+              num_cpus: float = 1.0, initial_weights: Optional[np.ndarray] = None) -> None:
         """(Re)initialise for a run of ``cfg``: afterwards this server is in the state
         ``Server(<the same arguments>)`` starts in, and nothing of an earlier run
         is left (a live aggregator is closed first, Keras's session is cleared).
 
-        parts: the run's model (built here with ``cfg.seed``: the initial global
-        model; its loss and metrics for :meth:`evaluate`), DP mechanism and
-        algorithm (:class:`fedsim.engine.parts.Parts`). ``num_cpus`` sizes
-        TensorFlow's thread pools, which a process sizes once: a reset must pass
-        the value the server was constructed with
+        parts: the run's model (its loss and metrics for :meth:`evaluate`), DP
+        mechanism and algorithm (:class:`fedsim.engine.parts.Parts`).
+        initial_weights: ``w_0``, the flat float32 weights of the model as
+        ``cfg.seed`` builds it (:meth:`fedsim.models.spec.ModelSpec.initial_weights`;
+        the simulation takes them from a worker, so that this process imports
+        TensorFlow only if its aggregator uses it); None: built here.
+        ``num_cpus`` sizes TensorFlow's thread pools, which a process sizes once:
+        a reset must pass the value the server was constructed with
         (:class:`fedsim.engine.warm.WarmActors` keys its actors by it)."""
         if self.__dict__:  # a re-initialisation
             reinit_process(self, num_cpus)
         self._num_cpus = num_cpus
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        configure_tensorflow(num_cpus)
-        import tensorflow as tf
-
-        from fedsim.models.keras import FlatWeights
-
         self.cfg = cfg
-        self.spec = model_spec = parts.model
-        self.model = model_spec.build(input_shape, num_classes, cfg.seed)
-        self._flat = FlatWeights(self.model.trainable_variables)
-        self.weights = self._flat.get().numpy()
+        self.spec = parts.model
+        self._model_args = (parts.model, tuple(input_shape), int(num_classes))
+        self._evaluator: Any = None  # a ClientEvaluator for evaluate(), built on first use
+        if initial_weights is None:
+            configure_tensorflow(num_cpus)
+            initial_weights = parts.model.initial_weights(input_shape, num_classes, cfg.seed)
+        self.weights = np.array(initial_weights, np.float32)
         self.algorithm = parts.algorithm
         self.opt_state = self.algorithm.initial_state(self.weights)
         self._state_fields = self.algorithm.client_state_fields(self.weights.size)
         self._store: Any = None  # the ClientStateStore (open_client_state)
         self.aggregator = build_aggregator(cfg, parts.mechanism)
+        if "tensorflow" in sys.modules:  # the aggregator's (e.g. TF Privacy's), before any op
+            configure_tensorflow(num_cpus)
         self.agg_state = self.aggregator.initial_state()
         self.initial_weights = self.weights.copy()  # w_0: the same on resume (seeded)
         self.audit: Any = None
@@ -96,12 +101,6 @@ class Server:
         self.y_test = y_test
         self._sampler = CohortSampler(cfg.sampling, cfg.clients, sample_size(
             cfg.clients_per_round, cfg.faults, cfg.clients), cfg.seed)
-
-        def _eval_batch(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-            return model_spec.batch_sums(y, self.model(x, training=False))
-
-        self._eval_batch = tf.function(_eval_batch,
-                                       input_signature=list(model_spec.tensor_specs(input_shape)))
 
     def num_parameters(self) -> int:
         return int(self.weights.size)
@@ -199,9 +198,7 @@ class Server:
     def aggregator_state_bytes(self) -> int:
         """The bytes of the aggregator's state the server holds between rounds (e.g.
         a correlated-noise mechanism's buffers)."""
-        import tensorflow as tf
-
-        return int(sum(np.asarray(v).nbytes for v in tf.nest.flatten(self.agg_state)))
+        return int(sum(np.asarray(v).nbytes for v in flatten_state(self.agg_state)))
 
     def client_state_bytes(self) -> int:
         """The disk space the clients' stored states take (0: none)."""
@@ -311,20 +308,16 @@ class Server:
 
     def get_state(self) -> dict[str, Any]:
         """Weights, optimizer and aggregator state, as numpy (for checkpoints)."""
-        import tensorflow as tf
-
         # The aggregator state is stored as its flat list of leaves: TF Privacy's
         # states are namedtuples nested in classes, which pickle cannot name.
         return {"weights": self.weights.copy(), "opt_state": dict(self.opt_state),
-                "agg_state": [np.asarray(v) for v in tf.nest.flatten(self.agg_state)]}
+                "agg_state": [np.asarray(v) for v in flatten_state(self.agg_state)]}
 
     def set_state(self, state: Mapping[str, Any], aggregator: bool = True) -> None:
         """Restore what :meth:`get_state` returned (exactly: dtypes are kept).
 
         ``aggregator=False`` keeps the aggregator's fresh state instead (the DP
         parameters changed, and its state carries them, e.g. the noise stddev)."""
-        import tensorflow as tf
-
         if state["weights"].shape != self.weights.shape:
             raise ValueError(f"checkpoint weights have shape {state['weights'].shape}, the "
                              f"model has {self.weights.shape}")
@@ -332,19 +325,104 @@ class Server:
         self.opt_state = dict(state["opt_state"])
         if not aggregator:
             return
-        template = self.aggregator.initial_state()
-        self.agg_state = tf.nest.pack_sequence_as(
-            template, [tf.constant(v) if tf.is_tensor(t) else v.item() if np.ndim(v) == 0
-                       else v for t, v in zip(tf.nest.flatten(template), state["agg_state"])])
+        self.agg_state = restore_state(self.aggregator.initial_state(), state["agg_state"])
 
-    def evaluate(self, batch_size: int = 1000) -> dict[str, Optional[float]]:
+    def evaluate(self) -> dict[str, Optional[float]]:
         """The global model on the test split: ``eval_loss`` (mean per example) and
         ``eval_<metric>`` for each of the spec's metrics (``eval_accuracy``): the
-        ratio of its numerator and denominator sums (:mod:`fedsim.tasks.base`)."""
-        from fedsim.models.spec import sum_batches
+        ratio of its numerator and denominator sums (:mod:`fedsim.tasks.base`).
 
-        self._flat.assign(self.weights)
-        loss, sums = sum_batches(self._eval_batch, self.x_test, self.y_test, batch_size)
-        metrics = {f"eval_{k}": float(v[0]) / float(v[1]) if v[1] else None
-                   for k, v in sums.items()}
-        return {"eval_loss": float(loss[0]) / float(loss[1]), **metrics}
+        In this process (TensorFlow, on first use); the simulation asks a worker
+        instead (:meth:`fedsim.engine.worker.ClientWorker.evaluate_central`, the
+        same computation)."""
+        from fedsim.client.evaluation import CENTRAL_EVAL_BATCH, ClientEvaluator, central_metrics
+
+        if self._evaluator is None:
+            configure_tensorflow(self._num_cpus)
+            self._evaluator = ClientEvaluator(*self._model_args, self.cfg.seed)
+        return central_metrics(self._evaluator.evaluate(self.weights, -1, self.x_test,
+                                                        self.y_test, CENTRAL_EVAL_BATCH))
+
+
+SERVER_RAY_CPUS = 0
+"""The server actor's Ray CPUs: it computes little (merging partial sums, the
+server step, the noise), and the workers evaluate the global model for it."""
+SERVER_TF_CPUS = 1.0
+"""The CPUs the server's TensorFlow thread pools are sized to, should it import
+TensorFlow (a TF Privacy aggregator, :meth:`Server.evaluate` in process)."""
+
+
+def start_server(cfg: SimConfig, parts: Parts, input_shape: Sequence[int], num_classes: int,
+                 x_test: np.ndarray, y_test: np.ndarray, initial_weights: Any) -> Any:
+    """A server actor, as ``run_simulation`` starts one. ``initial_weights``: ``w_0``
+    or an object ref to it (a worker's
+    :meth:`fedsim.engine.worker.ClientWorker.initial_weights`, which Ray resolves
+    before the server starts)."""
+    import ray
+
+    return ray.remote(num_cpus=SERVER_RAY_CPUS)(Server).remote(
+        cfg, parts, tuple(input_shape), num_classes, x_test, y_test, SERVER_TF_CPUS,
+        initial_weights)
+
+
+def _tensorflow() -> Any:
+    """TensorFlow if this process has imported it (then the aggregator's state may
+    hold its tensors and nest in its structures), else None."""
+    return sys.modules["tensorflow"] if "tensorflow" in sys.modules else None
+
+
+def flatten_state(state: Any) -> list:
+    """The leaves of an aggregator state in ``tf.nest.flatten``'s order:
+    ``tf.nest.flatten`` itself with TensorFlow imported, else
+    :func:`flatten_plain`."""
+    tf = _tensorflow()
+    return tf.nest.flatten(state) if tf is not None else flatten_plain(state)
+
+
+def restore_state(template: Any, leaves: Sequence[Any]) -> Any:
+    """:func:`flatten_state`'s inverse for a checkpoint: ``template``'s structure
+    with ``leaves`` (numpy, as :meth:`Server.get_state` stored them); a leaf
+    becomes a TF constant where the template holds a tensor, a Python scalar
+    where it is 0-d, else stays an array (:func:`pack_plain` without TensorFlow)."""
+    tf = _tensorflow()
+    if tf is None:
+        return pack_plain(template, leaves)
+    return tf.nest.pack_sequence_as(
+        template, [tf.constant(v) if tf.is_tensor(t) else v.item() if np.ndim(v) == 0
+                   else v for t, v in zip(tf.nest.flatten(template), leaves)])
+
+
+def flatten_plain(state: Any) -> list:
+    """``tf.nest.flatten`` without TensorFlow, for the structures a state holds in
+    a process without it: mappings by sorted key, lists and tuples (namedtuples
+    too) in order, anything else a leaf."""
+    if isinstance(state, Mapping):
+        return [leaf for k in sorted(state) for leaf in flatten_plain(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [leaf for v in state for leaf in flatten_plain(v)]
+    return [state]
+
+
+def pack_plain(template: Any, leaves: Sequence[Any]) -> Any:
+    """:func:`flatten_plain`'s inverse: ``template``'s structure with ``leaves``
+    (a 0-d leaf becomes a Python scalar). ValueError when the counts differ."""
+    leaves = list(leaves)
+    expected = len(flatten_plain(template))
+    if len(leaves) != expected:
+        raise ValueError(f"the checkpoint's aggregator state has {len(leaves)} leaves, the "
+                         f"aggregator's structure {expected}")
+    it = iter(leaves)
+
+    def pack(t: Any) -> Any:
+        if isinstance(t, Mapping):
+            packed = {k: pack(t[k]) for k in sorted(t)}
+            kind: Any = type(t)  # (a dict, or another mapping that takes pairs)
+            return kind((k, packed[k]) for k in t)
+        if isinstance(t, tuple) and hasattr(t, "_fields"):  # a namedtuple
+            return type(t)(*[pack(v) for v in t])
+        if isinstance(t, (list, tuple)):
+            return type(t)(pack(v) for v in t)
+        v = next(it)
+        return v.item() if np.ndim(v) == 0 else v
+
+    return pack(template)

@@ -44,12 +44,8 @@ from typing import Any, Hashable, Optional, Sequence
 import numpy as np
 
 from fedsim.config import SimConfig
+from fedsim.engine.server import SERVER_RAY_CPUS, SERVER_TF_CPUS, start_server
 from fedsim.engine.worker import WorkerPool, make_pool, make_worker, worker_bundle
-
-# The server actor's Ray CPUs (it computes little besides evaluation) and the CPUs
-# its TensorFlow thread pools are sized to: what run_simulation starts it with.
-SERVER_RAY_CPUS = 0
-SERVER_TF_CPUS = 1.0
 
 
 @dataclass
@@ -96,27 +92,13 @@ class WarmActors:
         server = pool = None
         shape = tuple(input_shape)
         try:
-            server, fresh_server = self._take_server()
-            if fresh_server:
-                server = _start_server(cfg, parts, shape, num_classes, x_test, y_test)
-                server_ready = server.num_parameters.remote()
-            else:
-                server_ready = server.reset.remote(cfg, parts, shape, num_classes, x_test, y_test,
-                                                   SERVER_TF_CPUS)
             pool, fresh_pool = self._take_pool(cfg, parts, data_ref, shape, num_classes,
                                                num_workers)
             worker_ready = [w.ping.remote() if fresh_pool else
                             w.reset.remote(cfg, parts, data_ref, shape, num_classes,
                                            cfg.ray.cpus_per_worker, i)
                             for i, w in enumerate(pool.actors)]
-            try:
-                ray.get(server_ready)
-            except ray.exceptions.RayActorError:  # it died since the last run
-                if fresh_server:
-                    raise
-                _kill(server)
-                server = _start_server(cfg, parts, shape, num_classes, x_test, y_test)
-                ray.get(server.num_parameters.remote())
+            server, fresh_server = self._take_server()
             dead = []
             for i, ref in enumerate(worker_ready):
                 try:
@@ -127,6 +109,22 @@ class WarmActors:
                     pool.actors[i] = make_worker(cfg, parts, data_ref, shape, num_classes, i, pool)
                     dead.append(i)
             ray.get([pool.actors[i].ping.remote() for i in dead])
+            # w_0 from a worker (the server's process needs no TensorFlow of its own)
+            initial = pool.actors[0].initial_weights.remote()
+            if fresh_server:
+                server = start_server(cfg, parts, shape, num_classes, x_test, y_test, initial)
+                server_ready = server.num_parameters.remote()
+            else:
+                server_ready = server.reset.remote(cfg, parts, shape, num_classes, x_test, y_test,
+                                                   SERVER_TF_CPUS, initial)
+            try:
+                ray.get(server_ready)
+            except ray.exceptions.RayActorError:  # it died since the last run
+                if fresh_server:
+                    raise
+                _kill(server)
+                server = start_server(cfg, parts, shape, num_classes, x_test, y_test, initial)
+                ray.get(server.num_parameters.remote())
         except BaseException:
             self._busy = False
             self._drop(server, pool)
@@ -230,17 +228,6 @@ class WarmActors:
         if self._pool is not None and self._pool.value.placement_group is pool.placement_group:
             stale, self._pool = self._pool.value, None
             _stop_pool(stale)
-
-
-def _start_server(cfg: SimConfig, parts: Any, shape: tuple, num_classes: int,
-                  x_test: np.ndarray, y_test: np.ndarray) -> Any:
-    """A server actor as run_simulation starts one for a fresh run."""
-    import ray
-
-    from fedsim.engine.server import Server
-
-    return ray.remote(num_cpus=SERVER_RAY_CPUS)(Server).remote(
-        cfg, parts, shape, num_classes, x_test, y_test, SERVER_TF_CPUS)
 
 
 def _session() -> tuple:

@@ -123,9 +123,12 @@ def reinit_process(actor: Any, num_cpus: float) -> None:
         except AttributeError:  # the last (re)initialisation failed before its parts existed
             pass
     actor.__dict__.clear()
-    import tensorflow as tf
+    import sys
 
-    tf.keras.backend.clear_session()
+    if "tensorflow" in sys.modules:  # (a server without TF-using parts never imports it)
+        import tensorflow as tf
+
+        tf.keras.backend.clear_session()
 
 
 class ClientWorker:
@@ -291,6 +294,38 @@ class ClientWorker:
             train = functools.partial(self.trainer.train, weights, x, y, rng(cid), **fixed)
             yield cid, self.algorithm.client_update(train, payload, self._client_state(cid))
 
+    def _client_evaluator(self) -> Any:
+        """The worker's :class:`fedsim.client.evaluation.ClientEvaluator` (built on
+        first use: federated evaluation's batch size and personalization's)."""
+        if self._evaluator is None:
+            from fedsim.client.evaluation import ClientEvaluator
+
+            fe = self.cfg.federated_eval
+            spec, input_shape, num_classes = self._model_args
+            lr = (fe.personalization_lr if fe.personalization_lr is not None
+                  else self.cfg.client.learning_rate)
+            self._evaluator = ClientEvaluator(spec, input_shape, num_classes, self.cfg.seed,
+                                              fe.batch_size, self.cfg.batch_size, lr)
+        return self._evaluator
+
+    def initial_weights(self) -> np.ndarray:
+        """``w_0``: the run's model as ``cfg.seed`` builds it, as one flat float32
+        vector (:meth:`fedsim.models.spec.ModelSpec.initial_weights`); the server
+        starts from it, so that the server's process needs no TensorFlow."""
+        spec, input_shape, num_classes = self._model_args
+        return spec.initial_weights(input_shape, num_classes, self.cfg.seed)
+
+    def evaluate_central(self, weights: np.ndarray, test: tuple[np.ndarray, np.ndarray]
+                         ) -> dict[str, Optional[float]]:
+        """The model with ``weights`` on the centralized test split ``test = (x, y)``
+        (:func:`fedsim.client.evaluation.central_metrics`), for the server, whose
+        process has no model."""
+        from fedsim.client.evaluation import CENTRAL_EVAL_BATCH, central_metrics
+
+        x, y = test
+        return central_metrics(self._client_evaluator().evaluate(weights, -1, x, y,
+                                                                 CENTRAL_EVAL_BATCH))
+
     def evaluate_clients(self, round_num: int, weights: np.ndarray,
                          client_ids: Sequence[int]) -> tuple[list, list]:
         """Federated evaluation of ``weights`` on ``client_ids``' own test data
@@ -300,22 +335,15 @@ class ClientWorker:
         stream ``(seed, PERSONALIZE, round, c)``); otherwise the second list is
         empty."""
         fe = self.cfg.federated_eval
-        if self._evaluator is None:
-            from fedsim.client.evaluation import ClientEvaluator
-
-            spec, input_shape, num_classes = self._model_args
-            lr = (fe.personalization_lr if fe.personalization_lr is not None
-                  else self.cfg.client.learning_rate)
-            self._evaluator = ClientEvaluator(spec, input_shape, num_classes, self.cfg.seed,
-                                              fe.batch_size, self.cfg.batch_size, lr)
+        evaluator = self._client_evaluator()
         plain, personalized = [], []
         for cid in (int(c) for c in client_ids):
             x, y = self.data.client_test(cid)  # type: ignore[attr-defined]
-            plain.append(self._evaluator.evaluate(weights, cid, x, y))
+            plain.append(evaluator.evaluate(weights, cid, x, y))
             if fe.personalization_steps > 0:
                 if len(x):
                     xt, yt = self.data.client(cid)
-                    personalized.append(self._evaluator.personalize(
+                    personalized.append(evaluator.personalize(
                         weights, cid, xt, yt, x, y, fe.personalization_steps,
                         stream(self.cfg.seed, STREAM_PERSONALIZE, round_num, cid)))
                 else:

@@ -178,6 +178,14 @@ class ModelSpec:
             model(tf.zeros([1, *input_shape], self.layout.input_dtype), training=False)
         return model
 
+    def initial_weights(self, input_shape: Sequence[int], num_classes: int, seed: int) -> Any:
+        """The trainable weights of :meth:`build`'s model as one flat float32
+        numpy vector (the order of ``trainable_variables``): a run's ``w_0``."""
+        from fedsim.models.keras import FlatWeights
+
+        return FlatWeights(self.build(input_shape, num_classes, seed).trainable_variables
+                           ).get().numpy()
+
     def num_parameters(self, input_shape: Sequence[int], num_classes: int, seed: int) -> int:
         """Trainable parameters (the length of the flat weight vector). Built-ins
         count without TensorFlow; a builder with a ``num_parameters(input_shape,
