@@ -333,7 +333,9 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
     pool = server = None
     try:
         data_ref = ray.put(data.train)
-        test_ref = ray.put((data.x_test, data.y_test))  # evaluated by worker 0 for the server
+        # The central test split, once in the object store: the server's (for its
+        # in-process evaluate) and worker 0's, which evaluates for it each round.
+        x_test, y_test = ray.put(data.x_test), ray.put(data.y_test)
         resources = ray.cluster_resources()
         n_workers = pool_size(cfg, resources.get("CPU", 1.0), resources.get("GPU", 0.0))
         if actors is None:
@@ -341,10 +343,10 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
                              n_workers)
             # w_0 from a worker (the server's process needs no TensorFlow of its own)
             server = start_server(actor_cfg, parts, data.input_shape, data.num_classes,
-                                  data.x_test, data.y_test, pool.actors[0].initial_weights.remote())
+                                  x_test, y_test, pool.actors[0].initial_weights.remote())
         else:
             server, pool = actors.acquire(actor_cfg, parts, data_ref, data.input_shape,
-                                          data.num_classes, data.x_test, data.y_test, n_workers)
+                                          data.num_classes, x_test, y_test, n_workers)
         workers = pool.actors
         num_parameters = ray.get(server.num_parameters.remote())
         accountant = build_accountant(cfg, num_parameters, mech) if accounted else None
@@ -401,7 +403,7 @@ def run_simulation(cfg: SimConfig, output_dir: Optional[os.PathLike | str] = Non
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 t1 = time.perf_counter()
                 row.update(ray.get(workers[0].evaluate_central.remote(
-                    server.global_weights.remote(), test_ref)))
+                    server.global_weights.remote(), x_test, y_test)))
                 row["eval_seconds"] = time.perf_counter() - t1
                 if cfg.federated_eval.enabled:
                     t1 = time.perf_counter()

@@ -135,7 +135,7 @@ def test_a_plain_runs_actors_start_without_jax_dp_accounting_or_scipy_stats():
         "print('tensorflow' in sys.modules, server.num_parameters() == w0.size)\n"
         "worker = ClientWorker(cfg, parts, train, shape, k, 1.0, 0)\n"
         "print(np.array_equal(worker.initial_weights(), w0),\n"
-        "      worker.evaluate_central(w0, (x, y)) == Server(cfg, parts, shape, k, x, y,\n"
+        "      worker.evaluate_central(w0, x, y) == Server(cfg, parts, shape, k, x, y,\n"
         "                                                    1.0, w0).evaluate())\n"
         "print(sorted(m for m in ('jax', 'pandas', 'dp_accounting', 'scipy.signal',\n"
         "                         'scipy.stats', 'tensorflow_privacy', 'tensorflow_federated')\n"

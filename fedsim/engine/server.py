@@ -353,11 +353,11 @@ TensorFlow (a TF Privacy aggregator, :meth:`Server.evaluate` in process)."""
 
 
 def start_server(cfg: SimConfig, parts: Parts, input_shape: Sequence[int], num_classes: int,
-                 x_test: np.ndarray, y_test: np.ndarray, initial_weights: Any) -> Any:
-    """A server actor, as ``run_simulation`` starts one. ``initial_weights``: ``w_0``
-    or an object ref to it (a worker's
-    :meth:`fedsim.engine.worker.ClientWorker.initial_weights`, which Ray resolves
-    before the server starts)."""
+                 x_test: Any, y_test: Any, initial_weights: Any) -> Any:
+    """A server actor, as ``run_simulation`` starts one. ``x_test``, ``y_test``
+    and ``initial_weights`` (``w_0``): arrays or object refs to them (e.g. a
+    worker's :meth:`fedsim.engine.worker.ClientWorker.initial_weights`), which
+    Ray resolves before the server starts."""
     import ray
 
     return ray.remote(num_cpus=SERVER_RAY_CPUS)(Server).remote(

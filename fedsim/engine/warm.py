@@ -41,8 +41,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional, Sequence
 
-import numpy as np
-
 from fedsim.config import SimConfig
 from fedsim.engine.server import SERVER_RAY_CPUS, SERVER_TF_CPUS, start_server
 from fedsim.engine.worker import WorkerPool, make_pool, make_worker, worker_bundle
@@ -72,12 +70,13 @@ class WarmActors:
     _busy: bool = field(default=False, repr=False)  # a run holds the actors now
 
     def acquire(self, cfg: SimConfig, parts: Any, data_ref: Any, input_shape: Sequence[int],
-                num_classes: int, x_test: np.ndarray, y_test: np.ndarray,
+                num_classes: int, x_test: Any, y_test: Any,
                 num_workers: int) -> tuple[Any, WorkerPool]:
         """The server actor and a pool of ``num_workers`` worker actors for a run of
         ``cfg``: cached ones reset, missing ones started, all with the arguments
         a fresh run constructs them with (``data_ref``: the object ref of the
-        clients' training data; worker ``i`` gets index ``i``).
+        clients' training data; ``x_test``, ``y_test``: the central test split,
+        arrays or their object refs; worker ``i`` gets index ``i``).
 
         Returns once all of them are ready; a reset's or constructor's error is
         raised here (what was taken is then stopped). Hand them back with

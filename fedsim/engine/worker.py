@@ -315,14 +315,13 @@ class ClientWorker:
         spec, input_shape, num_classes = self._model_args
         return spec.initial_weights(input_shape, num_classes, self.cfg.seed)
 
-    def evaluate_central(self, weights: np.ndarray, test: tuple[np.ndarray, np.ndarray]
+    def evaluate_central(self, weights: np.ndarray, x: np.ndarray, y: np.ndarray
                          ) -> dict[str, Optional[float]]:
-        """The model with ``weights`` on the centralized test split ``test = (x, y)``
+        """The model with ``weights`` on the centralized test split ``x, y``
         (:func:`fedsim.client.evaluation.central_metrics`), for the server, whose
         process has no model."""
         from fedsim.client.evaluation import CENTRAL_EVAL_BATCH, central_metrics
 
-        x, y = test
         return central_metrics(self._client_evaluator().evaluate(weights, -1, x, y,
                                                                  CENTRAL_EVAL_BATCH))
 
