@@ -141,3 +141,33 @@ def test_no_client_contributes_more_than_its_clip(mechanism):
             assert np.all(contributed == 0)
         elif norm(u.astype(np.float64)) <= clip:
             np.testing.assert_allclose(contributed, u, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mechanism", ["gaussian", "gaussian_adaptive", "laplace"])
+def test_workers_numpy_records_are_tf_privacys_preprocess_record(mechanism):
+    """The workers clip in numpy (each query's ``clip_record``); TF Privacy's own
+    ``preprocess_record`` on the same float32 update is the oracle: equal up to
+    float32 rounding, the below-estimate indicator exactly, on both sides of the clip."""
+    import tensorflow as tf
+
+    dp = DPConfig(mechanism=mechanism, noise_multiplier=1.0, l2_norm_clip=0.5,
+                  initial_l2_norm_clip=0.2, sensitivity=0.8, zeroing_norm=None)
+    agg = DPQueryAggregator(dp, 100)
+    params = agg.client_params(agg.initial_state())
+    clip = params["clip"]
+    norm = np.linalg.norm if mechanism != "laplace" else (lambda v: np.abs(v).sum())
+    rng = np.random.default_rng(11)
+    for scale in [0.0, 1e-6, 0.3, 0.99, 1.01, 2.0, 1e4]:
+        u = rng.normal(size=int(rng.integers(1, 3000)))
+        u = (u * (scale * clip / norm(u))).astype(np.float32)
+        ours = agg.record(params, u, 1.0)
+        theirs = [np.asarray(t, np.float64) for t in tf.nest.flatten(agg.query.preprocess_record(
+            tf.nest.map_structure(tf.constant, params["query"]), tf.constant(u)))]
+        assert ours.total.dtype == np.float64 and ours.total.shape == u.shape
+        np.testing.assert_allclose(ours.total, theirs[0], rtol=2e-6, atol=1e-30)
+        assert len(ours.extras) == len(theirs) - 1 == (mechanism == "gaussian_adaptive")
+        for a, b in zip(ours.extras, theirs[1:]):
+            assert a.shape == b.shape and float(a) == float(b) == (0.5 if scale <= 1 else -0.5)
+        assert ours.stats["clipped"] == float(scale > 1)
+        if scale > 1:  # clipped to the query's (float32) clip, in float64
+            assert norm(ours.total) == pytest.approx(float(np.float32(clip)), rel=1e-12)

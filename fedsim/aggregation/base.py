@@ -153,7 +153,7 @@ def zero_invalid(delta: np.ndarray, zeroing_norm: Optional[float],
     """TFF's zeroing: ``(update, its L2 norm, zeroed)`` with a non-finite update,
     or one of L2 norm above ``zeroing_norm``, replaced by zeros."""
     d = np.asarray(delta, dtype)
-    norm = float(np.linalg.norm(d.astype(np.float64)))
+    norm = float(np.linalg.norm(d.astype(np.float64, copy=False)))
     zeroed = not math.isfinite(norm) or (zeroing_norm is not None and norm > zeroing_norm)
     if zeroed:
         return np.zeros_like(d), 0.0, True

@@ -40,7 +40,8 @@ from fedsim.privacy.queries import DPQueryAggregator
 class DiscreteGaussianAggregator(DPQueryAggregator):
     """``dp=gaussian`` with ``dp.noise_sampler=discrete_gaussian``.
 
-    Clipping (in the workers) is ``dp=gaussian``'s, through TF Privacy's query.
+    Clipping (in the workers) is ``dp=gaussian``'s: its query's ``clip_record``
+    (TF Privacy's ``preprocess_record``, in numpy).
     The noise is not added by :meth:`finalize`: the server asks
     :meth:`integer_noise` for the round's noise in integer units and adds it to
     the unmasked integer sum before decoding (:meth:`fedsim.engine.server.Server.
