@@ -145,15 +145,26 @@ def gpu_visible() -> bool:
 # ------------------------------------------------------------------------------ runs
 def _stop_session(pid: int) -> None:
     """Terminate what a finished runner left behind in its own session (TFF's
-    worker_binary, Ray's processes), and nothing else."""
+    worker_binary, Ray's processes), and nothing else; wait until it is gone, so
+    that its shutdown does not eat into the next runner's measurement (a roofline
+    timed while a Ray session was still exiting read half its throughput)."""
     import psutil
 
+    left = []
     for proc in psutil.process_iter(["pid"]):
         try:
             if proc.pid != os.getpid() and os.getsid(proc.pid) == pid:
                 proc.terminate()
+                left.append(proc)
         except (ProcessLookupError, PermissionError, psutil.Error):
             pass
+    _, alive = psutil.wait_procs(left, timeout=20)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def run_one(system: str, model: str, dp: str, cpr: int, a: argparse.Namespace,

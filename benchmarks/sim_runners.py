@@ -204,6 +204,9 @@ def run_loop(a: argparse.Namespace, vectorized: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- roofline
+ROOFLINE_SECONDS = 2.0  # timed steps per batch size, at least
+
+
 def run_roofline(a: argparse.Namespace) -> dict[str, Any]:
     """Throughput of plain minibatch SGD on one model at batch 1,000 (the row), and
     at batches 100 and 50 for reference (on CPUs a batch of 1,000 can be slower per
@@ -230,8 +233,10 @@ def run_roofline(a: argparse.Namespace) -> dict[str, Any]:
             x = tf.constant(rng.random((batch, *W.IMAGE_SHAPE), dtype=np.float32))
             y = tf.constant(rng.integers(0, W.NUM_CLASSES, batch).astype(np.int32))
             step(x, y).numpy()
-            times = []
-            for _ in range(max(5, 4000 // batch)):
+            times: list[float] = []
+            # At least 20 steps and 2 s per batch size: a few steps of batch
+            # 1,000 (tens of ms) swung the MLP's median twofold between runs.
+            while len(times) < 20 or sum(times) < ROOFLINE_SECONDS:
                 t0 = W.now()
                 step(x, y).numpy()  # .numpy() waits for the step
                 times.append(W.now() - t0)
