@@ -32,8 +32,8 @@ deviations (:mod:`fedsim.privacy.noise`); here every Gaussian sum query in the t
 (:func:`fedsim.privacy.noise.gaussian`) and adds it to the float64 sum. The server hands
 the round's noise stream ``(noise seed, NOISE, round)`` to the aggregator for
 the round's single noisy release; the sum's noise is drawn first, then the
-count's. Everything else (clipping, the clip's geometric update, the reported
-DpEvents) is TF Privacy's code.
+count's. Everything else on the server (the clip's geometric update, the
+reported DpEvents) is TF Privacy's code.
 """
 
 from __future__ import annotations
@@ -221,18 +221,11 @@ class LaplaceSumQuery(dp_query.SumAggregationDPQuery):
         return result, global_state, event
 
 
-def build_query(dp: DPConfig, clients_per_round: int,
-                source: NoiseSource | None = None) -> NormalizedQuery:
-    """The DPQuery that TFF's factory builds for ``dp`` (see module docstring),
-    its noise drawn from ``source`` (a new one if None)."""
-    return NormalizedQuery(build_sum_query(dp, clients_per_round, source),
-                           denominator=float(clients_per_round))
-
-
 def build_sum_query(dp: DPConfig, clients_per_round: int,
                     source: NoiseSource | None = None) -> Any:
-    """The sum query inside :func:`build_query`'s ``NormalizedQuery`` (it has
-    ``clip_record``)."""
+    """The sum query of the DPQuery that TFF's factory builds for ``dp`` (see the
+    module docstring; the aggregator wraps it in ``NormalizedQuery``), its noise
+    drawn from ``source`` (a new one if None); it has ``clip_record``."""
     cpr = float(clients_per_round)
     source = source if source is not None else NoiseSource()
     if dp.mechanism == "gaussian":
