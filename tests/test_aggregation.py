@@ -51,6 +51,44 @@ def test_accumulate_does_not_mutate_inputs():
     assert np.all(q.total == 3)
 
 
+def _aggregators():
+    from fedsim.aggregation.median import MedianAggregator
+    from fedsim.config import DPConfig
+    from fedsim.privacy.queries import DPQueryAggregator
+
+    adaptive = DPQueryAggregator(DPConfig(mechanism="gaussian_adaptive", noise_multiplier=0.5,
+                                          initial_l2_norm_clip=3.0), 50)
+    return [MeanAggregator(), MeanAggregator("uniform"), adaptive, MedianAggregator()]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_running_partial_is_accumulate_folded_bit_for_bit(index):
+    """A worker's running partial (in place for aggregators whose records are
+    plainly summed) equals folding ``accumulate`` over the same clients, bit for
+    bit, with the stats and extras, and leaves its start as it was."""
+    agg = _aggregators()[index]
+    params = agg.client_params(agg.initial_state())
+    deltas, counts = _random_updates(9, 57, seed=index)
+    deltas[4][3] = np.nan  # a zeroed client among them
+    start = agg.zero_partial(57)
+    start_total = start.total.copy()
+    folded = start
+    running = agg.running(params, start)
+    for d, n in zip(deltas, counts):
+        folded = agg.accumulate(params, folded, d, n)
+        running.add(d, n)
+    got = running.partial()
+    assert np.array_equal(got.total, folded.total, equal_nan=True)
+    assert got.total.dtype == folded.total.dtype
+    assert (got.weight, got.count, got.stats) == (folded.weight, folded.count, folded.stats)
+    assert len(got.extras) == len(folded.extras)
+    assert all(np.array_equal(a, b) for a, b in zip(got.extras, folded.extras))
+    assert np.array_equal(start.total, start_total) and start.count == 0
+    assert agg.sums_records == (index < 3)  # the median stacks its records
+    if agg.sums_records:
+        assert np.abs(got.total).sum() > 0 and got.stats["zeroed"] == 1.0
+
+
 def test_non_finite_updates_are_zeroed_and_counted():
     agg = MeanAggregator("uniform")
     p = agg.zero_partial(3)

@@ -65,6 +65,61 @@ def merge_partials(a: Partial, b: Partial) -> Partial:
     return Partial(a.total + b.total, a.weight + b.weight, a.count + b.count, stats, extras)
 
 
+class RunningSum:
+    """A partial sum that records are added to in place: ``add(r)`` after
+    ``RunningSum(start)`` leaves in :meth:`partial` bit for bit what
+    ``merge_partials(..merge_partials(start, r1).., rn)`` gives, without a new
+    model-sized array per record. ``start``'s arrays are copied once, so it is
+    not changed."""
+
+    def __init__(self, start: Partial) -> None:
+        self.total = np.array(start.total, copy=True)
+        self.extras = [np.array(e, copy=True) for e in start.extras]
+        self.weight, self.count, self.stats = start.weight, start.count, dict(start.stats)
+
+    def add(self, record: Partial) -> None:
+        if len(record.extras) != len(self.extras):
+            raise ValueError("cannot merge partials of different aggregators")
+        np.add(self.total, record.total, out=self.total)
+        for mine, theirs in zip(self.extras, record.extras):
+            np.add(mine, theirs, out=mine)
+        self.weight += record.weight
+        self.count += record.count
+        for k, v in record.stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
+
+    def partial(self) -> Partial:
+        return Partial(self.total, self.weight, self.count, self.stats, tuple(self.extras))
+
+
+class _Folding:
+    """The default running partial: ``accumulate`` per client."""
+
+    def __init__(self, aggregator: "Aggregator", params: Mapping[str, Any],
+                 start: Partial) -> None:
+        self.aggregator, self.params, self.sum = aggregator, params, start
+
+    def add(self, delta: np.ndarray, num_examples: float) -> None:
+        self.sum = self.aggregator.accumulate(self.params, self.sum, delta, num_examples)
+
+    def partial(self) -> Partial:
+        return self.sum
+
+
+class _RecordSum:
+    """The running partial of an aggregator whose records are plainly summed."""
+
+    def __init__(self, aggregator: "Aggregator", params: Mapping[str, Any],
+                 start: Partial) -> None:
+        self.aggregator, self.params, self.sum = aggregator, params, RunningSum(start)
+
+    def add(self, delta: np.ndarray, num_examples: float) -> None:
+        self.sum.add(self.aggregator.record(self.params, delta, num_examples))
+
+    def partial(self) -> Partial:
+        return self.sum.partial()
+
+
 class Aggregator(ABC):
     """What the server actor and the workers need from an aggregator.
 
@@ -80,10 +135,15 @@ class Aggregator(ABC):
     - :meth:`secure_codec`: a fixed-point codec of its own for the update segment
       under secure aggregation (e.g. one that adds each client's noise share);
     - :meth:`integer_noise`: noise the server adds to the unmasked integer sum;
-    - :meth:`close`: release what it holds outside Python.
+    - :meth:`close`: release what it holds outside Python;
+    - :attr:`sums_records`: its ``accumulate`` and ``merge`` are the plain sum
+      of records (this base class's), so a worker may add its clients'
+      records in place (:meth:`running`); a subclass that overrides either
+      must leave it False.
     """
 
     supports_secure_sum: bool = True
+    sums_records: bool = False
 
     def initial_state(self) -> dict[str, Any]:
         """The aggregator's state before round 1 (server actor)."""
@@ -117,6 +177,16 @@ class Aggregator(ABC):
     def merge(self, a: Partial, b: Partial) -> Partial:
         """The sum of two partial sums (server actor, once per worker)."""
         return merge_partials(a, b)
+
+    def running(self, params: Mapping[str, Any], start: Partial) -> Any:
+        """A worker's running partial over its clients, from ``start``: ``add(delta,
+        num_examples)`` per client, then ``partial()``, which equals folding
+        :meth:`accumulate` over the same clients, bit for bit. With
+        :attr:`sums_records` the records are added in place
+        (:class:`RunningSum`); otherwise ``accumulate`` is called per client."""
+        if self.sums_records:
+            return _RecordSum(self, params, start)
+        return _Folding(self, params, start)
 
     @abstractmethod
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
@@ -189,6 +259,8 @@ class MeanAggregator(Aggregator):
     NaN or infinite coordinate is replaced by zeros (as TFF's zeroing factory
     does) and counted in the ``zeroed`` measurement, so it never reaches the model.
     """
+
+    sums_records = True
 
     def __init__(self, weighting: str = "num_examples") -> None:
         if weighting not in ("num_examples", "uniform"):

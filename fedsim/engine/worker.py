@@ -209,6 +209,7 @@ class ClientWorker:
         # the clients' encoded records are summed as they come.
         partial = (self.aggregator.zero_partial(size) if secure is None
                    else Partial(np.zeros(0), 0.0, 0))
+        running = self.aggregator.running(params, partial) if secure is None else None
         encoded: Any = None  # the sum of the clients' encoded records
         if secure is not None:
             encoded = np.zeros(secure.vector_len, secure.word_dtype)
@@ -228,9 +229,8 @@ class ClientWorker:
                 sums = add_sums(sums, output.sums)
             if output.state is not None:
                 new_states[cid] = output.state
-            if secure is None:
-                partial = self.aggregator.accumulate(params, partial, result.delta,
-                                                     result.num_examples)
+            if running is not None:
+                running.add(result.delta, result.num_examples)
                 continue
             one = self.aggregator.record(params, result.delta, result.num_examples)
             t0 = time.perf_counter()
@@ -240,6 +240,8 @@ class ClientWorker:
             encode_seconds += time.perf_counter() - t0
             partial = merge_partials(partial, Partial(np.zeros(0), one.weight, one.count,
                                                       one.stats))
+        if running is not None:
+            partial = running.partial()
         state_file = (self._client_store().stage(round_num, self.index, attempt, new_states)
                       if new_states else None)
         report = WorkerReport(partial, loss_sum, examples, len(client_ids), sums=sums,

@@ -128,6 +128,8 @@ class MatrixNoiseAggregator(Aggregator):
     and ``released``.
     """
 
+    sums_records = True
+
     def __init__(self, dp: DPConfig, clients_per_round: int, strategy: mf.Strategy) -> None:
         self.dp, self.strategy = dp, strategy
         self.noise = NoiseGenerator(strategy)

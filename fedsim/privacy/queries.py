@@ -275,6 +275,8 @@ class DPQueryAggregator(Aggregator):
     noise) / clients_per_round``, as a float32 vector.
     """
 
+    sums_records = True
+
     def __init__(self, dp: DPConfig, clients_per_round: int) -> None:
         self.dp = dp
         self.clients_per_round = int(clients_per_round)

@@ -137,6 +137,8 @@ class SkellamAggregator(Aggregator):
     ``finalize`` receives the decoded, already noised sum.
     """
 
+    sums_records = True
+
     def __init__(self, dp: DPConfig, precision_bits: int, clients_per_round: int) -> None:
         self.dp = dp
         self.clients_per_round = int(clients_per_round)

@@ -166,6 +166,8 @@ class TreeAggregator(Aggregator):
     ``released`` (releases so far).
     """
 
+    sums_records = True
+
     def __init__(self, dp: DPConfig, clients_per_round: int, rounds: int,
                  restarts: Restarts, adaptive: bool) -> None:
         self.dp, self.adaptive, self.restarts = dp, bool(adaptive), restarts
