@@ -148,3 +148,24 @@ def test_server_optimizers_match_tff(name, kwargs):
         tff_state, tff_w = tff_opt.next(tff_state, tff_w, tf.constant(g))
         state, w = ours.step(state, w, g)
     np.testing.assert_allclose(w, tff_w.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_running_sum_keeps_merge_partials_dtype_promotion():
+    """A summing aggregator whose empty partial is float32 but whose records are
+    float64 sums in float64, as merge_partials does (no in-place downcast)."""
+    from fedsim.aggregation.base import merge_partials
+
+    class Float32Start(MeanAggregator):
+        def zero_partial(self, size):
+            return Partial(np.zeros(size, np.float32), 0.0, 0, self.zero_stats())
+
+    agg = Float32Start("uniform")
+    deltas, counts = _random_updates(5, 21, seed=3)
+    running = agg.running({}, agg.zero_partial(21))
+    folded = agg.zero_partial(21)
+    for d, n in zip(deltas, counts):
+        running.add(d, n)
+        folded = merge_partials(folded, agg.record({}, d, n))
+    got = running.partial()
+    assert got.total.dtype == folded.total.dtype == np.float64
+    assert np.array_equal(got.total, folded.total) and got.stats == folded.stats

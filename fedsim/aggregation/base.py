@@ -57,36 +57,48 @@ class Partial:
 def merge_partials(a: Partial, b: Partial) -> Partial:
     """Sum two partials (their totals, weights, counts and stats)."""
     stats = dict(a.stats)
-    for k, v in b.stats.items():
-        stats[k] = stats.get(k, 0.0) + v
-    if len(a.extras) != len(b.extras):
-        raise ValueError("cannot merge partials of different aggregators")
+    _add_stats(stats, len(a.extras), b)
     extras = tuple(x + y for x, y in zip(a.extras, b.extras))
     return Partial(a.total + b.total, a.weight + b.weight, a.count + b.count, stats, extras)
 
 
-class RunningSum:
-    """A partial sum that records are added to in place: ``add(r)`` after
-    ``RunningSum(start)`` leaves in :meth:`partial` bit for bit what
-    ``merge_partials(..merge_partials(start, r1).., rn)`` gives, without a new
-    model-sized array per record. ``start``'s arrays are copied once, so it is
-    not changed."""
+def _add_stats(stats: dict[str, float], num_extras: int, b: Partial) -> None:
+    """Add ``b``'s stats into ``stats``, those of a partial with ``num_extras``
+    extras; first, refuse a ``b`` of another aggregator (other extras)."""
+    if len(b.extras) != num_extras:
+        raise ValueError("cannot merge partials of different aggregators")
+    for k, v in b.stats.items():
+        stats[k] = stats.get(k, 0.0) + v
 
-    def __init__(self, start: Partial) -> None:
+
+def _add_into(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """``mine + theirs``, in ``mine``'s memory where the sum has ``mine``'s dtype."""
+    if np.result_type(mine, theirs) != mine.dtype:
+        return mine + theirs
+    return np.add(mine, theirs, out=mine)
+
+
+class RunningSum:
+    """A worker's running partial sum of ``aggregator``'s records, added in place:
+    after ``add(delta, n)`` per client, :meth:`partial` is bit for bit
+    ``accumulate`` folded over them from ``start`` (``merge_partials`` of the
+    records), without a new model-sized array per client. ``start``'s arrays are
+    copied once, so it is not changed."""
+
+    def __init__(self, aggregator: "Aggregator", params: Mapping[str, Any],
+                 start: Partial) -> None:
+        self.aggregator, self.params = aggregator, params
         self.total = np.array(start.total, copy=True)
         self.extras = [np.array(e, copy=True) for e in start.extras]
         self.weight, self.count, self.stats = start.weight, start.count, dict(start.stats)
 
-    def add(self, record: Partial) -> None:
-        if len(record.extras) != len(self.extras):
-            raise ValueError("cannot merge partials of different aggregators")
-        np.add(self.total, record.total, out=self.total)
-        for mine, theirs in zip(self.extras, record.extras):
-            np.add(mine, theirs, out=mine)
+    def add(self, delta: np.ndarray, num_examples: float) -> None:
+        record = self.aggregator.record(self.params, delta, num_examples)
+        _add_stats(self.stats, len(self.extras), record)
+        self.total = _add_into(self.total, record.total)
+        self.extras = [_add_into(m, t) for m, t in zip(self.extras, record.extras)]
         self.weight += record.weight
         self.count += record.count
-        for k, v in record.stats.items():
-            self.stats[k] = self.stats.get(k, 0.0) + v
 
     def partial(self) -> Partial:
         return Partial(self.total, self.weight, self.count, self.stats, tuple(self.extras))
@@ -104,20 +116,6 @@ class _Folding:
 
     def partial(self) -> Partial:
         return self.sum
-
-
-class _RecordSum:
-    """The running partial of an aggregator whose records are plainly summed."""
-
-    def __init__(self, aggregator: "Aggregator", params: Mapping[str, Any],
-                 start: Partial) -> None:
-        self.aggregator, self.params, self.sum = aggregator, params, RunningSum(start)
-
-    def add(self, delta: np.ndarray, num_examples: float) -> None:
-        self.sum.add(self.aggregator.record(self.params, delta, num_examples))
-
-    def partial(self) -> Partial:
-        return self.sum.partial()
 
 
 class Aggregator(ABC):
@@ -185,7 +183,7 @@ class Aggregator(ABC):
         :attr:`sums_records` the records are added in place
         (:class:`RunningSum`); otherwise ``accumulate`` is called per client."""
         if self.sums_records:
-            return _RecordSum(self, params, start)
+            return RunningSum(self, params, start)
         return _Folding(self, params, start)
 
     @abstractmethod
@@ -236,8 +234,20 @@ def l2_clipped(delta: np.ndarray, clip: float, zeroing_norm: Optional[float]
     then clipped to L2 norm ``clip`` as ``tf.clip_by_global_norm`` does
     (``x * clip / max(|x|, clip)``), in float64."""
     d, norm, zeroed = zero_invalid(delta, zeroing_norm, np.float64)
-    clipped = d * (clip / max(norm, clip)) if norm > 0 else d
-    return np.asarray(clipped, np.float64), norm, zeroed
+    return scaled_to_l2(d, norm, clip), norm, zeroed
+
+
+def scaled_to_l2(delta: np.ndarray, norm: float, clip: float) -> np.ndarray:
+    """``delta`` (of L2 norm ``norm``) clipped to L2 norm ``clip`` as
+    ``tf.clip_by_global_norm`` does (``x * clip / max(|x|, clip)``), in float64."""
+    clipped = delta * (clip / max(norm, clip)) if norm > 0 else delta
+    return np.asarray(clipped, np.float64)
+
+
+def below_estimate(norm: float, estimate: float) -> float:
+    """TF Privacy's quantile-estimator record: whether the float32 ``norm`` is
+    at most the float32 ``estimate`` (1 or 0), shifted by -0.5 (its count's clip)."""
+    return float(np.float32(norm) <= np.float32(estimate)) - 0.5
 
 
 def clip_measurements(partial: Partial, clip: float, noise_std: float,

@@ -52,7 +52,14 @@ from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_sum_query import
 )
 from tensorflow_privacy.privacy.dp_query.quantile_estimator_query import QuantileEstimatorQuery
 
-from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, zero_invalid
+from fedsim.aggregation.base import (
+    Aggregator,
+    Partial,
+    below_estimate,
+    clip_measurements,
+    scaled_to_l2,
+    zero_invalid,
+)
 from fedsim.config import DPConfig, SimConfig
 from fedsim.privacy import noise
 from fedsim.privacy.noise import adaptive_clip_noise_params
@@ -119,8 +126,7 @@ class HostNoiseGaussianSumQuery(GaussianSumQuery):
 
         delta: the update (float64), norm: its L2 norm; ``params``: the clip (the
         float32 sample param). The clipped update is float64."""
-        clip = float(np.float32(params))
-        return [delta * (clip / max(norm, clip)) if norm > 0 else delta], norm
+        return [scaled_to_l2(delta, norm, float(np.float32(params)))], norm
 
     def get_noised_result(self, sample_state: Any, global_state: Any) -> Any:
         rng, std = self._source.rng(), float(global_state.stddev)
@@ -172,8 +178,7 @@ class HostNoiseQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
         current estimate, shifted by -0.5 (the count query's clip, 0.5, leaves
         it as it is)."""
         (clipped,), _ = self._sum_query.clip_record(params.sum_params, delta, norm)
-        estimate = np.float32(params.quantile_estimator_params.current_estimate)
-        below = float(np.float32(norm) <= estimate) - 0.5
+        below = below_estimate(norm, params.quantile_estimator_params.current_estimate)
         return [clipped, np.array(below, np.float64)], norm
 
 

@@ -41,7 +41,13 @@ from typing import Any, Mapping, Optional
 import dp_accounting
 import numpy as np
 
-from fedsim.aggregation.base import Aggregator, Partial, clip_measurements, l2_clipped
+from fedsim.aggregation.base import (
+    Aggregator,
+    Partial,
+    below_estimate,
+    clip_measurements,
+    l2_clipped,
+)
 from fedsim.config import DPConfig
 from fedsim.privacy import noise
 from fedsim.privacy.noise import adaptive_clip_noise_params
@@ -223,8 +229,7 @@ class TreeAggregator(Aggregator):
         clipped, norm, zeroed = l2_clipped(delta, clip, self.zeroing_norm)
         extras: tuple[np.ndarray, ...] = ()
         if self.adaptive:
-            # TF Privacy's below-estimate indicator, shifted by -0.5 (its count's clip)
-            below = float(np.float32(norm) <= np.float32(params["estimate"])) - 0.5
+            below = below_estimate(norm, params["estimate"])
             extras = (np.array([below], np.float64),)
         return Partial(clipped, 1.0, 1,
                        {"clipped": float(norm > clip), "zeroed": float(zeroed)}, extras)
