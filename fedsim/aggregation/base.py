@@ -240,8 +240,9 @@ def l2_clipped(delta: np.ndarray, clip: float, zeroing_norm: Optional[float]
 def scaled_to_l2(delta: np.ndarray, norm: float, clip: float) -> np.ndarray:
     """``delta`` (of L2 norm ``norm``) clipped to L2 norm ``clip`` as
     ``tf.clip_by_global_norm`` does (``x * clip / max(|x|, clip)``), in float64."""
-    clipped = delta * (clip / max(norm, clip)) if norm > 0 else delta
-    return np.asarray(clipped, np.float64)
+    factor = clip / max(norm, clip) if norm > 0 else 1.0
+    # (x * 1.0 is x: an update within the clip is not multiplied, nor copied)
+    return np.asarray(delta * factor if factor != 1.0 else delta, np.float64)
 
 
 def below_estimate(norm: float, estimate: float) -> float:
@@ -288,9 +289,10 @@ class MeanAggregator(Aggregator):
     def record(self, params: Mapping[str, Any], delta: np.ndarray,
                num_examples: float) -> Partial:
         w = float(num_examples) if self.weighting == "num_examples" else 1.0
-        d = np.asarray(delta, np.float64)
+        d = np.array(delta, np.float64)  # (a copy: the record is not the caller's array)
         finite = bool(np.isfinite(d).all())
-        return Partial(w * d if finite else np.zeros_like(d), w, 1, {"zeroed": float(not finite)})
+        total = (d if w == 1.0 else w * d) if finite else np.zeros_like(d)  # (1.0 * d is d)
+        return Partial(total, w, 1, {"zeroed": float(not finite)})
 
     def finalize(self, state: Mapping[str, Any], partial: Partial, num_sampled: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any], dict[str, float]]:

@@ -599,7 +599,9 @@ class VectorizedTrainer:
         seen = np.asarray(sizes, np.float32) * self.local_epochs
         train = self._train if factored else self._train_stacked
         delta, loss = train(gw, x, y, idx, weights, active, seen)
-        delta, loss = delta.numpy(), loss.numpy()
+        # A read-only view of the tensor's buffer (``.numpy()`` would copy all
+        # K x P floats); each client's delta is a row of it.
+        delta, loss = np.asarray(delta), loss.numpy()
         return [ClientResult(delta=delta[i], num_examples=int(n), loss=float(loss[i]))
                 for i, n in enumerate(sizes)]
 

@@ -22,9 +22,12 @@ def run_round(ray: Any, cfg: SimConfig, server: Any, workers: list, rnd: int,
 
     Nothing changes on the server until every worker has reported, so a round
     that fails because a worker died can simply be run again."""
-    plan = ray.get(server.plan.remote(rnd))
+    # All three asked at once (the server answers them in this order), so the
+    # weights are ready while the plan travels back to the driver.
+    plan_ref = server.plan.remote(rnd)
     weights_ref = server.global_weights.remote()
     params_ref = server.client_params.remote()
+    plan = ray.get(plan_ref)
     if cfg.secagg.protocol == "none" or not plan.sampled.size:  # (Poisson: maybe nobody)
         shards = np.array_split(plan.reporting, len(workers))
         reports = [w.train_round.remote(rnd, weights_ref, params_ref, shard, None, attempt)
