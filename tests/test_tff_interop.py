@@ -293,6 +293,37 @@ def test_close_stops_the_worker_binary_and_a_later_round_restarts_it():
     assert not second & _live_worker_binaries()
 
 
+
+def test_close_returns_when_the_worker_binary_ignores_sigint():
+    """A binary started while SIGINT is ignored (as in a background job of a
+    non-interactive shell; it inherits the disposition) ignores TFF's SIGINT, and
+    TFF's service manager waits for it without a timeout: close() must still
+    return, with the binary stopped."""
+    import signal
+    import threading
+
+    from fedsim.interop.tff import TFFAggregator, stop_tff_worker_binaries
+
+    agg = TFFAggregator(MEAN)
+    updates = [np.full(4, float(i), np.float32) for i in range(3)]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _round(agg, agg.initial_state(), updates)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    started = set(agg._pids)
+    assert started and started <= _live_worker_binaries()
+    closing = threading.Thread(target=agg.close, daemon=True)
+    closing.start()
+    closing.join(timeout=60)
+    hung = closing.is_alive()
+    if hung:  # unblock TFF's wait, so that the rest of the module can run
+        stop_tff_worker_binaries(pids=started)
+        closing.join(timeout=30)
+    assert not hung, "close() hung on a worker_binary that ignores SIGINT"
+    assert not started & _live_worker_binaries()
+
+
 # ----------------------------------------------------------------------------- data
 
 

@@ -450,10 +450,15 @@ class TFFAggregator(Aggregator):
     def close(self) -> None:
         """Stop this process's TFF worker_binaries; the process is rebuilt if used again.
 
-        Dropping the execution context lets TFF stop its service itself (SIGINT,
-        then it reaps the child); what is left is terminated."""
+        The binaries are terminated first (SIGTERM): TFF's own service manager,
+        collected with the dropped context, sends SIGINT and waits for its child
+        without a timeout, and a binary started from a process that ignores
+        SIGINT (a background job of a non-interactive shell; the disposition is
+        inherited) would never exit. Then the context is dropped (TFF reaps its
+        dead child) and what is left is terminated too."""
         import gc
 
+        stop_tff_worker_binaries()
         self._process = self._template = self._context = None
         self._size = None
         gc.collect()
