@@ -30,7 +30,8 @@ from fedsim.models.spec import ModelSpec
 class ClientResult:
     """One client's contribution before aggregation.
 
-    delta: float32 vector, global minus locally trained weights.
+    delta: float32 vector, global minus locally trained weights (may be a
+      read-only view: the vectorized trainer's are rows of one result buffer).
     num_examples: examples the client holds (the FedAvg weight).
     loss: mean training loss over the client's local steps, each step weighted
       by its batch size (so it is the mean per example seen).
