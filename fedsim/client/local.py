@@ -51,6 +51,26 @@ def epoch_order(num_examples: int, epochs: int, rng: np.random.Generator) -> np.
     return np.concatenate([rng.permutation(num_examples) for _ in range(epochs)]).astype(np.int32)
 
 
+class SignatureGraph:
+    """``tf.function(fn, input_signature=signature)``, called through its one
+    concrete function (traced on the first call) with every argument converted
+    to its spec's dtype: the same graph and the same results, without the
+    polymorphic function's per-call matching of the arguments against its
+    traces (Python work that is a visible part of a small model's step)."""
+
+    def __init__(self, fn: Any, signature: Sequence[Any]) -> None:
+        self.function = tf.function(fn, input_signature=signature)
+        self._dtypes = [spec.dtype for spec in signature]
+        self._concrete: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if len(args) != len(self._dtypes):
+            raise TypeError(f"expected {len(self._dtypes)} arguments, got {len(args)}")
+        if self._concrete is None:
+            self._concrete = self.function.get_concrete_function()
+        return self._concrete(*[tf.convert_to_tensor(a, d) for a, d in zip(args, self._dtypes)])
+
+
 class LocalTrainer:
     """Trains clients of one model (``model``, a ModelSpec) with SGD (optionally
     momentum).
@@ -105,7 +125,7 @@ class LocalTrainer:
                                          correction=next(it) if correct else None,
                                          frozen_momentum=next(it) if frozen else None)
 
-            self._graphs[key] = tf.function(run, input_signature=signature)
+            self._graphs[key] = SignatureGraph(run, signature)
         return self._graphs[key]
 
     def _split(self, flat: tf.Tensor) -> list[tf.Tensor]:
