@@ -65,3 +65,29 @@ def test_trainer_is_reusable_across_clients_without_leaking_state():
     trainer.train(w0, xb, yb, np.random.default_rng(4))
     again = trainer.train(w0, xa, ya, np.random.default_rng(3)).delta
     np.testing.assert_array_equal(first, again)
+
+
+def test_signature_graph_computes_what_its_tf_function_computes():
+    """SignatureGraph calls the graph's concrete function with each argument cast
+    to its spec's dtype, as the polymorphic tf.function casts numpy inputs: the
+    same outputs, bit for bit; a wrong argument count is refused, not truncated."""
+    import tensorflow as tf
+
+    from fedsim.client.local import SignatureGraph
+
+    def fn(x, idx, scale):
+        return tf.reduce_sum(tf.gather(x, idx), axis=0) * scale, tf.shape(idx)[0]
+
+    signature = [tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None], tf.int32),
+                 tf.TensorSpec([], tf.float32)]
+    wrapped = SignatureGraph(fn, signature)
+    reference = tf.function(fn, input_signature=signature)
+    rng = np.random.default_rng(0)
+    for rows in (5, 2):  # one concrete function serves every batch size
+        x = rng.normal(size=(rows, 3))  # float64 and int64 inputs, cast as tf.function casts them
+        idx = rng.integers(0, rows, size=7)
+        got, want = wrapped(x, idx, 0.3), reference(x, idx, 0.3)
+        np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+        assert got[0].dtype == tf.float32 and int(got[1]) == int(want[1]) == 7
+    with pytest.raises(TypeError, match="expected 3 arguments, got 2"):
+        wrapped(x, idx)

@@ -293,7 +293,6 @@ def test_close_stops_the_worker_binary_and_a_later_round_restarts_it():
     assert not second & _live_worker_binaries()
 
 
-
 def test_close_returns_when_the_worker_binary_ignores_sigint():
     """A binary started while SIGINT is ignored (as in a background job of a
     non-interactive shell; it inherits the disposition) ignores TFF's SIGINT, and

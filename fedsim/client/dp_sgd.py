@@ -48,7 +48,7 @@ import tensorflow_privacy
 from dp_accounting import DpEvent
 from tensorflow_privacy.privacy.dp_query import gaussian_query
 
-from fedsim.client.local import ClientResult, epoch_order
+from fedsim.client.local import ClientResult, SignatureGraph, epoch_order
 from fedsim.config import ACCOUNTANTS, BATCH_SAMPLING, ClientConfig, ModelConfig
 from fedsim.errors import ConfigError
 from fedsim.models.keras import FlatWeights
@@ -644,14 +644,14 @@ class DPSGDTrainer:
         common = [tf.TensorSpec([None], tf.float32), x_spec, y_spec]
         key_spec = tf.TensorSpec([2], tf.int64)
         if self.batch_sampling == "shuffle":
-            self._train = tf.function(
-                self._train_shuffle, autograph=False,
-                input_signature=[*common, tf.TensorSpec([None], tf.int32), key_spec])
+            self._train = SignatureGraph(
+                self._train_shuffle, [*common, tf.TensorSpec([None], tf.int32), key_spec],
+                autograph=False)
         else:
-            self._train = tf.function(
-                self._train_poisson, autograph=False,
-                input_signature=[*common, key_spec, tf.TensorSpec([], tf.float64),
-                                 tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float64)])
+            self._train = SignatureGraph(
+                self._train_poisson, [*common, key_spec, tf.TensorSpec([], tf.float64),
+                                      tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.float64)],
+                autograph=False)
 
     @property
     def num_parameters(self) -> int:

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from fedsim.client.local import epoch_order
+from fedsim.client.local import SignatureGraph, epoch_order
 from fedsim.models.keras import FlatWeights
 from fedsim.models.spec import ModelSpec, sum_batches
 from fedsim.tasks.base import metric_parts
@@ -65,8 +65,8 @@ class ClientEvaluator:
         self.train_batch_size = int(train_batch_size)
         self._lr = tf.constant(float(learning_rate), tf.float32)
         x_spec, y_spec = model.tensor_specs(input_shape)
-        self._sums = tf.function(self._sums_graph, input_signature=[x_spec, y_spec])
-        self._step = tf.function(self._step_graph, input_signature=[x_spec, y_spec])
+        self._sums = SignatureGraph(self._sums_graph, [x_spec, y_spec])
+        self._step = SignatureGraph(self._step_graph, [x_spec, y_spec])
 
     def _sums_graph(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
         return self.spec.batch_sums(y, self.model(x, training=False))

@@ -52,14 +52,15 @@ def epoch_order(num_examples: int, epochs: int, rng: np.random.Generator) -> np.
 
 
 class SignatureGraph:
-    """``tf.function(fn, input_signature=signature)``, called through its one
-    concrete function (traced on the first call) with every argument converted
-    to its spec's dtype: the same graph and the same results, without the
-    polymorphic function's per-call matching of the arguments against its
-    traces (Python work that is a visible part of a small model's step)."""
+    """``tf.function(fn, input_signature=signature, **options)``, called through
+    its one concrete function (traced on the first call) with every positional
+    argument converted to its spec's dtype: the same graph and the same results,
+    without the polymorphic function's per-call matching of the arguments
+    against its traces (Python work that is a visible part of a small model's
+    step). The trainers' and evaluators' per-client graphs are built with it."""
 
-    def __init__(self, fn: Any, signature: Sequence[Any]) -> None:
-        self.function = tf.function(fn, input_signature=signature)
+    def __init__(self, fn: Any, signature: Sequence[Any], **options: Any) -> None:
+        self._function = tf.function(fn, input_signature=signature, **options)
         self._dtypes = [spec.dtype for spec in signature]
         self._concrete: Any = None
 
@@ -67,8 +68,12 @@ class SignatureGraph:
         if len(args) != len(self._dtypes):
             raise TypeError(f"expected {len(self._dtypes)} arguments, got {len(args)}")
         if self._concrete is None:
-            self._concrete = self.function.get_concrete_function()
+            self._concrete = self._function.get_concrete_function()
         return self._concrete(*[tf.convert_to_tensor(a, d) for a, d in zip(args, self._dtypes)])
+
+    def experimental_get_tracing_count(self) -> int:
+        """How many times the graph was traced (tf.function's count: at most 1)."""
+        return self._function.experimental_get_tracing_count()
 
 
 class LocalTrainer:
@@ -101,10 +106,9 @@ class LocalTrainer:
         self._specs = model.tensor_specs(input_shape)  # the data's layout
         self._graphs: dict[tuple[bool, bool, bool], Any] = {}
         self._train = self._graph(False, False, False)  # FedAvg's, traced first
-        self._full_gradient = tf.function(
+        self._full_gradient = SignatureGraph(
             self._full_gradient_graph,
-            input_signature=[tf.TensorSpec([None], tf.float32), *self._specs,
-                             tf.TensorSpec([None], tf.int32)])
+            [tf.TensorSpec([None], tf.float32), *self._specs, tf.TensorSpec([None], tf.int32)])
 
     def _graph(self, prox: bool, correct: bool, frozen: bool) -> Any:
         """The compiled training loop with the algorithm options it takes: each

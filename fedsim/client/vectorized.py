@@ -82,7 +82,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from fedsim.client.local import ClientResult, LocalTrainer, epoch_order
+from fedsim.client.local import ClientResult, LocalTrainer, SignatureGraph, epoch_order
 from fedsim.config import ClientConfig
 from fedsim.errors import ConfigError
 from fedsim.models.keras import FlatWeights
@@ -281,8 +281,8 @@ class VectorizedTrainer:
         # use. (conv="vmap" maps one client's whole forward pass: stacked kernels.)
         if conv == "vmap" or dense == "stacked":
             self.dense = "stacked"
-        self._train = tf.function(self._train_factored, input_signature=signature)
-        self._train_stacked = tf.function(self._train_graph, input_signature=signature)
+        self._train = SignatureGraph(self._train_factored, signature)
+        self._train_stacked = SignatureGraph(self._train_graph, signature)
         kernels = [(int(v.shape[0]), int(v.shape[1])) for v in self.model.trainable_variables
                    if len(v.shape) == 2]
         self.factored_max_slots = factored_slot_limit(kernels)
